@@ -1,0 +1,317 @@
+//! The ResNet feature extractor (eval mode, batch norm folded).
+
+use crate::{hub_weights, Arch, ArchSpec, BlockKind, HubSpec};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tessera_core::{Error, FeatureMaps, Result};
+
+const BN_EPS: f64 = 1e-5;
+
+/// Where backbone weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightsSource {
+    /// A local `.safetensors` file with torchvision/timm names.
+    File(PathBuf),
+    /// A file on the Hugging Face hub.
+    Hub(HubSpec),
+    /// Seeded random initialisation (Kaiming normal, identity batch norm): no ImageNet
+    /// knowledge, for demos and tests only.
+    Random { seed: u64 },
+}
+
+impl WeightsSource {
+    /// A short description for reports and model files.
+    pub fn describe(&self) -> String {
+        match self {
+            WeightsSource::File(p) => p.display().to_string(),
+            WeightsSource::Hub(h) => format!("hf://{}/{}@{}", h.repo, h.file, h.revision),
+            WeightsSource::Random { seed } => format!("random(seed={seed})"),
+        }
+    }
+}
+
+/// A convolution with batch norm folded in (weight + bias).
+#[derive(Debug, Clone)]
+struct ConvBn {
+    conv: candle_nn::Conv2d,
+}
+
+impl ConvBn {
+    fn load(vb: &Vb, conv: &str, bn: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Self> {
+        let w = vb.get((cout, cin, k, k), &format!("{conv}.weight"))?;
+        let gamma = vb.get(cout, &format!("{bn}.weight"))?;
+        let beta = vb.get(cout, &format!("{bn}.bias"))?;
+        let mean = vb.get(cout, &format!("{bn}.running_mean"))?;
+        let var = vb.get(cout, &format!("{bn}.running_var"))?;
+        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let b = (beta - (mean * &scale)?)?;
+        let cfg = candle_nn::Conv2dConfig { padding: k / 2, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
+        Ok(Self { conv: candle_nn::Conv2d::new(w, Some(b), cfg) })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.conv.forward(x)?)
+    }
+}
+
+/// Reads named tensors and turns candle's errors into errors naming the weights file.
+struct Vb<'a> {
+    vb: VarBuilder<'a>,
+    origin: String,
+    used: std::cell::RefCell<Vec<(String, Tensor)>>,
+}
+
+impl Vb<'_> {
+    fn get<S: Into<candle_core::Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        let shape = shape.into();
+        let t = self.vb.get(shape.clone(), name).map_err(|e| {
+            let msg = e.to_string();
+            let msg = if msg.contains("shape mismatch") {
+                format!("tensor '{name}' has the wrong shape for this architecture (expected {shape:?}): {msg}")
+            } else if msg.contains("cannot find") {
+                format!("tensor '{name}' is missing: is this a weights file for this architecture?")
+            } else {
+                format!("tensor '{name}': {msg}")
+            };
+            Error::bad_model(&self.origin, msg)
+        })?;
+        self.used.borrow_mut().push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            h = c.forward(&h)?;
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        let skip = match &self.downsample {
+            Some(d) => d.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((h + skip)?.relu()?)
+    }
+}
+
+/// A ResNet truncated after layer `depth` (≤ 3), returning layer1..layer`depth` outputs.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    arch_name: String,
+    spec: ArchSpec,
+    stem: ConvBn,
+    layers: Vec<Vec<Block>>,
+    /// The checkpoint tensors that were read, unfolded, to store in model files.
+    raw: Vec<(String, Tensor)>,
+    device: Device,
+}
+
+impl Backbone {
+    /// Load a standard architecture from `source`, keeping layers 1..=`depth` (1 to 3).
+    pub fn load(arch: Arch, source: &WeightsSource, depth: usize, device: &Device) -> Result<Self> {
+        let spec = arch.spec();
+        match source {
+            WeightsSource::File(p) => Self::from_file(arch.name(), &spec, p, depth, device),
+            WeightsSource::Hub(h) => {
+                let p = hub_weights(h)?;
+                Self::from_file(arch.name(), &spec, &p, depth, device)
+            }
+            WeightsSource::Random { seed } => {
+                let t = random_weights(&spec, depth, *seed, device)?;
+                Self::from_tensors(arch.name(), &spec, t, depth, device, &source.describe())
+            }
+        }
+    }
+
+    /// Load from a `.safetensors` file (any float dtype; extra tensors such as layer4/fc ignored).
+    pub fn from_file(name: &str, spec: &ArchSpec, path: &Path, depth: usize, device: &Device) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::bad_input(path, "weights file does not exist"));
+        }
+        // Read the file whole (not mmap) so that a file replaced later cannot change a model.
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::bad_model(path, format!("not a readable safetensors file: {e}")))?;
+        Self::from_tensors(name, spec, tensors, depth, device, &path.display().to_string())
+    }
+
+    /// Build from named tensors (torchvision/timm names). `origin` names them in errors.
+    pub fn from_tensors(
+        name: &str,
+        spec: &ArchSpec,
+        tensors: HashMap<String, Tensor>,
+        depth: usize,
+        device: &Device,
+        origin: &str,
+    ) -> Result<Self> {
+        if !(1..=3).contains(&depth) {
+            return Err(Error::Config(format!("backbone depth must be 1..=3, got {depth}")));
+        }
+        let vb = Vb {
+            vb: VarBuilder::from_tensors(tensors, DType::F32, device),
+            origin: origin.to_string(),
+            used: Default::default(),
+        };
+        let stem = ConvBn::load(&vb, "conv1", "bn1", 3, spec.base, 7, 2)?;
+        let exp = match spec.block {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        };
+        let mut cin = spec.base;
+        let mut layers = Vec::new();
+        for (li, &n) in spec.blocks.iter().take(depth).enumerate() {
+            let planes = spec.base << li;
+            let stride = if li == 0 { 1 } else { 2 };
+            let mut blocks = Vec::new();
+            for bi in 0..n {
+                let p = format!("layer{}.{bi}", li + 1);
+                let s = if bi == 0 { stride } else { 1 };
+                let cout = planes * exp;
+                let convs = match spec.block {
+                    BlockKind::Basic => vec![
+                        ConvBn::load(&vb, &format!("{p}.conv1"), &format!("{p}.bn1"), cin, planes, 3, s)?,
+                        ConvBn::load(&vb, &format!("{p}.conv2"), &format!("{p}.bn2"), planes, planes, 3, 1)?,
+                    ],
+                    BlockKind::Bottleneck => {
+                        let w = planes * spec.width_per_group / 64;
+                        vec![
+                            ConvBn::load(&vb, &format!("{p}.conv1"), &format!("{p}.bn1"), cin, w, 1, 1)?,
+                            ConvBn::load(&vb, &format!("{p}.conv2"), &format!("{p}.bn2"), w, w, 3, s)?,
+                            ConvBn::load(&vb, &format!("{p}.conv3"), &format!("{p}.bn3"), w, cout, 1, 1)?,
+                        ]
+                    }
+                };
+                let downsample = if bi == 0 && (s != 1 || cin != cout) {
+                    Some(ConvBn::load(
+                        &vb,
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        cin,
+                        cout,
+                        1,
+                        s,
+                    )?)
+                } else {
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+                cin = cout;
+            }
+            layers.push(blocks);
+        }
+        let raw = vb.used.into_inner();
+        Ok(Self { arch_name: name.to_string(), spec: spec.clone(), stem, layers, raw, device: device.clone() })
+    }
+
+    /// Architecture name.
+    pub fn arch_name(&self) -> &str {
+        &self.arch_name
+    }
+    /// How many layers (1..=3) are kept.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+    /// Output channels of the kept layers.
+    pub fn channels(&self) -> Vec<usize> {
+        self.spec.channels()[..self.depth()].to_vec()
+    }
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// The checkpoint tensors that were used (unfolded, torchvision names), e.g. to embed the
+    /// backbone in a model file.
+    pub fn checkpoint_tensors(&self) -> &[(String, Tensor)] {
+        &self.raw
+    }
+
+    /// layer1..layer`depth` outputs for an NCHW batch.
+    pub fn forward(&self, x: &Tensor) -> Result<FeatureMaps> {
+        let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let h = self.stem.forward(&x)?.relu()?;
+        // Max-pool 3×3/2 with padding 1: after ReLU every value is ≥ 0, so zero padding is
+        // equivalent to PyTorch's −∞ padding.
+        let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        let mut h = h.max_pool2d_with_stride(3, 2)?;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for blocks in &self.layers {
+            for b in blocks {
+                h = b.forward(&h)?;
+            }
+            out.push(h.clone());
+        }
+        Ok(FeatureMaps::new(out))
+    }
+}
+
+/// Seeded random checkpoint tensors (Kaiming-normal convs, identity batch norm) in torchvision
+/// names, for an architecture truncated after layer `depth`.
+pub fn random_weights(spec: &ArchSpec, depth: usize, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    let mut conv = |name: &str, cout: usize, cin: usize, k: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Result<()> {
+        let std = (2.0 / (cout * k * k) as f64).sqrt(); // kaiming_normal_, fan_out, as torchvision
+        let n = cout * cin * k * k;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                // Box–Muller: deterministic across platforms, unlike a library normal sampler.
+                let u1: f64 = rng.random::<f64>().max(1e-12);
+                let u2: f64 = rng.random();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+            })
+            .collect();
+        out.insert(format!("{name}.weight"), Tensor::from_vec(v, (cout, cin, k, k), device)?);
+        Ok(())
+    };
+    let mut bns = Vec::new();
+    conv("conv1", spec.base, 3, 7, &mut rng)?;
+    bns.push(("bn1".to_string(), spec.base));
+    let exp = match spec.block {
+        BlockKind::Basic => 1,
+        BlockKind::Bottleneck => 4,
+    };
+    let mut cin = spec.base;
+    for (li, &n) in spec.blocks.iter().take(depth).enumerate() {
+        let planes = spec.base << li;
+        for bi in 0..n {
+            let p = format!("layer{}.{bi}", li + 1);
+            let cout = planes * exp;
+            let shapes: Vec<(usize, usize, usize)> = match spec.block {
+                BlockKind::Basic => vec![(planes, cin, 3), (planes, planes, 3)],
+                BlockKind::Bottleneck => {
+                    let w = planes * spec.width_per_group / 64;
+                    vec![(w, cin, 1), (w, w, 3), (cout, w, 1)]
+                }
+            };
+            for (j, (o, i, k)) in shapes.into_iter().enumerate() {
+                conv(&format!("{p}.conv{}", j + 1), o, i, k, &mut rng)?;
+                bns.push((format!("{p}.bn{}", j + 1), o));
+            }
+            if bi == 0 && (li > 0 || cin != cout) {
+                conv(&format!("{p}.downsample.0"), cout, cin, 1, &mut rng)?;
+                bns.push((format!("{p}.downsample.1"), cout));
+            }
+            cin = cout;
+        }
+    }
+    for (name, c) in bns {
+        out.insert(format!("{name}.weight"), Tensor::ones(c, DType::F32, device)?);
+        out.insert(format!("{name}.bias"), Tensor::zeros(c, DType::F32, device)?);
+        out.insert(format!("{name}.running_mean"), Tensor::zeros(c, DType::F32, device)?);
+        out.insert(format!("{name}.running_var"), Tensor::ones(c, DType::F32, device)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,54 @@
+//! The trait every scorer implements (PaDiM, PatchCore, CFA).
+//!
+//! A scorer's *configuration* is a separate type that is validated and then fitted on training
+//! features ([`FitScorer::fit`]); only the fitted [`Scorer`] can score. A scorer returns raw maps
+//! on its own feature grid; [`crate::postprocess`] upsamples and blurs them the same way for all.
+
+use crate::{FeatureMaps, Result};
+use candle_core::Tensor;
+
+/// Raw anomaly scores for a batch on the scorer's feature grid, row-major `batch × height × width`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawMaps {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+impl RawMaps {
+    /// The map of image `i`.
+    pub fn image(&self, i: usize) -> &[f32] {
+        let n = self.height * self.width;
+        &self.data[i * n..(i + 1) * n]
+    }
+}
+
+/// A fitted scorer.
+pub trait Scorer: Send + Sync {
+    /// Short name stored in model files: `padim`, `patchcore`, `cfa`.
+    fn kind(&self) -> &'static str;
+    /// The configuration it was fitted with, as JSON (stored in the model file).
+    fn config(&self) -> serde_json::Value;
+    /// Which backbone levels (1-based) the scorer consumes.
+    fn levels(&self) -> Vec<usize>;
+    /// Score a batch of features: raw maps on the scorer's grid.
+    fn score(&self, features: &FeatureMaps) -> Result<RawMaps>;
+    /// The fitted state as named tensors (stored under `scorer.` in the model file).
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    /// σ of the Gaussian blur applied after upsampling, in input pixels (4 for all three).
+    fn blur_sigma(&self) -> f32 {
+        4.0
+    }
+}
+
+/// A validated scorer configuration that can be fitted on streamed training features.
+pub trait FitScorer {
+    /// The fitted scorer.
+    type Fitted: Scorer;
+    /// Fit on batches of training features (streamed, so the caller controls memory).
+    fn fit(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<FeatureMaps>>,
+    ) -> Result<Self::Fitted>;
+}

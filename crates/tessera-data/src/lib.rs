@@ -1,0 +1,29 @@
+//! # tessera-data
+//!
+//! Datasets and preprocessing for Tessera.
+//!
+//! - **Layouts** ([`Dataset::open`]): the MVTec AD layout (`train/good`, `test/<type>`,
+//!   `ground_truth/<type>/<name>_mask.png`; MTL AD uses the same), and a plain folder layout
+//!   described by a small `tessera-dataset.json` ([`FolderSpec`]).
+//! - **Preprocessing** ([`load_batch`]): PNG/JPEG/BMP/TIFF of any size, gray or RGB → resize
+//!   (bilinear, antialiased) → center crop → ImageNet normalisation, decoded in parallel.
+//!   Masks: nearest resize, same crop, > 0.5 is defect.
+//!
+//! ```no_run
+//! use tessera_core::model::Preprocess;
+//! use tessera_data::{load_batch, Dataset};
+//! let ds = Dataset::open("data/mvtec_ad/bottle".as_ref())?;
+//! let train = ds.train()?;
+//! let batch = load_batch(&train[..8], &Preprocess::paper(), &candle_core::Device::Cpu)?;
+//! assert_eq!(batch.tensor.dims(), &[8, 3, 224, 224]);
+//! # Ok::<(), tessera_core::Error>(())
+//! ```
+
+mod layout;
+mod preprocess;
+
+pub use layout::{
+    list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout, Sample,
+    FOLDER_SPEC_FILE,
+};
+pub use preprocess::{load_batch, load_image, load_mask, Batch, LoadedImage};

@@ -1,0 +1,585 @@
+//! Whole-run evaluation: image- and pixel-level metrics, per-defect-type breakdown, timings, and
+//! JSON / Markdown reports.
+
+use crate::metrics::{self, PoolStats};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use tessera_core::{io::write_atomic, AnomalyMap, Error, Result};
+
+/// One scored test image with its ground truth.
+#[derive(Debug, Clone)]
+pub struct EvalSample {
+    /// A name for the image, e.g. `"broken_large/000.png"`.
+    pub name: String,
+    /// The defect type (the MVTec sub-folder); `"good"` for normal images.
+    pub defect_type: String,
+    /// The anomaly map (its maximum is the image score).
+    pub map: AnomalyMap,
+    /// The ground-truth mask, row-major, `map.width * map.height` long; `None` when there is no
+    /// ground truth. For normal images `None` means all-normal; anomalous images without a mask
+    /// are left out of the pixel-level metrics.
+    pub mask: Option<Vec<bool>>,
+}
+
+impl EvalSample {
+    /// Whether the image is anomalous (its defect type is not `"good"`).
+    pub fn is_anomalous(&self) -> bool {
+        self.defect_type != "good"
+    }
+}
+
+/// Wall-clock timings of a run, recorded in the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Seconds spent fitting the model on the training images.
+    pub fit_seconds: f64,
+    /// End-to-end inference milliseconds per test image.
+    pub ms_per_image: f64,
+    /// Feature-extraction (backbone) milliseconds per test image.
+    pub feature_ms_per_image: f64,
+    /// Scoring (anomaly-map) milliseconds per test image.
+    pub score_ms_per_image: f64,
+}
+
+/// What was run, recorded in the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The model file (or a name for the model).
+    pub model: String,
+    /// The data set / category evaluated, e.g. a path to an MVTec category.
+    pub data: String,
+    /// The scorer, e.g. `"padim"`.
+    pub scorer: String,
+    /// The backbone, e.g. `"resnet18"`.
+    pub backbone: String,
+    /// A free-form description of the method and its settings.
+    pub method: String,
+}
+
+/// Image and pixel counts of an evaluation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Test images.
+    pub images: usize,
+    /// Normal (`good`) test images.
+    pub normal: usize,
+    /// Anomalous test images.
+    pub anomalous: usize,
+    /// Pixels pooled for the pixel-level metrics.
+    pub pixels: u64,
+    /// Anomalous (ground-truth positive) pixels among them.
+    pub anomalous_pixels: u64,
+}
+
+/// Metrics for one defect type, each computed against all normal images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TypeReport {
+    /// Images of this defect type.
+    pub images: usize,
+    /// Image AUROC of normal images vs images of this type; `None` if undefined.
+    pub image_auroc: Option<f64>,
+    /// Pixel AUROC pooled over the pixels of normal images and of this type's images; `None` if
+    /// undefined (no mask, or no positive pixel).
+    pub pixel_auroc: Option<f64>,
+}
+
+/// The score of one test image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageScore {
+    /// The sample name.
+    pub name: String,
+    /// Its defect type (`"good"` for normal).
+    pub defect_type: String,
+    /// Its image score (the maximum of its anomaly map).
+    pub score: f32,
+}
+
+/// The result of [`evaluate`]: metrics, counts, timings and run information, serialisable to JSON
+/// (the field names are the JSON keys) and renderable as Markdown.
+///
+/// Metrics are `Option`s, serialised as `null` when undefined (e.g. only one class present).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Image-level ROC AUC in `[0, 1]`.
+    pub image_auroc: Option<f64>,
+    /// Pixel-level ROC AUC pooled over all pixels of all test images with ground truth.
+    pub pixel_auroc: Option<f64>,
+    /// The best image-level F1 over all thresholds.
+    pub image_f1_max: Option<f64>,
+    /// The best pixel-level F1 over all thresholds.
+    pub pixel_f1_max: Option<f64>,
+    /// The pixel threshold achieving `pixel_f1_max` (anomalous when `score >= threshold`).
+    pub pixel_threshold: Option<f32>,
+    /// Image and pixel counts.
+    pub counts: Counts,
+    /// Per-defect-type metrics (every type except `good`), keyed by type.
+    pub per_type: BTreeMap<String, TypeReport>,
+    /// Seconds spent fitting.
+    pub fit_seconds: f64,
+    /// End-to-end inference milliseconds per image.
+    pub ms_per_image: f64,
+    /// Feature-extraction milliseconds per image.
+    pub feature_ms_per_image: f64,
+    /// Scoring milliseconds per image.
+    pub score_ms_per_image: f64,
+    /// The model.
+    pub model: String,
+    /// The data evaluated.
+    pub data: String,
+    /// The scorer.
+    pub scorer: String,
+    /// The backbone.
+    pub backbone: String,
+    /// The method description.
+    pub method: String,
+    /// The Tessera version that produced the report.
+    pub tessera_version: String,
+    /// Every test image's score, in input order.
+    pub images: Vec<ImageScore>,
+}
+
+/// The pixel-level contribution of one sample.
+enum Pixels {
+    /// Anomalous image without ground truth: not part of the pixel metrics.
+    Excluded,
+    /// The map holds a NaN: pooled pixel metrics become undefined.
+    Nan,
+    /// Packed (score, label) keys.
+    Keys(Vec<u64>),
+}
+
+fn sample_pixels(s: &EvalSample) -> Pixels {
+    let n = s.map.width * s.map.height;
+    assert_eq!(
+        s.map.data.len(),
+        n,
+        "sample {}: anomaly map has {} values but is {}×{}",
+        s.name,
+        s.map.data.len(),
+        s.map.width,
+        s.map.height
+    );
+    let keys: Option<Vec<u64>> = match &s.mask {
+        Some(m) => {
+            assert_eq!(
+                m.len(),
+                n,
+                "sample {}: mask has {} pixels but the map is {}×{}",
+                s.name,
+                m.len(),
+                s.map.width,
+                s.map.height
+            );
+            s.map
+                .data
+                .iter()
+                .zip(m)
+                .map(|(&v, &l)| metrics::pack(v, l))
+                .collect()
+        }
+        None if s.is_anomalous() => return Pixels::Excluded,
+        None => s
+            .map
+            .data
+            .iter()
+            .map(|&v| metrics::pack(v, false))
+            .collect(),
+    };
+    keys.map_or(Pixels::Nan, Pixels::Keys)
+}
+
+/// Pool the pixels of the selected samples and compute their metrics (`None` if any is NaN).
+fn pooled(pixels: &[Pixels], select: impl Fn(usize) -> bool, want_f1: bool) -> (PoolStats, u64) {
+    let chosen: Vec<&Pixels> = pixels
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| select(*i))
+        .map(|(_, p)| p)
+        .collect();
+    let mut total = 0usize;
+    let mut nan = false;
+    for p in &chosen {
+        match p {
+            Pixels::Keys(k) => total += k.len(),
+            Pixels::Nan => nan = true,
+            Pixels::Excluded => {}
+        }
+    }
+    let mut keys = Vec::with_capacity(total);
+    for p in &chosen {
+        if let Pixels::Keys(k) = p {
+            keys.extend_from_slice(k);
+        }
+    }
+    let count = keys.len() as u64;
+    let mut stats = metrics::pool_stats(&mut keys, want_f1);
+    if nan {
+        stats.auroc = None;
+        stats.f1 = None;
+    }
+    (stats, count)
+}
+
+/// Evaluate a scored test set.
+///
+/// - Image level: each image's score is its map's maximum ([`AnomalyMap::image_score`]);
+///   label = [`EvalSample::is_anomalous`].
+/// - Pixel level: all pixels of all test images are pooled into one ranking (normal images
+///   without a mask count as all-normal; anomalous images without a mask are left out). The
+///   pixel AUROC is `None` when no anomalous image has a (non-empty) mask.
+/// - Per defect type: normal images vs the images of that type, at both levels.
+///
+/// Any NaN score makes the metrics it takes part in `None`.
+///
+/// # Panics
+///
+/// If a map's `data` is not `width * height` long, or a mask's length differs from its map's.
+pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Report {
+    let scores: Vec<f32> = samples.iter().map(|s| s.map.image_score()).collect();
+    let labels: Vec<bool> = samples.iter().map(EvalSample::is_anomalous).collect();
+    let image_auroc = metrics::auroc(&scores, &labels);
+    let image_f1_max = metrics::f1_max(&scores, &labels).map(|(f, _)| f);
+
+    let pixels: Vec<Pixels> = samples.par_iter().map(sample_pixels).collect();
+    let (all, pixel_count) = pooled(&pixels, |_| true, true);
+
+    let normal = labels.iter().filter(|&&a| !a).count();
+    let mut per_type = BTreeMap::new();
+    let mut types: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.is_anomalous())
+        .map(|s| s.defect_type.as_str())
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    for ty in types {
+        let select = |i: usize| !labels[i] || samples[i].defect_type == ty;
+        let (s, l): (Vec<f32>, Vec<bool>) = (0..samples.len())
+            .filter(|&i| select(i))
+            .map(|i| (scores[i], labels[i]))
+            .unzip();
+        let (px, _) = pooled(&pixels, select, false);
+        per_type.insert(
+            ty.to_string(),
+            TypeReport {
+                images: samples.iter().filter(|s| s.defect_type == ty).count(),
+                image_auroc: metrics::auroc(&s, &l),
+                pixel_auroc: px.auroc,
+            },
+        );
+    }
+
+    Report {
+        image_auroc,
+        pixel_auroc: all.auroc,
+        image_f1_max,
+        pixel_f1_max: all.f1.map(|(f, _)| f),
+        pixel_threshold: all.f1.map(|(_, t)| t),
+        counts: Counts {
+            images: samples.len(),
+            normal,
+            anomalous: samples.len() - normal,
+            pixels: pixel_count,
+            anomalous_pixels: all.positives,
+        },
+        per_type,
+        fit_seconds: timings.fit_seconds,
+        ms_per_image: timings.ms_per_image,
+        feature_ms_per_image: timings.feature_ms_per_image,
+        score_ms_per_image: timings.score_ms_per_image,
+        model: info.model,
+        data: info.data,
+        scorer: info.scorer,
+        backbone: info.backbone,
+        method: info.method,
+        tessera_version: tessera_core::VERSION.to_string(),
+        images: samples
+            .iter()
+            .zip(&scores)
+            .map(|(s, &score)| ImageScore {
+                name: s.name.clone(),
+                defect_type: s.defect_type.clone(),
+                score,
+            })
+            .collect(),
+    }
+}
+
+/// A metric in `[0, 1]` as a percentage with two decimals, or `n/a`.
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{:.2}%", 100.0 * v))
+}
+
+/// Make a string safe inside a Markdown table cell.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+impl Report {
+    /// Render the report as Markdown: a headline table (metrics as percentages, counts,
+    /// timings), the run information and a per-defect-type table.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let c = &self.counts;
+        let _ = writeln!(md, "# Tessera evaluation: {}\n", cell(&self.data));
+        let _ = writeln!(md, "| Metric | Value |\n|---|---|");
+        let _ = writeln!(md, "| Image AUROC | {} |", pct(self.image_auroc));
+        let _ = writeln!(md, "| Pixel AUROC | {} |", pct(self.pixel_auroc));
+        let _ = writeln!(md, "| Image F1-max | {} |", pct(self.image_f1_max));
+        let thr = self
+            .pixel_threshold
+            .map_or_else(String::new, |t| format!(" (threshold {t:.6})"));
+        let _ = writeln!(md, "| Pixel F1-max | {}{thr} |", pct(self.pixel_f1_max));
+        let _ = writeln!(
+            md,
+            "| Images | {} ({} normal, {} anomalous) |",
+            c.images, c.normal, c.anomalous
+        );
+        let _ = writeln!(
+            md,
+            "| Pixels | {} ({} anomalous) |",
+            c.pixels, c.anomalous_pixels
+        );
+        let _ = writeln!(md, "| Fit time | {:.2} s |", self.fit_seconds);
+        let _ = writeln!(md, "| Inference | {:.2} ms/image |", self.ms_per_image);
+        let _ = writeln!(
+            md,
+            "| Features | {:.2} ms/image |",
+            self.feature_ms_per_image
+        );
+        let _ = writeln!(md, "| Scoring | {:.2} ms/image |", self.score_ms_per_image);
+
+        let _ = writeln!(md, "\n| Run | |\n|---|---|");
+        for (k, v) in [
+            ("Model", &self.model),
+            ("Data", &self.data),
+            ("Scorer", &self.scorer),
+            ("Backbone", &self.backbone),
+            ("Method", &self.method),
+            ("Tessera", &self.tessera_version),
+        ] {
+            let _ = writeln!(md, "| {k} | {} |", cell(v));
+        }
+
+        if !self.per_type.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Per defect type\n\n| Type | Images | Image AUROC | Pixel AUROC |\n|---|---:|---:|---:|"
+            );
+            for (ty, t) in &self.per_type {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    cell(ty),
+                    t.images,
+                    pct(t.image_auroc),
+                    pct(t.pixel_auroc)
+                );
+            }
+        }
+        md
+    }
+
+    /// Write the report as pretty-printed JSON, atomically.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::io(path, std::io::Error::other(e)))?;
+        bytes.push(b'\n');
+        write_atomic(path, &bytes)
+    }
+
+    /// Write the report as Markdown ([`Report::to_markdown`]), atomically.
+    pub fn write_markdown(&self, path: &Path) -> Result<()> {
+        write_atomic(path, self.to_markdown().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str, ty: &str, data: Vec<f32>, mask: Option<Vec<bool>>) -> EvalSample {
+        EvalSample {
+            name: name.into(),
+            defect_type: ty.into(),
+            map: AnomalyMap {
+                width: 2,
+                height: 2,
+                data,
+            },
+            mask,
+        }
+    }
+
+    fn info() -> RunInfo {
+        RunInfo {
+            model: "m.tsr".into(),
+            data: "bottle".into(),
+            scorer: "padim".into(),
+            backbone: "resnet18".into(),
+            method: "PaDiM | d=100".into(),
+        }
+    }
+
+    fn set() -> Vec<EvalSample> {
+        vec![
+            sample("good/0", "good", vec![0.1, 0.2, 0.1, 0.3], None),
+            sample(
+                "good/1",
+                "good",
+                vec![0.2, 0.2, 0.4, 0.1],
+                Some(vec![false; 4]),
+            ),
+            sample(
+                "crack/0",
+                "crack",
+                vec![0.1, 0.9, 0.2, 0.2],
+                Some(vec![false, true, false, false]),
+            ),
+            sample(
+                "hole/0",
+                "hole",
+                vec![0.35, 0.1, 0.5, 0.1],
+                Some(vec![false, false, true, true]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn evaluates_small_set() {
+        let r = evaluate(&set(), Timings::default(), info());
+        // Image scores: good 0.3, 0.4; crack 0.9; hole 0.5 → perfectly separated.
+        assert_eq!(r.image_auroc, Some(1.0));
+        assert_eq!(r.image_f1_max, Some(1.0));
+        assert_eq!(
+            r.counts,
+            Counts {
+                images: 4,
+                normal: 2,
+                anomalous: 2,
+                pixels: 16,
+                anomalous_pixels: 3
+            }
+        );
+        // Pixel AUROC by brute force over the same pool.
+        let s: Vec<f32> = set().iter().flat_map(|s| s.map.data.clone()).collect();
+        let l: Vec<bool> = set()
+            .iter()
+            .flat_map(|s| s.mask.clone().unwrap_or(vec![false; 4]))
+            .collect();
+        assert_eq!(r.pixel_auroc, crate::auroc(&s, &l));
+        let (f1, t) = crate::f1_max(&s, &l).unwrap();
+        assert_eq!(r.pixel_f1_max, Some(f1));
+        assert_eq!(r.pixel_threshold, Some(t));
+        assert_eq!(r.per_type.len(), 2);
+        assert_eq!(r.per_type["crack"].images, 1);
+        assert_eq!(r.per_type["crack"].image_auroc, Some(1.0));
+        assert_eq!(r.per_type["crack"].pixel_auroc, Some(1.0));
+        assert!(r.per_type["hole"].pixel_auroc.unwrap() < 1.0);
+        assert_eq!(r.images.len(), 4);
+        assert_eq!(r.images[2].score, 0.9);
+        assert_eq!(r.tessera_version, tessera_core::VERSION);
+    }
+
+    #[test]
+    fn no_masks_means_no_pixel_metrics() {
+        let mut s = set();
+        s[2].mask = None;
+        s[3].mask = None;
+        let r = evaluate(&s, Timings::default(), info());
+        assert_eq!(r.pixel_auroc, None);
+        assert_eq!(r.pixel_f1_max, None);
+        assert_eq!(r.pixel_threshold, None);
+        assert_eq!(r.counts.pixels, 8);
+        assert!(r.image_auroc.is_some());
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v["pixel_auroc"].is_null());
+    }
+
+    #[test]
+    fn only_normal_images() {
+        let r = evaluate(&set()[..2], Timings::default(), info());
+        assert_eq!(r.image_auroc, None);
+        assert_eq!(r.pixel_auroc, None);
+        assert!(r.per_type.is_empty());
+    }
+
+    #[test]
+    fn nan_makes_pixel_metrics_undefined() {
+        let mut s = set();
+        s[0].map.data[0] = f32::NAN;
+        let r = evaluate(&s, Timings::default(), info());
+        assert_eq!(r.pixel_auroc, None);
+        assert_eq!(r.per_type["crack"].pixel_auroc, None);
+    }
+
+    #[test]
+    #[should_panic(expected = "mask has 3 pixels")]
+    fn mask_size_mismatch_panics() {
+        let mut s = set();
+        s[2].mask = Some(vec![false; 3]);
+        let _ = evaluate(&s, Timings::default(), info());
+    }
+
+    #[test]
+    fn json_keys_and_roundtrip() {
+        let t = Timings {
+            fit_seconds: 1.5,
+            ms_per_image: 20.0,
+            feature_ms_per_image: 15.0,
+            score_ms_per_image: 5.0,
+        };
+        let r = evaluate(&set(), t, info());
+        let v = serde_json::to_value(&r).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        let mut want = vec![
+            "image_auroc",
+            "pixel_auroc",
+            "image_f1_max",
+            "pixel_f1_max",
+            "pixel_threshold",
+            "counts",
+            "per_type",
+            "fit_seconds",
+            "ms_per_image",
+            "feature_ms_per_image",
+            "score_ms_per_image",
+            "model",
+            "data",
+            "scorer",
+            "backbone",
+            "method",
+            "tessera_version",
+            "images",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["counts"]["anomalous_pixels"], 3);
+        assert_eq!(v["images"][0]["name"], "good/0");
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/report.json");
+        r.write_json(&p).unwrap();
+        let back: Report = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let m = dir.path().join("report.md");
+        r.write_markdown(&m).unwrap();
+        assert_eq!(std::fs::read_to_string(&m).unwrap(), r.to_markdown());
+    }
+
+    #[test]
+    fn markdown_tables() {
+        let r = evaluate(&set(), Timings::default(), info());
+        let md = r.to_markdown();
+        assert!(md.contains("| Image AUROC | 100.00% |"), "{md}");
+        assert!(md.contains("| Pixel AUROC | "));
+        assert!(md.contains("| crack | 1 | 100.00% | 100.00% |"), "{md}");
+        assert!(md.contains("PaDiM \\| d=100"));
+        let r = evaluate(&set()[..2], Timings::default(), info());
+        assert!(r.to_markdown().contains("| Image AUROC | n/a |"));
+    }
+}
