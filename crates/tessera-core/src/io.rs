@@ -39,7 +39,7 @@ pub fn replace_atomic(
         .to_string_lossy()
         .into_owned();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    if let Err(e) = make(&tmp) {
+    if let Err(e) = make(&tmp).and_then(|()| readable_by_all(&tmp)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
@@ -47,6 +47,18 @@ pub fn replace_atomic(
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Temp files may be created private (0600); artifacts are ordinary files (0644).
+#[cfg(unix)]
+fn readable_by_all(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn readable_by_all(_: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,330 @@
+//! `fit`, `test` and `predict`.
+
+use crate::{Detector, Progress};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tessera_backbone::{Arch, Backbone, HubSpec, WeightsSource};
+use tessera_core::model::{BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION};
+use tessera_core::scorer::FitScorer;
+use tessera_core::{DeviceSpec, FeatureMaps};
+use tessera_data::{list_images, load_batch, Dataset, Sample};
+use tessera_eval::{evaluate, render_panel, save_png, EvalSample, RunInfo, Timings};
+use tessera_padim::PadimConfig;
+
+/// Scorers this build can fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScorerKind {
+    #[default]
+    Padim,
+}
+
+/// Options of `tessera fit`.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub data: PathBuf,
+    pub scorer: ScorerKind,
+    pub backbone: Arch,
+    /// Local weights file; when `None` and `random_weights` is `None`, the hub is used.
+    pub weights: Option<PathBuf>,
+    /// Hub repository overriding the architecture's default.
+    pub hub_repo: Option<String>,
+    /// Use a seeded random backbone instead of pretrained weights (demos and tests only).
+    pub random_weights: Option<u64>,
+    pub method: String,
+    pub seed: u64,
+    pub device: DeviceSpec,
+    pub out: PathBuf,
+    pub preprocess: Preprocess,
+    pub batch_size: usize,
+    pub padim_dims: Option<usize>,
+    pub progress: Progress,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::new(),
+            scorer: ScorerKind::Padim,
+            backbone: Arch::ResNet18,
+            weights: None,
+            hub_repo: None,
+            random_weights: None,
+            method: "baseline".into(),
+            seed: 0,
+            device: DeviceSpec::Cpu,
+            out: PathBuf::from("model.safetensors"),
+            preprocess: Preprocess::paper(),
+            batch_size: 8,
+            padim_dims: None,
+            progress: Progress::default(),
+        }
+    }
+}
+
+/// What `fit` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitSummary {
+    pub model: PathBuf,
+    pub images: usize,
+    pub seconds: f64,
+    pub threshold: f32,
+    pub backbone: String,
+    pub weights: String,
+}
+
+/// How many training images are re-scored to set the default threshold and heatmap range.
+const CALIBRATION_IMAGES: usize = 32;
+
+/// Fit a detector on a dataset's normal training images and write the model file.
+pub fn fit(o: &FitOptions) -> Result<FitSummary> {
+    let start = Instant::now();
+    if o.method != "baseline" {
+        bail!("--method {}: this build implements only 'baseline'", o.method);
+    }
+    if o.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    o.preprocess.validate()?;
+    let device = o.device.open()?;
+    let ds = Dataset::open(&o.data)?;
+    let train = ds.train()?;
+    let source = match (&o.weights, o.random_weights) {
+        (Some(_), Some(_)) => bail!("give either --weights or --random-weights, not both"),
+        (Some(p), None) => WeightsSource::File(p.clone()),
+        (None, Some(seed)) => WeightsSource::Random { seed },
+        (None, None) => WeightsSource::Hub(HubSpec::new(
+            o.hub_repo.as_deref().unwrap_or(o.backbone.default_hub_repo()),
+        )),
+    };
+    let levels = vec![1, 2, 3];
+    let backbone = Backbone::load(o.backbone, &source, 3, &device)?;
+    o.progress.note(format!(
+        "fit: {} training images from {}, {} ({}), scorer {:?}, device {}",
+        train.len(),
+        o.data.display(),
+        o.backbone,
+        source.describe(),
+        o.scorer,
+        o.device
+    ));
+    let pb = o.progress.bar(train.len() as u64, "features");
+    let pre = o.preprocess.clone();
+    let mut batches = train.chunks(o.batch_size).map(|chunk| -> tessera_core::Result<FeatureMaps> {
+        let b = load_batch(chunk, &pre, &device)?;
+        let f = backbone.forward(&b.tensor)?;
+        pb.inc(chunk.len() as u64);
+        Ok(f)
+    });
+    let scorer = match o.scorer {
+        ScorerKind::Padim => {
+            let cfg = PadimConfig { dims: o.padim_dims, seed: o.seed, levels: levels.clone(), ..Default::default() };
+            cfg.fit(&mut batches)?
+        }
+    };
+    pb.finish_and_clear();
+    let tensors = Detector::tensors(&backbone, &scorer)?;
+    let mut meta = ModelMeta {
+        format: FORMAT_VERSION,
+        tessera_version: tessera_core::VERSION.into(),
+        method: o.method.clone(),
+        seed: o.seed,
+        preprocess: o.preprocess.clone(),
+        backbone: BackboneMeta { arch: o.backbone.name().into(), layers: levels, source: source.describe() },
+        scorer: ScorerMeta { kind: tessera_core::Scorer::kind(&scorer).into(), config: tessera_core::Scorer::config(&scorer) },
+        fit: FitMeta { seconds: 0.0, images: train.len(), data: o.data.display().to_string(), created_unix: 0 },
+        threshold: 0.0,
+        heat_range: (0.0, 1.0),
+    };
+    let det = Detector { backbone, scorer: Box::new(scorer), meta: meta.clone() };
+    // Calibration: score evenly spaced training images through the same path as `test`.
+    let step = train.len().div_ceil(CALIBRATION_IMAGES).max(1);
+    let calib: Vec<Sample> = train.iter().step_by(step).cloned().collect();
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for chunk in calib.chunks(o.batch_size) {
+        let b = load_batch(chunk, &o.preprocess, &device)?;
+        let (maps, _) = det.score(&b.tensor)?;
+        for m in &maps {
+            for &v in &m.data {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+        }
+    }
+    meta.threshold = hi;
+    meta.heat_range = (lo, hi + (hi - lo));
+    meta.fit.seconds = start.elapsed().as_secs_f64();
+    meta.fit.created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    ModelFile { meta: meta.clone(), tensors }.save(&o.out)?;
+    Ok(FitSummary {
+        model: o.out.clone(),
+        images: train.len(),
+        seconds: meta.fit.seconds,
+        threshold: meta.threshold,
+        backbone: meta.backbone.arch,
+        weights: meta.backbone.source,
+    })
+}
+
+/// Options of `tessera test`.
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub report: PathBuf,
+    pub heatmaps: Option<PathBuf>,
+    pub device: DeviceSpec,
+    pub batch_size: usize,
+    pub progress: Progress,
+}
+
+/// Score a dataset's test split with a model file and write the report (JSON, and Markdown
+/// beside it) and optionally heatmap panels.
+pub fn test(o: &TestOptions) -> Result<tessera_eval::Report> {
+    if o.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = o.device.open()?;
+    let det = Detector::load(&o.model, &device)?;
+    let ds = Dataset::open(&o.data)?;
+    let samples = ds.test()?;
+    let pb = o.progress.bar(samples.len() as u64, "test");
+    let mut evals = Vec::with_capacity(samples.len());
+    let mut images = Vec::new();
+    let (mut feat_ms, mut score_ms) = (0.0, 0.0);
+    for chunk in samples.chunks(o.batch_size) {
+        let b = load_batch(chunk, &det.meta.preprocess, &device)?;
+        let (maps, t) = det.score(&b.tensor)?;
+        feat_ms += t.features_ms;
+        score_ms += t.score_ms;
+        for ((s, map), mask) in chunk.iter().zip(maps).zip(b.masks) {
+            evals.push(EvalSample { name: s.name.clone(), defect_type: s.defect_type.clone(), map, mask });
+        }
+        if o.heatmaps.is_some() {
+            images.extend(b.images);
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let n = samples.len() as f64;
+    let timings = Timings {
+        fit_seconds: det.meta.fit.seconds,
+        ms_per_image: (feat_ms + score_ms) / n,
+        feature_ms_per_image: feat_ms / n,
+        score_ms_per_image: score_ms / n,
+    };
+    let info = RunInfo {
+        model: o.model.display().to_string(),
+        data: o.data.display().to_string(),
+        scorer: det.meta.scorer.kind.clone(),
+        backbone: format!("{} ({})", det.meta.backbone.arch, det.meta.backbone.source),
+        method: det.meta.method.clone(),
+    };
+    let report = evaluate(&evals, timings, info);
+    report.write_json(&o.report)?;
+    report.write_markdown(&o.report.with_extension("md"))?;
+    if let Some(dir) = &o.heatmaps {
+        // The stated threshold of the contour: the F1-optimal pixel threshold of this run when
+        // masks exist, else the model's default.
+        let thr = report.pixel_threshold.unwrap_or(det.meta.threshold);
+        let pb = o.progress.bar(evals.len() as u64, "heatmaps");
+        for (e, img) in evals.iter().zip(&images) {
+            let panel = render_panel(img, &e.map, e.mask.as_deref(), thr, det.meta.heat_range)?;
+            let file = Path::new(&e.name).with_extension("png");
+            save_png(&panel, &dir.join(file))?;
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+    }
+    Ok(report)
+}
+
+/// Options of `tessera predict`.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    pub model: PathBuf,
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    /// Pixel threshold for the predicted mask and the anomalous flag; model default if `None`.
+    pub threshold: Option<f32>,
+    pub device: DeviceSpec,
+    pub batch_size: usize,
+    pub progress: Progress,
+}
+
+/// What `predict` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictSummary {
+    pub images: usize,
+    pub anomalous: usize,
+    pub threshold: f32,
+    pub scores_csv: PathBuf,
+}
+
+/// Score images (files or folders of images) with a model file: heatmap panels and
+/// `scores.csv` in `out`.
+pub fn predict(o: &PredictOptions) -> Result<PredictSummary> {
+    if o.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = o.device.open()?;
+    let det = Detector::load(&o.model, &device)?;
+    let mut files = Vec::new();
+    for p in &o.inputs {
+        if p.is_dir() {
+            files.extend(list_images(p)?);
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            bail!("{}: no such file or folder", p.display());
+        }
+    }
+    if files.is_empty() {
+        bail!("no images found in {:?}", o.inputs);
+    }
+    let thr = o.threshold.unwrap_or(det.meta.threshold);
+    let samples: Vec<Sample> = files
+        .iter()
+        .map(|p| Sample { path: p.clone(), defect_type: "unknown".into(), mask: None, name: p.display().to_string() })
+        .collect();
+    let mut csv = String::from("path,score,anomalous,heatmap\n");
+    let mut anomalous = 0;
+    let mut used_names = std::collections::HashSet::new();
+    let pb = o.progress.bar(samples.len() as u64, "predict");
+    for chunk in samples.chunks(o.batch_size) {
+        let b = load_batch(chunk, &det.meta.preprocess, &device)?;
+        let (maps, _) = det.score(&b.tensor)?;
+        for ((s, map), img) in chunk.iter().zip(maps).zip(&b.images) {
+            let score = map.image_score();
+            let is_anom = score >= thr;
+            anomalous += is_anom as usize;
+            let stem = s.path.file_stem().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
+            let mut name = format!("{stem}.png");
+            let mut k = 1;
+            while !used_names.insert(name.clone()) {
+                name = format!("{stem}_{k}.png");
+                k += 1;
+            }
+            let panel = render_panel(img, &map, None, thr, det.meta.heat_range)?;
+            save_png(&panel, &o.out.join(&name))?;
+            csv.push_str(&format!("{},{score},{is_anom},{name}\n", csv_field(&s.path.display().to_string())));
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let scores_csv = o.out.join("scores.csv");
+    tessera_core::io::write_atomic(&scores_csv, csv.as_bytes()).context("writing scores.csv")?;
+    Ok(PredictSummary { images: samples.len(), anomalous, threshold: thr, scores_csv })
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
