@@ -21,9 +21,11 @@
 
 mod layout;
 mod preprocess;
+pub mod synthetic;
 
 pub use layout::{
     list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout, Sample,
     FOLDER_SPEC_FILE,
 };
+pub use synthetic::{generate_category, SyntheticSpec};
 pub use preprocess::{load_batch, load_image, load_mask, Batch, LoadedImage};
