@@ -48,18 +48,37 @@ pub enum Arch {
 
 impl Arch {
     /// All supported names.
-    pub const NAMES: &'static [&'static str] = &["resnet18", "resnet34", "resnet50", "wide_resnet50_2"];
+    pub const NAMES: &'static [&'static str] =
+        &["resnet18", "resnet34", "resnet50", "wide_resnet50_2"];
 
     /// The architecture's shape.
     pub fn spec(self) -> ArchSpec {
         use BlockKind::*;
         match self {
-            Arch::ResNet18 => ArchSpec { block: Basic, blocks: [2, 2, 2], base: 64, width_per_group: 64 },
-            Arch::ResNet34 => ArchSpec { block: Basic, blocks: [3, 4, 6], base: 64, width_per_group: 64 },
-            Arch::ResNet50 => ArchSpec { block: Bottleneck, blocks: [3, 4, 6], base: 64, width_per_group: 64 },
-            Arch::WideResNet50_2 => {
-                ArchSpec { block: Bottleneck, blocks: [3, 4, 6], base: 64, width_per_group: 128 }
-            }
+            Arch::ResNet18 => ArchSpec {
+                block: Basic,
+                blocks: [2, 2, 2],
+                base: 64,
+                width_per_group: 64,
+            },
+            Arch::ResNet34 => ArchSpec {
+                block: Basic,
+                blocks: [3, 4, 6],
+                base: 64,
+                width_per_group: 64,
+            },
+            Arch::ResNet50 => ArchSpec {
+                block: Bottleneck,
+                blocks: [3, 4, 6],
+                base: 64,
+                width_per_group: 64,
+            },
+            Arch::WideResNet50_2 => ArchSpec {
+                block: Bottleneck,
+                blocks: [3, 4, 6],
+                base: 64,
+                width_per_group: 128,
+            },
         }
     }
 

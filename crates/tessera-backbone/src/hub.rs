@@ -20,24 +20,40 @@ pub struct HubSpec {
 impl HubSpec {
     /// `model.safetensors` at `main` of `repo`.
     pub fn new(repo: &str) -> Self {
-        Self { repo: repo.into(), file: "model.safetensors".into(), revision: "main".into() }
+        Self {
+            repo: repo.into(),
+            file: "model.safetensors".into(),
+            revision: "main".into(),
+        }
     }
 }
 
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
 /// Local path of a hub file: from the cache, else downloaded (unless offline).
 pub fn hub_weights(spec: &HubSpec) -> Result<PathBuf> {
-    let repo = hf_hub::Repo::with_revision(spec.repo.clone(), hf_hub::RepoType::Model, spec.revision.clone());
+    let repo = hf_hub::Repo::with_revision(
+        spec.repo.clone(),
+        hf_hub::RepoType::Model,
+        spec.revision.clone(),
+    );
     let cache = hf_hub::Cache::from_env();
     if let Some(p) = cache.repo(repo.clone()).get(&spec.file) {
         return Ok(p);
     }
-    let where_ = format!("hub file {}/{} (revision {})", spec.repo, spec.file, spec.revision);
+    let where_ = format!(
+        "hub file {}/{} (revision {})",
+        spec.repo, spec.file, spec.revision
+    );
     if offline() {
         return Err(Error::Unavailable(format!(
             "{where_} is not in the hub cache ({}) and HF_HUB_OFFLINE is set: download it on a \
@@ -69,8 +85,13 @@ mod tests {
             std::env::set_var("HF_HOME", &dir);
             std::env::set_var("HF_HUB_OFFLINE", "1");
         }
-        let e = hub_weights(&HubSpec::new("timm/resnet18.tv_in1k")).unwrap_err().to_string();
-        assert!(e.contains("timm/resnet18.tv_in1k") && e.contains("HF_HUB_OFFLINE"), "{e}");
+        let e = hub_weights(&HubSpec::new("timm/resnet18.tv_in1k"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("timm/resnet18.tv_in1k") && e.contains("HF_HUB_OFFLINE"),
+            "{e}"
+        );
         assert!(e.contains("--weights"), "{e}");
     }
 
@@ -78,7 +99,8 @@ mod tests {
     fn cached_file_is_found_offline() {
         let dir = std::env::temp_dir().join(format!("tessera-hubc-{}", std::process::id()));
         let cache = hf_hub::Cache::new(dir.join("hub"));
-        let repo = hf_hub::Repo::with_revision("timm/x".into(), hf_hub::RepoType::Model, "main".into());
+        let repo =
+            hf_hub::Repo::with_revision("timm/x".into(), hf_hub::RepoType::Model, "main".into());
         // Lay out a cache entry as huggingface_hub does: refs/main → snapshot folder.
         let folder = dir.join("hub").join(repo.folder_name());
         std::fs::create_dir_all(folder.join("refs")).unwrap();

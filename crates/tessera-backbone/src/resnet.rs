@@ -39,7 +39,15 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn load(vb: &Vb, conv: &str, bn: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Self> {
+    fn load(
+        vb: &Vb,
+        conv: &str,
+        bn: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
         let w = vb.get((cout, cin, k, k), &format!("{conv}.weight"))?;
         let gamma = vb.get(cout, &format!("{bn}.weight"))?;
         let beta = vb.get(cout, &format!("{bn}.bias"))?;
@@ -48,8 +56,16 @@ impl ConvBn {
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
         let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
         let b = (beta - (mean * &scale)?)?;
-        let cfg = candle_nn::Conv2dConfig { padding: k / 2, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
-        Ok(Self { conv: candle_nn::Conv2d::new(w, Some(b), cfg) })
+        let cfg = candle_nn::Conv2dConfig {
+            padding: k / 2,
+            stride,
+            dilation: 1,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        };
+        Ok(Self {
+            conv: candle_nn::Conv2d::new(w, Some(b), cfg),
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.conv.forward(x)?)
@@ -136,7 +152,13 @@ impl Backbone {
     }
 
     /// Load from a `.safetensors` file (any float dtype; extra tensors such as layer4/fc ignored).
-    pub fn from_file(name: &str, spec: &ArchSpec, path: &Path, depth: usize, device: &Device) -> Result<Self> {
+    pub fn from_file(
+        name: &str,
+        spec: &ArchSpec,
+        path: &Path,
+        depth: usize,
+        device: &Device,
+    ) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::bad_input(path, "weights file does not exist"));
         }
@@ -144,7 +166,14 @@ impl Backbone {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| Error::bad_model(path, format!("not a readable safetensors file: {e}")))?;
-        Self::from_tensors(name, spec, tensors, depth, device, &path.display().to_string())
+        Self::from_tensors(
+            name,
+            spec,
+            tensors,
+            depth,
+            device,
+            &path.display().to_string(),
+        )
     }
 
     /// Build from named tensors (torchvision/timm names). `origin` names them in errors.
@@ -157,7 +186,9 @@ impl Backbone {
         origin: &str,
     ) -> Result<Self> {
         if !(1..=3).contains(&depth) {
-            return Err(Error::Config(format!("backbone depth must be 1..=3, got {depth}")));
+            return Err(Error::Config(format!(
+                "backbone depth must be 1..=3, got {depth}"
+            )));
         }
         let vb = Vb {
             vb: VarBuilder::from_tensors(tensors, DType::F32, device),
@@ -181,15 +212,55 @@ impl Backbone {
                 let cout = planes * exp;
                 let convs = match spec.block {
                     BlockKind::Basic => vec![
-                        ConvBn::load(&vb, &format!("{p}.conv1"), &format!("{p}.bn1"), cin, planes, 3, s)?,
-                        ConvBn::load(&vb, &format!("{p}.conv2"), &format!("{p}.bn2"), planes, planes, 3, 1)?,
+                        ConvBn::load(
+                            &vb,
+                            &format!("{p}.conv1"),
+                            &format!("{p}.bn1"),
+                            cin,
+                            planes,
+                            3,
+                            s,
+                        )?,
+                        ConvBn::load(
+                            &vb,
+                            &format!("{p}.conv2"),
+                            &format!("{p}.bn2"),
+                            planes,
+                            planes,
+                            3,
+                            1,
+                        )?,
                     ],
                     BlockKind::Bottleneck => {
                         let w = planes * spec.width_per_group / 64;
                         vec![
-                            ConvBn::load(&vb, &format!("{p}.conv1"), &format!("{p}.bn1"), cin, w, 1, 1)?,
-                            ConvBn::load(&vb, &format!("{p}.conv2"), &format!("{p}.bn2"), w, w, 3, s)?,
-                            ConvBn::load(&vb, &format!("{p}.conv3"), &format!("{p}.bn3"), w, cout, 1, 1)?,
+                            ConvBn::load(
+                                &vb,
+                                &format!("{p}.conv1"),
+                                &format!("{p}.bn1"),
+                                cin,
+                                w,
+                                1,
+                                1,
+                            )?,
+                            ConvBn::load(
+                                &vb,
+                                &format!("{p}.conv2"),
+                                &format!("{p}.bn2"),
+                                w,
+                                w,
+                                3,
+                                s,
+                            )?,
+                            ConvBn::load(
+                                &vb,
+                                &format!("{p}.conv3"),
+                                &format!("{p}.bn3"),
+                                w,
+                                cout,
+                                1,
+                                1,
+                            )?,
                         ]
                     }
                 };
@@ -212,7 +283,14 @@ impl Backbone {
             layers.push(blocks);
         }
         let raw = vb.used.into_inner();
-        Ok(Self { arch_name: name.to_string(), spec: spec.clone(), stem, layers, raw, device: device.clone() })
+        Ok(Self {
+            arch_name: name.to_string(),
+            spec: spec.clone(),
+            stem,
+            layers,
+            raw,
+            device: device.clone(),
+        })
     }
 
     /// Architecture name.
@@ -258,11 +336,21 @@ impl Backbone {
 
 /// Seeded random checkpoint tensors (Kaiming-normal convs, identity batch norm) in torchvision
 /// names, for an architecture truncated after layer `depth`.
-pub fn random_weights(spec: &ArchSpec, depth: usize, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(
+    spec: &ArchSpec,
+    depth: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut out = HashMap::new();
-    let mut conv = |name: &str, cout: usize, cin: usize, k: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Result<()> {
+    let mut conv = |name: &str,
+                    cout: usize,
+                    cin: usize,
+                    k: usize,
+                    rng: &mut rand_chacha::ChaCha8Rng|
+     -> Result<()> {
         let std = (2.0 / (cout * k * k) as f64).sqrt(); // kaiming_normal_, fan_out, as torchvision
         let n = cout * cin * k * k;
         let v: Vec<f32> = (0..n)
@@ -273,7 +361,10 @@ pub fn random_weights(spec: &ArchSpec, depth: usize, seed: u64, device: &Device)
                 ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
             })
             .collect();
-        out.insert(format!("{name}.weight"), Tensor::from_vec(v, (cout, cin, k, k), device)?);
+        out.insert(
+            format!("{name}.weight"),
+            Tensor::from_vec(v, (cout, cin, k, k), device)?,
+        );
         Ok(())
     };
     let mut bns = Vec::new();
@@ -308,10 +399,22 @@ pub fn random_weights(spec: &ArchSpec, depth: usize, seed: u64, device: &Device)
         }
     }
     for (name, c) in bns {
-        out.insert(format!("{name}.weight"), Tensor::ones(c, DType::F32, device)?);
-        out.insert(format!("{name}.bias"), Tensor::zeros(c, DType::F32, device)?);
-        out.insert(format!("{name}.running_mean"), Tensor::zeros(c, DType::F32, device)?);
-        out.insert(format!("{name}.running_var"), Tensor::ones(c, DType::F32, device)?);
+        out.insert(
+            format!("{name}.weight"),
+            Tensor::ones(c, DType::F32, device)?,
+        );
+        out.insert(
+            format!("{name}.bias"),
+            Tensor::zeros(c, DType::F32, device)?,
+        );
+        out.insert(
+            format!("{name}.running_mean"),
+            Tensor::zeros(c, DType::F32, device)?,
+        );
+        out.insert(
+            format!("{name}.running_var"),
+            Tensor::ones(c, DType::F32, device)?,
+        );
     }
     Ok(out)
 }

@@ -15,15 +15,27 @@ fn write(name: &str, t: &std::collections::HashMap<String, Tensor>) -> std::path
 fn wrong_shape_missing_tensor_and_missing_file() {
     let dev = Device::Cpu;
     let mut t = random_weights(&Arch::ResNet18.spec(), 3, 1, &dev).unwrap();
-    t.insert("layer2.0.conv1.weight".into(), Tensor::zeros((128, 64, 5, 5), DType::F32, &dev).unwrap());
+    t.insert(
+        "layer2.0.conv1.weight".into(),
+        Tensor::zeros((128, 64, 5, 5), DType::F32, &dev).unwrap(),
+    );
     let p = write("wrong_shape.safetensors", &t);
-    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev).unwrap_err().to_string();
-    assert!(e.contains("wrong_shape.safetensors") && e.contains("layer2.0.conv1.weight") && e.contains("wrong shape"), "{e}");
+    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("wrong_shape.safetensors")
+            && e.contains("layer2.0.conv1.weight")
+            && e.contains("wrong shape"),
+        "{e}"
+    );
 
     // An R18 file given for R50.
     let t = random_weights(&Arch::ResNet18.spec(), 3, 1, &dev).unwrap();
     let p = write("r18.safetensors", &t);
-    let e = Backbone::load(Arch::ResNet50, &WeightsSource::File(p.clone()), 3, &dev).unwrap_err().to_string();
+    let e = Backbone::load(Arch::ResNet50, &WeightsSource::File(p.clone()), 3, &dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("r18.safetensors"), "{e}");
 
     // Truncated after layer2: fine for depth 2, an error naming layer3 for depth 3.
@@ -31,18 +43,36 @@ fn wrong_shape_missing_tensor_and_missing_file() {
     t2.retain(|k, _| !k.starts_with("layer3"));
     let p = write("l2.safetensors", &t2);
     assert!(Backbone::load(Arch::ResNet18, &WeightsSource::File(p.clone()), 2, &dev).is_ok());
-    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev).unwrap_err().to_string();
-    assert!(e.contains("layer3.0.conv1.weight") && e.contains("missing"), "{e}");
-
-    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File("/no/such.safetensors".into()), 3, &dev)
+    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("/no/such.safetensors") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("layer3.0.conv1.weight") && e.contains("missing"),
+        "{e}"
+    );
+
+    let e = Backbone::load(
+        Arch::ResNet18,
+        &WeightsSource::File("/no/such.safetensors".into()),
+        3,
+        &dev,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("/no/such.safetensors") && e.contains("does not exist"),
+        "{e}"
+    );
 
     let p = write("junk.safetensors", &Default::default());
     std::fs::write(&p, b"garbage").unwrap();
-    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev).unwrap_err().to_string();
-    assert!(e.contains("junk.safetensors") && e.contains("not a readable safetensors"), "{e}");
+    let e = Backbone::load(Arch::ResNet18, &WeightsSource::File(p), 3, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("junk.safetensors") && e.contains("not a readable safetensors"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -6,7 +6,9 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_backbone::{Arch, Backbone, HubSpec, WeightsSource};
-use tessera_core::model::{BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION};
+use tessera_core::model::{
+    BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION,
+};
 use tessera_core::scorer::FitScorer;
 use tessera_core::{DeviceSpec, FeatureMaps};
 use tessera_data::{list_images, load_batch, Dataset, Sample};
@@ -81,7 +83,10 @@ const CALIBRATION_IMAGES: usize = 32;
 pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     let start = Instant::now();
     if o.method != "baseline" {
-        bail!("--method {}: this build implements only 'baseline'", o.method);
+        bail!(
+            "--method {}: this build implements only 'baseline'",
+            o.method
+        );
     }
     if o.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -95,7 +100,9 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         (Some(p), None) => WeightsSource::File(p.clone()),
         (None, Some(seed)) => WeightsSource::Random { seed },
         (None, None) => WeightsSource::Hub(HubSpec::new(
-            o.hub_repo.as_deref().unwrap_or(o.backbone.default_hub_repo()),
+            o.hub_repo
+                .as_deref()
+                .unwrap_or(o.backbone.default_hub_repo()),
         )),
     };
     let levels = vec![1, 2, 3];
@@ -111,15 +118,23 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     ));
     let pb = o.progress.bar(train.len() as u64, "features");
     let pre = o.preprocess.clone();
-    let mut batches = train.chunks(o.batch_size).map(|chunk| -> tessera_core::Result<FeatureMaps> {
-        let b = load_batch(chunk, &pre, &device)?;
-        let f = backbone.forward(&b.tensor)?;
-        pb.inc(chunk.len() as u64);
-        Ok(f)
-    });
+    let mut batches =
+        train
+            .chunks(o.batch_size)
+            .map(|chunk| -> tessera_core::Result<FeatureMaps> {
+                let b = load_batch(chunk, &pre, &device)?;
+                let f = backbone.forward(&b.tensor)?;
+                pb.inc(chunk.len() as u64);
+                Ok(f)
+            });
     let scorer = match o.scorer {
         ScorerKind::Padim => {
-            let cfg = PadimConfig { dims: o.padim_dims, seed: o.seed, levels: levels.clone(), ..Default::default() };
+            let cfg = PadimConfig {
+                dims: o.padim_dims,
+                seed: o.seed,
+                levels: levels.clone(),
+                ..Default::default()
+            };
             cfg.fit(&mut batches)?
         }
     };
@@ -131,13 +146,29 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         method: o.method.clone(),
         seed: o.seed,
         preprocess: o.preprocess.clone(),
-        backbone: BackboneMeta { arch: o.backbone.name().into(), layers: levels, source: source.describe() },
-        scorer: ScorerMeta { kind: tessera_core::Scorer::kind(&scorer).into(), config: tessera_core::Scorer::config(&scorer) },
-        fit: FitMeta { seconds: 0.0, images: train.len(), data: o.data.display().to_string(), created_unix: 0 },
+        backbone: BackboneMeta {
+            arch: o.backbone.name().into(),
+            layers: levels,
+            source: source.describe(),
+        },
+        scorer: ScorerMeta {
+            kind: tessera_core::Scorer::kind(&scorer).into(),
+            config: tessera_core::Scorer::config(&scorer),
+        },
+        fit: FitMeta {
+            seconds: 0.0,
+            images: train.len(),
+            data: o.data.display().to_string(),
+            created_unix: 0,
+        },
         threshold: 0.0,
         heat_range: (0.0, 1.0),
     };
-    let det = Detector { backbone, scorer: Box::new(scorer), meta: meta.clone() };
+    let det = Detector {
+        backbone,
+        scorer: Box::new(scorer),
+        meta: meta.clone(),
+    };
     // Calibration: score evenly spaced training images through the same path as `test`.
     let step = train.len().div_ceil(CALIBRATION_IMAGES).max(1);
     let calib: Vec<Sample> = train.iter().step_by(step).cloned().collect();
@@ -159,7 +190,11 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    ModelFile { meta: meta.clone(), tensors }.save(&o.out)?;
+    ModelFile {
+        meta: meta.clone(),
+        tensors,
+    }
+    .save(&o.out)?;
     Ok(FitSummary {
         model: o.out.clone(),
         images: train.len(),
@@ -202,7 +237,12 @@ pub fn test(o: &TestOptions) -> Result<tessera_eval::Report> {
         feat_ms += t.features_ms;
         score_ms += t.score_ms;
         for ((s, map), mask) in chunk.iter().zip(maps).zip(b.masks) {
-            evals.push(EvalSample { name: s.name.clone(), defect_type: s.defect_type.clone(), map, mask });
+            evals.push(EvalSample {
+                name: s.name.clone(),
+                defect_type: s.defect_type.clone(),
+                map,
+                mask,
+            });
         }
         if o.heatmaps.is_some() {
             images.extend(b.images);
@@ -289,7 +329,12 @@ pub fn predict(o: &PredictOptions) -> Result<PredictSummary> {
     let thr = o.threshold.unwrap_or(det.meta.threshold);
     let samples: Vec<Sample> = files
         .iter()
-        .map(|p| Sample { path: p.clone(), defect_type: "unknown".into(), mask: None, name: p.display().to_string() })
+        .map(|p| Sample {
+            path: p.clone(),
+            defect_type: "unknown".into(),
+            mask: None,
+            name: p.display().to_string(),
+        })
         .collect();
     let mut csv = String::from("path,score,anomalous,heatmap\n");
     let mut anomalous = 0;
@@ -302,7 +347,11 @@ pub fn predict(o: &PredictOptions) -> Result<PredictSummary> {
             let score = map.image_score();
             let is_anom = score >= thr;
             anomalous += is_anom as usize;
-            let stem = s.path.file_stem().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = s
+                .path
+                .file_stem()
+                .map(|x| x.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let mut name = format!("{stem}.png");
             let mut k = 1;
             while !used_names.insert(name.clone()) {
@@ -311,14 +360,22 @@ pub fn predict(o: &PredictOptions) -> Result<PredictSummary> {
             }
             let panel = render_panel(img, &map, None, thr, det.meta.heat_range)?;
             save_png(&panel, &o.out.join(&name))?;
-            csv.push_str(&format!("{},{score},{is_anom},{name}\n", csv_field(&s.path.display().to_string())));
+            csv.push_str(&format!(
+                "{},{score},{is_anom},{name}\n",
+                csv_field(&s.path.display().to_string())
+            ));
         }
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
     let scores_csv = o.out.join("scores.csv");
     tessera_core::io::write_atomic(&scores_csv, csv.as_bytes()).context("writing scores.csv")?;
-    Ok(PredictSummary { images: samples.len(), anomalous, threshold: thr, scores_csv })
+    Ok(PredictSummary {
+        images: samples.len(),
+        anomalous,
+        threshold: thr,
+        scores_csv,
+    })
 }
 
 fn csv_field(s: &str) -> String {

@@ -46,11 +46,21 @@ impl Detector {
             "padim" => {
                 let cfg: PadimConfig = serde_json::from_value(meta.scorer.config.clone())
                     .with_context(|| format!("{}: bad padim configuration", path.display()))?;
-                Box::new(Padim::from_parts(cfg, scorer_tensors).with_context(|| path.display().to_string())?)
+                Box::new(
+                    Padim::from_parts(cfg, scorer_tensors)
+                        .with_context(|| path.display().to_string())?,
+                )
             }
-            other => bail!("{}: unknown scorer '{other}' (this build knows: padim)", path.display()),
+            other => bail!(
+                "{}: unknown scorer '{other}' (this build knows: padim)",
+                path.display()
+            ),
         };
-        Ok(Self { backbone, scorer, meta })
+        Ok(Self {
+            backbone,
+            scorer,
+            meta,
+        })
     }
 
     /// Model file tensors: the backbone checkpoint under `backbone.`, the scorer under `scorer.`.
@@ -71,7 +81,11 @@ impl Detector {
         let t0 = Instant::now();
         let features = self.backbone.forward(batch)?;
         // Force the lazy device work to finish before timing the next stage.
-        features.levels.last().map(|t| t.device().synchronize()).transpose()?;
+        features
+            .levels
+            .last()
+            .map(|t| t.device().synchronize())
+            .transpose()?;
         let t1 = Instant::now();
         let raw = self.scorer.score(&features)?;
         let sigma = self.scorer.blur_sigma();

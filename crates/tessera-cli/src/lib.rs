@@ -24,7 +24,8 @@ mod detector;
 mod progress;
 
 pub use commands::{
-    fit, predict, test, FitOptions, FitSummary, PredictOptions, PredictSummary, ScorerKind, TestOptions,
+    fit, predict, test, FitOptions, FitSummary, PredictOptions, PredictSummary, ScorerKind,
+    TestOptions,
 };
 pub use detector::Detector;
 pub use progress::Progress;

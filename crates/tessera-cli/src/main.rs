@@ -11,7 +11,11 @@ use tessera_core::model::Preprocess;
 use tessera_core::DeviceSpec;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Unsupervised visual anomaly detection (PaDiM on ImageNet features)")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Unsupervised visual anomaly detection (PaDiM on ImageNet features)"
+)]
 struct Cli {
     /// No progress bars or notes on stderr.
     #[arg(long, global = true)]
@@ -134,7 +138,9 @@ struct PredictArgs {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let progress = Progress { quiet: cli.quiet || cli.json };
+    let progress = Progress {
+        quiet: cli.quiet || cli.json,
+    };
     match cli.cmd {
         Cmd::Fit(a) => {
             let opts = FitOptions {
@@ -187,7 +193,10 @@ fn run(cli: Cli) -> Result<()> {
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let pct = |v: Option<f64>| v.map(|v| format!("{:.2}%", v * 100.0)).unwrap_or_else(|| "n/a".into());
+                let pct = |v: Option<f64>| {
+                    v.map(|v| format!("{:.2}%", v * 100.0))
+                        .unwrap_or_else(|| "n/a".into())
+                };
                 progress.note(format!(
                     "image AUROC {}  pixel AUROC {}  ({} images, {:.1} ms/image) → {}",
                     pct(r.image_auroc),

@@ -5,11 +5,18 @@ use std::process::{Command, Output};
 use tessera_data::{generate_category, SyntheticSpec};
 
 fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera")
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("run tessera")
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "tessera failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tessera failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -23,7 +30,13 @@ fn fails(out: &Output) -> String {
 
 fn category(dir: &Path) -> PathBuf {
     let root = dir.join("disk");
-    let spec = SyntheticSpec { seed: 3, size: 128, train: 10, test_good: 4, test_defect: 2 };
+    let spec = SyntheticSpec {
+        seed: 3,
+        size: 128,
+        train: 10,
+        test_good: 4,
+        test_defect: 2,
+    };
     generate_category(&root, &spec).unwrap();
     root
 }
@@ -35,8 +48,18 @@ fn fit_test_predict_round_trip() {
     let model = tmp.path().join("m.safetensors");
     let s = |p: &Path| p.display().to_string();
     let out = ok(&tessera(&[
-        "--json", "fit", "--data", &s(&data), "--random-weights", "1", "--seed", "5", "--out", &s(&model),
-        "--batch-size", "4",
+        "--json",
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        &s(&model),
+        "--batch-size",
+        "4",
     ]));
     let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(fit["images"], 10);
@@ -45,17 +68,30 @@ fn fit_test_predict_round_trip() {
     let report = tmp.path().join("r/report.json");
     let heat = tmp.path().join("heat");
     let out = ok(&tessera(&[
-        "--json", "test", "--model", &s(&model), "--data", &s(&data), "--report", &s(&report), "--heatmaps",
+        "--json",
+        "test",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report),
+        "--heatmaps",
         &s(&heat),
     ]));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r, serde_json::from_str::<serde_json::Value>(&out).unwrap());
     for k in ["image_auroc", "pixel_auroc"] {
         let v = r[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
     }
     // Even a random backbone separates these synthetic defects from normal images.
-    assert!(r["pixel_auroc"].as_f64().unwrap() > 0.8, "pixel AUROC {}", r["pixel_auroc"]);
+    assert!(
+        r["pixel_auroc"].as_f64().unwrap() > 0.8,
+        "pixel AUROC {}",
+        r["pixel_auroc"]
+    );
     assert_eq!(r["counts"]["images"], 10);
     assert!(r["fit_seconds"].as_f64().unwrap() > 0.0 && r["ms_per_image"].as_f64().unwrap() > 0.0);
     assert!(r["per_type"]["crack"]["image_auroc"].is_number());
@@ -64,28 +100,68 @@ fn fit_test_predict_round_trip() {
 
     // predict scores exactly like test: same model file, same code path.
     let pred = tmp.path().join("pred");
-    ok(&tessera(&["--quiet", "predict", "--model", &s(&model), &s(&data.join("test/spot")), "--out", &s(&pred)]));
+    ok(&tessera(&[
+        "--quiet",
+        "predict",
+        "--model",
+        &s(&model),
+        &s(&data.join("test/spot")),
+        "--out",
+        &s(&pred),
+    ]));
     let csv = std::fs::read_to_string(pred.join("scores.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 2);
     for row in rows {
         let f: Vec<&str> = row.split(',').collect();
-        let name = format!("spot/{}", Path::new(f[0]).file_name().unwrap().to_string_lossy());
-        let want = r["images"].as_array().unwrap().iter().find(|i| i["name"] == name.as_str()).unwrap();
+        let name = format!(
+            "spot/{}",
+            Path::new(f[0]).file_name().unwrap().to_string_lossy()
+        );
+        let want = r["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name.as_str())
+            .unwrap();
         let got: f64 = f[1].parse().unwrap();
-        assert!((got - want["score"].as_f64().unwrap()).abs() < 1e-6, "{name}: {got} vs {}", want["score"]);
+        assert!(
+            (got - want["score"].as_f64().unwrap()).abs() < 1e-6,
+            "{name}: {got} vs {}",
+            want["score"]
+        );
         assert!(pred.join(f[3]).is_file());
     }
 
     // The same seed gives the same model scores.
     let model2 = tmp.path().join("m2.safetensors");
     ok(&tessera(&[
-        "--quiet", "fit", "--data", &s(&data), "--random-weights", "1", "--seed", "5", "--out", &s(&model2),
-        "--batch-size", "3",
+        "--quiet",
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        &s(&model2),
+        "--batch-size",
+        "3",
     ]));
     let report2 = tmp.path().join("r2.json");
-    ok(&tessera(&["--quiet", "test", "--model", &s(&model2), "--data", &s(&data), "--report", &s(&report2)]));
-    let r2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report2).unwrap()).unwrap();
+    ok(&tessera(&[
+        "--quiet",
+        "test",
+        "--model",
+        &s(&model2),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report2),
+    ]));
+    let r2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report2).unwrap()).unwrap();
     assert_eq!(r["image_auroc"], r2["image_auroc"]);
     assert_eq!(r["pixel_auroc"], r2["pixel_auroc"]);
 }
@@ -96,29 +172,97 @@ fn bad_inputs_are_clear_errors() {
     let s = |p: &Path| p.display().to_string();
     let model = tmp.path().join("m.safetensors");
 
-    let e = fails(&tessera(&["fit", "--data", "/no/such/dataset", "--random-weights", "0", "--out", &s(&model)]));
-    assert!(e.contains("/no/such/dataset") && e.contains("does not exist"), "{e}");
+    let e = fails(&tessera(&[
+        "fit",
+        "--data",
+        "/no/such/dataset",
+        "--random-weights",
+        "0",
+        "--out",
+        &s(&model),
+    ]));
+    assert!(
+        e.contains("/no/such/dataset") && e.contains("does not exist"),
+        "{e}"
+    );
 
     let data = category(tmp.path());
     std::fs::write(data.join("train/good/004.png"), b"not a png").unwrap();
-    let e = fails(&tessera(&["fit", "--data", &s(&data), "--random-weights", "0", "--out", &s(&model)]));
-    assert!(e.contains("train/good/004.png") && e.contains("cannot decode"), "{e}");
-    assert!(!model.exists(), "no model may be written after a failed fit");
+    let e = fails(&tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "0",
+        "--out",
+        &s(&model),
+    ]));
+    assert!(
+        e.contains("train/good/004.png") && e.contains("cannot decode"),
+        "{e}"
+    );
+    assert!(
+        !model.exists(),
+        "no model may be written after a failed fit"
+    );
 
     let bad_w = tmp.path().join("w.safetensors");
-    let t = candle_core::Tensor::zeros((3, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("conv1.weight".to_string(), t)]), &bad_w)
+    let t = candle_core::Tensor::zeros((3, 3), candle_core::DType::F32, &candle_core::Device::Cpu)
         .unwrap();
-    let e = fails(&tessera(&["fit", "--data", &s(&data), "--weights", &s(&bad_w), "--out", &s(&model)]));
-    assert!(e.contains("w.safetensors") && e.contains("conv1.weight") && e.contains("wrong shape"), "{e}");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("conv1.weight".to_string(), t)]),
+        &bad_w,
+    )
+    .unwrap();
+    let e = fails(&tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--weights",
+        &s(&bad_w),
+        "--out",
+        &s(&model),
+    ]));
+    assert!(
+        e.contains("w.safetensors") && e.contains("conv1.weight") && e.contains("wrong shape"),
+        "{e}"
+    );
 
-    let e = fails(&tessera(&["test", "--model", &s(&bad_w), "--data", &s(&data), "--report", "/tmp/x.json"]));
-    assert!(e.contains("w.safetensors") && e.contains("not a Tessera model"), "{e}");
+    let e = fails(&tessera(&[
+        "test",
+        "--model",
+        &s(&bad_w),
+        "--data",
+        &s(&data),
+        "--report",
+        "/tmp/x.json",
+    ]));
+    assert!(
+        e.contains("w.safetensors") && e.contains("not a Tessera model"),
+        "{e}"
+    );
 
-    let e = fails(&tessera(&["fit", "--data", &s(&data), "--random-weights", "0", "--out", &s(&model), "--device", "cuda:0"]));
+    let e = fails(&tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "0",
+        "--out",
+        &s(&model),
+        "--device",
+        "cuda:0",
+    ]));
     assert!(e.contains("cuda:0"), "{e}");
 
-    let e = fails(&tessera(&["predict", "--model", &s(&model), "/no/image.png", "--out", &s(tmp.path())]));
+    let e = fails(&tessera(&[
+        "predict",
+        "--model",
+        &s(&model),
+        "/no/image.png",
+        "--out",
+        &s(tmp.path()),
+    ]));
     assert!(e.contains("m.safetensors"), "{e}");
 
     // A bad device name is a usage error (exit 2) from the argument parser.

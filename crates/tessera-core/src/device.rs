@@ -55,9 +55,8 @@ impl DeviceSpec {
                          support (rebuild with `--features cuda`, see `cargo xtask cuda-build`)"
                     )));
                 }
-                candle_core::Device::new_cuda(n).map_err(|e| {
-                    Error::Unavailable(format!("cannot open CUDA device {n}: {e}"))
-                })
+                candle_core::Device::new_cuda(n)
+                    .map_err(|e| Error::Unavailable(format!("cannot open CUDA device {n}: {e}")))
             }
         }
     }

@@ -36,14 +36,23 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
     /// Bad input data at `path`.
     pub fn bad_input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::BadInput { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::BadInput {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     /// A bad model or weights file at `path`.
     pub fn bad_model(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::BadModel { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::BadModel {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
 }

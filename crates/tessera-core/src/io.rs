@@ -24,10 +24,7 @@ pub fn write_atomic_with(
 
 /// Let `make` write a temp file next to `path` (given its path), then rename it over `path`.
 /// For writers that insist on opening the file themselves.
-pub fn replace_atomic(
-    path: &Path,
-    make: impl FnOnce(&Path) -> std::io::Result<()>,
-) -> Result<()> {
+pub fn replace_atomic(path: &Path, make: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),

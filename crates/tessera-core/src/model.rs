@@ -32,7 +32,11 @@ pub struct Preprocess {
 impl Preprocess {
     /// The paper's convention: resize 256, center crop 224, ImageNet statistics.
     pub fn paper() -> Self {
-        Self { resize: 256, crop: 224, ..Self::imagenet(256) }
+        Self {
+            resize: 256,
+            crop: 224,
+            ..Self::imagenet(256)
+        }
     }
     /// anomalib's convention: resize 256, no crop.
     pub fn anomalib() -> Self {
@@ -129,17 +133,20 @@ impl ModelFile {
         let mut items: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
         items.sort_by(|a, b| a.0.cmp(b.0));
         crate::io::replace_atomic(path, |tmp| {
-            safetensors::serialize_to_file(items.iter().map(|(k, v)| (k.as_str(), *v)), Some(info), tmp)
-                .map_err(std::io::Error::other)
+            safetensors::serialize_to_file(
+                items.iter().map(|(k, v)| (k.as_str(), *v)),
+                Some(info),
+                tmp,
+            )
+            .map_err(std::io::Error::other)
         })
     }
 
     /// Read a model file, placing tensors on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::bad_model(path, format!("not a safetensors file ({e})"))
-        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_model(path, format!("not a safetensors file ({e})")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::bad_model(path, format!("unreadable header ({e})")))?;
         let json = header
@@ -201,9 +208,21 @@ mod tests {
             method: "baseline".into(),
             seed: 7,
             preprocess: Preprocess::paper(),
-            backbone: BackboneMeta { arch: "resnet18".into(), layers: vec![1, 2, 3], source: "x".into() },
-            scorer: ScorerMeta { kind: "padim".into(), config: serde_json::json!({"d": 3}) },
-            fit: FitMeta { seconds: 1.5, images: 3, data: "d".into(), created_unix: 0 },
+            backbone: BackboneMeta {
+                arch: "resnet18".into(),
+                layers: vec![1, 2, 3],
+                source: "x".into(),
+            },
+            scorer: ScorerMeta {
+                kind: "padim".into(),
+                config: serde_json::json!({"d": 3}),
+            },
+            fit: FitMeta {
+                seconds: 1.5,
+                images: 3,
+                data: "d".into(),
+                created_unix: 0,
+            },
             threshold: 0.5,
             heat_range: (0.0, 1.0),
         }
@@ -213,11 +232,19 @@ mod tests {
     fn round_trip() {
         let dir = std::env::temp_dir().join(format!("tessera-model-{}", std::process::id()));
         let path = dir.join("m.safetensors");
-        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let mut tensors = HashMap::new();
         tensors.insert("backbone.w".to_string(), t.clone());
         tensors.insert("scorer.mean".to_string(), t);
-        ModelFile { meta: meta(), tensors }.save(&path).unwrap();
+        ModelFile {
+            meta: meta(),
+            tensors,
+        }
+        .save(&path)
+        .unwrap();
         let m = ModelFile::load(&path, &Device::Cpu).unwrap();
         assert_eq!(m.meta, meta());
         assert_eq!(m.with_prefix("backbone").len(), 1);
@@ -233,7 +260,10 @@ mod tests {
         let p = dir.join("junk.safetensors");
         std::fs::write(&p, b"not a model").unwrap();
         let e = ModelFile::load(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("junk.safetensors") && e.contains("not a safetensors"), "{e}");
+        assert!(
+            e.contains("junk.safetensors") && e.contains("not a safetensors"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

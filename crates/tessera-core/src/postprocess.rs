@@ -87,10 +87,21 @@ pub fn gaussian_blur(data: &mut [f32], h: usize, w: usize, sigma: f32) {
 }
 
 /// Upsample a raw `h × w` map to `out_h × out_w` and blur it: the final anomaly map.
-pub fn finish_map(raw: &[f32], h: usize, w: usize, out_h: usize, out_w: usize, sigma: f32) -> AnomalyMap {
+pub fn finish_map(
+    raw: &[f32],
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    sigma: f32,
+) -> AnomalyMap {
     let mut data = upsample_bilinear(raw, h, w, out_h, out_w);
     gaussian_blur(&mut data, out_h, out_w, sigma);
-    AnomalyMap { width: out_w, height: out_h, data }
+    AnomalyMap {
+        width: out_w,
+        height: out_h,
+        data,
+    }
 }
 
 #[cfg(test)]

@@ -47,8 +47,5 @@ pub trait FitScorer {
     /// The fitted scorer.
     type Fitted: Scorer;
     /// Fit on batches of training features (streamed, so the caller controls memory).
-    fn fit(
-        &self,
-        batches: &mut dyn Iterator<Item = Result<FeatureMaps>>,
-    ) -> Result<Self::Fitted>;
+    fn fit(&self, batches: &mut dyn Iterator<Item = Result<FeatureMaps>>) -> Result<Self::Fitted>;
 }

@@ -42,8 +42,16 @@ pub struct Sample {
 
 impl Sample {
     fn new(path: PathBuf, defect_type: &str, mask: Option<PathBuf>) -> Self {
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        Self { name: format!("{defect_type}/{file}"), path, defect_type: defect_type.into(), mask }
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self {
+            name: format!("{defect_type}/{file}"),
+            path,
+            defect_type: defect_type.into(),
+            mask,
+        }
     }
     /// Whether this is an anomalous (defect) image.
     pub fn is_anomalous(&self) -> bool {
@@ -110,15 +118,25 @@ impl Dataset {
         let spec_path = root.join(FOLDER_SPEC_FILE);
         if spec_path.is_file() {
             let text = std::fs::read_to_string(&spec_path).map_err(|e| Error::io(&spec_path, e))?;
-            let spec: FolderSpec = serde_json::from_str(&text)
-                .map_err(|e| Error::bad_input(&spec_path, format!("invalid dataset description: {e}")))?;
+            let spec: FolderSpec = serde_json::from_str(&text).map_err(|e| {
+                Error::bad_input(&spec_path, format!("invalid dataset description: {e}"))
+            })?;
             if !(0.0..1.0).contains(&spec.normal_test_ratio) {
-                return Err(Error::bad_input(&spec_path, "normal_test_ratio must be in [0, 1)"));
+                return Err(Error::bad_input(
+                    &spec_path,
+                    "normal_test_ratio must be in [0, 1)",
+                ));
             }
-            return Ok(Self { root: root.to_path_buf(), layout: Layout::Folder(spec) });
+            return Ok(Self {
+                root: root.to_path_buf(),
+                layout: Layout::Folder(spec),
+            });
         }
         if root.join("train").is_dir() || root.join("test").is_dir() {
-            return Ok(Self { root: root.to_path_buf(), layout: Layout::MvTec });
+            return Ok(Self {
+                root: root.to_path_buf(),
+                layout: Layout::MvTec,
+            });
         }
         Err(Error::bad_input(
             root,
@@ -142,7 +160,9 @@ impl Dataset {
     /// Texture or object: from the folder spec, else MVTec's split by category name.
     pub fn category_kind(&self) -> Option<CategoryKind> {
         match &self.layout {
-            Layout::Folder(spec) => spec.category.or_else(|| mvtec_category_kind(&self.category())),
+            Layout::Folder(spec) => spec
+                .category
+                .or_else(|| mvtec_category_kind(&self.category())),
             Layout::MvTec => mvtec_category_kind(&self.category()),
         }
     }
@@ -154,9 +174,15 @@ impl Dataset {
                 let dir = self.root.join("train").join("good");
                 let files = list_images(&dir)?;
                 if files.is_empty() {
-                    return Err(Error::bad_input(&dir, "training folder holds no image (png/jpg/bmp/tif)"));
+                    return Err(Error::bad_input(
+                        &dir,
+                        "training folder holds no image (png/jpg/bmp/tif)",
+                    ));
                 }
-                Ok(files.into_iter().map(|p| Sample::new(p, "good", None)).collect())
+                Ok(files
+                    .into_iter()
+                    .map(|p| Sample::new(p, "good", None))
+                    .collect())
             }
             Layout::Folder(spec) => Ok(self.folder_normals(spec)?.0),
         }
@@ -179,7 +205,10 @@ impl Dataset {
         let mut types = subdirs(&test)?;
         types.sort_by_key(|t| (t != "good", t.clone()));
         if types.is_empty() {
-            return Err(Error::bad_input(&test, "test folder has no <type> sub-folders"));
+            return Err(Error::bad_input(
+                &test,
+                "test folder has no <type> sub-folders",
+            ));
         }
         let mut out = Vec::new();
         for t in types {
@@ -192,7 +221,10 @@ impl Dataset {
                     let m = find_mask(&gt_dir, &stem).ok_or_else(|| {
                         Error::bad_input(
                             &img,
-                            format!("no ground-truth mask: expected {}", gt_dir.join(format!("{stem}_mask.png")).display()),
+                            format!(
+                                "no ground-truth mask: expected {}",
+                                gt_dir.join(format!("{stem}_mask.png")).display()
+                            ),
                         )
                     })?;
                     Some(m)
@@ -211,9 +243,15 @@ impl Dataset {
         let dir = self.root.join(&spec.normal_train);
         let files = list_images(&dir)?;
         if files.is_empty() {
-            return Err(Error::bad_input(&dir, "normal folder holds no image (png/jpg/bmp/tif)"));
+            return Err(Error::bad_input(
+                &dir,
+                "normal folder holds no image (png/jpg/bmp/tif)",
+            ));
         }
-        let mut train: Vec<Sample> = files.into_iter().map(|p| Sample::new(p, "good", None)).collect();
+        let mut train: Vec<Sample> = files
+            .into_iter()
+            .map(|p| Sample::new(p, "good", None))
+            .collect();
         if spec.normal_test.is_some() || spec.normal_test_ratio == 0.0 {
             return Ok((train, Vec::new()));
         }
@@ -238,13 +276,19 @@ impl Dataset {
         let mut out = match &spec.normal_test {
             Some(d) => {
                 let dir = self.root.join(d);
-                list_images(&dir)?.into_iter().map(|p| Sample::new(p, "good", None)).collect()
+                list_images(&dir)?
+                    .into_iter()
+                    .map(|p| Sample::new(p, "good", None))
+                    .collect()
             }
             None => self.folder_normals(spec)?.1,
         };
         for d in &spec.abnormal {
             let dir = self.root.join(d);
-            let t = d.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "abnormal".into());
+            let t = d
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "abnormal".into());
             for img in list_images(&dir)? {
                 let mask = match &spec.mask {
                     None => None,
@@ -253,7 +297,10 @@ impl Dataset {
                         let s = stem(&img);
                         let found = find_mask(&mdir.join(&t), &s).or_else(|| find_mask(&mdir, &s));
                         Some(found.ok_or_else(|| {
-                            Error::bad_input(&img, format!("no mask for this image in {}", mdir.display()))
+                            Error::bad_input(
+                                &img,
+                                format!("no mask for this image in {}", mdir.display()),
+                            )
                         })?)
                     }
                 };
@@ -261,14 +308,19 @@ impl Dataset {
             }
         }
         if out.is_empty() {
-            return Err(Error::bad_input(&self.root, "the dataset has no test image"));
+            return Err(Error::bad_input(
+                &self.root,
+                "the dataset has no test image",
+            ));
         }
         Ok(out)
     }
 }
 
 fn stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn find_mask(dir: &Path, stem: &str) -> Option<PathBuf> {
@@ -307,7 +359,10 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v = Vec::new();
     for e in rd {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
-        let hidden = p.file_name().map(|n| n.to_string_lossy().starts_with('.')).unwrap_or(true);
+        let hidden = p
+            .file_name()
+            .map(|n| n.to_string_lossy().starts_with('.'))
+            .unwrap_or(true);
         let ext_ok = p
             .extension()
             .map(|x| IMAGE_EXTS.contains(&x.to_string_lossy().to_ascii_lowercase().as_str()))

@@ -37,7 +37,9 @@ fn decode(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    reader.decode().map_err(|e| Error::bad_input(path, format!("cannot decode image: {e}")))
+    reader
+        .decode()
+        .map_err(|e| Error::bad_input(path, format!("cannot decode image: {e}")))
 }
 
 fn center_crop_offset(size: u32, crop: u32) -> u32 {
@@ -63,7 +65,11 @@ pub fn load_image(path: &Path, pre: &Preprocess) -> Result<LoadedImage> {
             chw[c * n + i] = (px[c] as f32 / 255.0 - pre.mean[c]) / pre.std[c];
         }
     }
-    Ok(LoadedImage { chw, display, original_size })
+    Ok(LoadedImage {
+        chw,
+        display,
+        original_size,
+    })
 }
 
 /// Load a mask for an image of `image_size`: nearest resize, same crop, > 0.5 is defect.
@@ -111,5 +117,9 @@ pub fn load_batch(samples: &[Sample], pre: &Preprocess, device: &Device) -> Resu
         masks.push(mask);
     }
     let tensor = Tensor::from_vec(data, (samples.len(), 3, c, c), device)?;
-    Ok(Batch { tensor, images, masks })
+    Ok(Batch {
+        tensor,
+        images,
+        masks,
+    })
 }

@@ -26,7 +26,13 @@ pub struct SyntheticSpec {
 
 impl Default for SyntheticSpec {
     fn default() -> Self {
-        Self { seed: 0, size: 256, train: 40, test_good: 10, test_defect: 6 }
+        Self {
+            seed: 0,
+            size: 256,
+            train: 40,
+            test_good: 10,
+            test_defect: 6,
+        }
     }
 }
 
@@ -50,7 +56,10 @@ fn save_gray(img: &GrayImage, path: &Path) -> Result<()> {
 /// A normal image.
 fn normal(rng: &mut ChaCha8Rng, size: u32) -> RgbImage {
     let s = size as f32;
-    let (cx, cy) = (s / 2.0 + rng.random_range(-3.0..3.0), s / 2.0 + rng.random_range(-3.0..3.0));
+    let (cx, cy) = (
+        s / 2.0 + rng.random_range(-3.0..3.0),
+        s / 2.0 + rng.random_range(-3.0..3.0),
+    );
     let light = rng.random_range(0.9f32..1.1);
     let phase = rng.random_range(0.0f32..std::f32::consts::TAU);
     RgbImage::from_fn(size, size, |x, y| {
@@ -60,11 +69,17 @@ fn normal(rng: &mut ChaCha8Rng, size: u32) -> RgbImage {
         let noise: f32 = rng.random_range(-8.0..8.0);
         let (base, tex) = if (0.18..0.42).contains(&r) {
             // The ring: fine radial ridges plus a smooth shade.
-            (150.0 - 120.0 * (r - 0.3).abs(), 18.0 * (a * 24.0 + phase).sin())
+            (
+                150.0 - 120.0 * (r - 0.3).abs(),
+                18.0 * (a * 24.0 + phase).sin(),
+            )
         } else if r < 0.18 {
             (45.0, 4.0 * (r * 90.0).sin())
         } else {
-            (90.0, 6.0 * ((x as f32) * 0.35).sin() * ((y as f32) * 0.35).cos())
+            (
+                90.0,
+                6.0 * ((x as f32) * 0.35).sin() * ((y as f32) * 0.35).cos(),
+            )
         };
         let v = ((base + tex) * light + noise).clamp(0.0, 255.0);
         Rgb([v as u8, (v * 0.92) as u8, (v * 0.85) as u8])
@@ -123,7 +138,8 @@ fn defect(rng: &mut ChaCha8Rng, img: &mut RgbImage, kind: &str) -> GrayImage {
                     let (dx, dy) = (x as f32 - s / 2.0, y as f32 - s / 2.0);
                     let r = (dx * dx + dy * dy).sqrt() / s;
                     let mut da = dy.atan2(dx) - a0;
-                    da = (da + std::f32::consts::PI).rem_euclid(std::f32::consts::TAU) - std::f32::consts::PI;
+                    da = (da + std::f32::consts::PI).rem_euclid(std::f32::consts::TAU)
+                        - std::f32::consts::PI;
                     if (0.2..0.4).contains(&r) && da.abs() < w * (0.6 + r) {
                         let v = 70 + ((x * 13 + y * 7) % 23) as u8;
                         paint(img, &mut mask, x as i64, y as i64, [v, v, v]);
@@ -139,21 +155,32 @@ fn defect(rng: &mut ChaCha8Rng, img: &mut RgbImage, kind: &str) -> GrayImage {
 /// `ground_truth/<type>/NNN_mask.png`). Same seed, same bytes.
 pub fn generate_category(root: &Path, spec: &SyntheticSpec) -> Result<()> {
     if spec.size < 32 {
-        return Err(Error::Config("synthetic images must be at least 32 px".into()));
+        return Err(Error::Config(
+            "synthetic images must be at least 32 px".into(),
+        ));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     for i in 0..spec.train {
-        save_rgb(&normal(&mut rng, spec.size), &root.join(format!("train/good/{i:03}.png")))?;
+        save_rgb(
+            &normal(&mut rng, spec.size),
+            &root.join(format!("train/good/{i:03}.png")),
+        )?;
     }
     for i in 0..spec.test_good {
-        save_rgb(&normal(&mut rng, spec.size), &root.join(format!("test/good/{i:03}.png")))?;
+        save_rgb(
+            &normal(&mut rng, spec.size),
+            &root.join(format!("test/good/{i:03}.png")),
+        )?;
     }
     for kind in DEFECT_TYPES {
         for i in 0..spec.test_defect {
             let mut img = normal(&mut rng, spec.size);
             let mask = defect(&mut rng, &mut img, kind);
             save_rgb(&img, &root.join(format!("test/{kind}/{i:03}.png")))?;
-            save_gray(&mask, &root.join(format!("ground_truth/{kind}/{i:03}_mask.png")))?;
+            save_gray(
+                &mask,
+                &root.join(format!("ground_truth/{kind}/{i:03}_mask.png")),
+            )?;
         }
     }
     Ok(())
@@ -166,11 +193,24 @@ mod tests {
     #[test]
     fn deterministic_and_complete() {
         let base = std::env::temp_dir().join(format!("tessera-syn-{}", std::process::id()));
-        let spec = SyntheticSpec { size: 64, train: 3, test_good: 2, test_defect: 2, ..Default::default() };
+        let spec = SyntheticSpec {
+            size: 64,
+            train: 3,
+            test_good: 2,
+            test_defect: 2,
+            ..Default::default()
+        };
         generate_category(&base.join("a"), &spec).unwrap();
         generate_category(&base.join("b"), &spec).unwrap();
-        for f in ["train/good/002.png", "test/spot/001.png", "ground_truth/crack/000_mask.png"] {
-            assert_eq!(std::fs::read(base.join("a").join(f)).unwrap(), std::fs::read(base.join("b").join(f)).unwrap());
+        for f in [
+            "train/good/002.png",
+            "test/spot/001.png",
+            "ground_truth/crack/000_mask.png",
+        ] {
+            assert_eq!(
+                std::fs::read(base.join("a").join(f)).unwrap(),
+                std::fs::read(base.join("b").join(f)).unwrap()
+            );
         }
         let ds = crate::Dataset::open(&base.join("a")).unwrap();
         assert_eq!(ds.train().unwrap().len(), 3);
@@ -178,7 +218,11 @@ mod tests {
         assert_eq!(test.len(), 2 + 3 * 2);
         for s in test.iter().filter(|s| s.is_anomalous()) {
             let m = image::open(s.mask.as_ref().unwrap()).unwrap().to_luma8();
-            assert!(m.pixels().any(|p| p[0] == 255), "{} has an empty mask", s.name);
+            assert!(
+                m.pixels().any(|p| p[0] == 255),
+                "{} has an empty mask",
+                s.name
+            );
         }
         std::fs::remove_dir_all(&base).unwrap();
     }

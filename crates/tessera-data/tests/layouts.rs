@@ -14,12 +14,16 @@ fn tmp(name: &str) -> PathBuf {
 
 fn rgb(path: &Path, w: u32, h: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 3) as u8, 100])).save(path).unwrap();
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 3) as u8, 100]))
+        .save(path)
+        .unwrap();
 }
 
 fn mask(path: &Path, w: u32, h: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    GrayImage::from_fn(w, h, |x, _| Luma([if x < w / 2 { 255 } else { 0 }])).save(path).unwrap();
+    GrayImage::from_fn(w, h, |x, _| Luma([if x < w / 2 { 255 } else { 0 }]))
+        .save(path)
+        .unwrap();
 }
 
 fn mvtec(root: &Path) {
@@ -46,7 +50,11 @@ fn mvtec_layout_lists_train_and_test_with_masks() {
     assert_eq!(test[0].defect_type, "good");
     assert_eq!(test[3].name, "crack/000.png");
     assert!(test[3].mask.is_some());
-    let pre = Preprocess { resize: 32, crop: 24, ..Preprocess::paper() };
+    let pre = Preprocess {
+        resize: 32,
+        crop: 24,
+        ..Preprocess::paper()
+    };
     let b = load_batch(&test, &pre, &candle_core::Device::Cpu).unwrap();
     assert_eq!(b.tensor.dims(), &[4, 3, 24, 24]);
     let m = b.masks[3].as_ref().unwrap();
@@ -59,9 +67,15 @@ fn gray_and_jpeg_and_bmp_inputs_become_rgb() {
     let root = tmp("formats");
     let g = GrayImage::from_fn(50, 20, |x, _| Luma([x as u8]));
     g.save(root.join("a.png")).unwrap();
-    RgbImage::from_pixel(17, 33, Rgb([10, 20, 30])).save(root.join("b.jpg")).unwrap();
-    RgbImage::from_pixel(64, 64, Rgb([10, 20, 30])).save(root.join("c.bmp")).unwrap();
-    RgbImage::from_pixel(64, 64, Rgb([10, 20, 30])).save(root.join("d.tiff")).unwrap();
+    RgbImage::from_pixel(17, 33, Rgb([10, 20, 30]))
+        .save(root.join("b.jpg"))
+        .unwrap();
+    RgbImage::from_pixel(64, 64, Rgb([10, 20, 30]))
+        .save(root.join("c.bmp"))
+        .unwrap();
+    RgbImage::from_pixel(64, 64, Rgb([10, 20, 30]))
+        .save(root.join("d.tiff"))
+        .unwrap();
     let files = tessera_data::list_images(&root).unwrap();
     assert_eq!(files.len(), 4);
     for f in files {
@@ -84,7 +98,10 @@ fn folder_layout_with_holdout_split() {
     )
     .unwrap();
     let ds = Dataset::open(&root).unwrap();
-    assert_eq!(ds.category_kind(), Some(tessera_data::CategoryKind::Texture));
+    assert_eq!(
+        ds.category_kind(),
+        Some(tessera_data::CategoryKind::Texture)
+    );
     let train = ds.train().unwrap();
     let test = ds.test().unwrap();
     assert_eq!(train.len(), 8);
@@ -100,7 +117,10 @@ fn folder_layout_with_holdout_split() {
 fn bad_input_matrix_gives_clear_errors() {
     // Missing dataset folder.
     let e = err(Dataset::open(Path::new("/nonexistent/tessera/ds")));
-    assert!(e.contains("/nonexistent/tessera/ds") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("/nonexistent/tessera/ds") && e.contains("does not exist"),
+        "{e}"
+    );
 
     // Not a dataset.
     let root = tmp("notds");
@@ -111,7 +131,10 @@ fn bad_input_matrix_gives_clear_errors() {
     let root = tmp("notrain");
     rgb(&root.join("test/good/0.png"), 8, 8);
     let e = err(Dataset::open(&root).unwrap().train());
-    assert!(e.contains("train/good") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("train/good") && e.contains("does not exist"),
+        "{e}"
+    );
 
     // Empty train dir.
     let root = tmp("emptytrain");
@@ -125,27 +148,47 @@ fn bad_input_matrix_gives_clear_errors() {
     mvtec(&root);
     std::fs::remove_file(root.join("ground_truth/crack/000_mask.png")).unwrap();
     let e = err(Dataset::open(&root).unwrap().test());
-    assert!(e.contains("test/crack/000.png") && e.contains("no ground-truth mask"), "{e}");
+    assert!(
+        e.contains("test/crack/000.png") && e.contains("no ground-truth mask"),
+        "{e}"
+    );
 
     // Mask of another size.
     let root = tmp("masksize");
     mvtec(&root);
     mask(&root.join("ground_truth/crack/000_mask.png"), 41, 30);
     let test = Dataset::open(&root).unwrap().test().unwrap();
-    let e = err(load_batch(&test, &Preprocess::paper(), &candle_core::Device::Cpu));
-    assert!(e.contains("000_mask.png") && e.contains("41×30") && e.contains("40×30"), "{e}");
+    let e = err(load_batch(
+        &test,
+        &Preprocess::paper(),
+        &candle_core::Device::Cpu,
+    ));
+    assert!(
+        e.contains("000_mask.png") && e.contains("41×30") && e.contains("40×30"),
+        "{e}"
+    );
 
     // Corrupt image.
     let root = tmp("corrupt");
     mvtec(&root);
     std::fs::write(root.join("train/good/001.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
     let train = Dataset::open(&root).unwrap().train().unwrap();
-    let e = err(load_batch(&train, &Preprocess::paper(), &candle_core::Device::Cpu));
-    assert!(e.contains("train/good/001.png") && e.contains("cannot decode"), "{e}");
+    let e = err(load_batch(
+        &train,
+        &Preprocess::paper(),
+        &candle_core::Device::Cpu,
+    ));
+    assert!(
+        e.contains("train/good/001.png") && e.contains("cannot decode"),
+        "{e}"
+    );
 
     // Bad folder description.
     let root = tmp("badspec");
     std::fs::write(root.join("tessera-dataset.json"), r#"{"normal":"x"}"#).unwrap();
     let e = err(Dataset::open(&root));
-    assert!(e.contains("tessera-dataset.json") && e.contains("invalid dataset description"), "{e}");
+    assert!(
+        e.contains("tessera-dataset.json") && e.contains("invalid dataset description"),
+        "{e}"
+    );
 }

@@ -54,14 +54,21 @@ pub struct PadimConfig {
 
 impl Default for PadimConfig {
     fn default() -> Self {
-        Self { dims: None, seed: 0, reg: 0.01, levels: vec![1, 2, 3] }
+        Self {
+            dims: None,
+            seed: 0,
+            reg: 0.01,
+            levels: vec![1, 2, 3],
+        }
     }
 }
 
 impl PadimConfig {
     fn validate(&self) -> Result<()> {
-        if self.levels.is_empty() || self.levels.iter().any(|l| *l == 0) {
-            return Err(Error::Config("padim: levels must be non-empty and 1-based".into()));
+        if self.levels.is_empty() || self.levels.contains(&0) {
+            return Err(Error::Config(
+                "padim: levels must be non-empty and 1-based".into(),
+            ));
         }
         if !(self.reg > 0.0 && self.reg.is_finite()) {
             return Err(Error::Config("padim: reg must be positive".into()));
@@ -77,7 +84,10 @@ impl PadimConfig {
 pub fn embed(features: &FeatureMaps, levels: &[usize]) -> Result<Tensor> {
     let pick = |l: usize| {
         features.levels.get(l - 1).ok_or_else(|| {
-            Error::Config(format!("padim needs backbone level {l}, features have {}", features.levels.len()))
+            Error::Config(format!(
+                "padim needs backbone level {l}, features have {}",
+                features.levels.len()
+            ))
         })
     };
     let first = pick(levels[0])?;
@@ -86,7 +96,11 @@ pub fn embed(features: &FeatureMaps, levels: &[usize]) -> Result<Tensor> {
     for &l in &levels[1..] {
         let t = pick(l)?;
         let (_, _, th, tw) = t.dims4()?;
-        parts.push(if (th, tw) == (h, w) { t.clone() } else { t.upsample_nearest2d(h, w)? });
+        parts.push(if (th, tw) == (h, w) {
+            t.clone()
+        } else {
+            t.upsample_nearest2d(h, w)?
+        });
     }
     Ok(Tensor::cat(&parts, 1)?)
 }
@@ -121,7 +135,10 @@ fn select(emb: &Tensor, index: &Tensor) -> Result<Tensor> {
     let (b, _, h, w) = emb.dims4()?;
     let sel = emb.index_select(index, 1)?;
     let d = index.dims1()?;
-    Ok(sel.reshape((b, d, h * w))?.permute((2, 0, 1))?.contiguous()?)
+    Ok(sel
+        .reshape((b, d, h * w))?
+        .permute((2, 0, 1))?
+        .contiguous()?)
 }
 
 impl FitScorer for PadimConfig {
@@ -142,7 +159,10 @@ impl FitScorer for PadimConfig {
                 grid = (h, w);
             }
             if (h, w) != grid {
-                return Err(Error::Config(format!("padim: feature grid changed from {grid:?} to {:?}", (h, w))));
+                return Err(Error::Config(format!(
+                    "padim: feature grid changed from {grid:?} to {:?}",
+                    (h, w)
+                )));
             }
             // Keep the selected channels only: (P, B, d), moved to the CPU (statistics are
             // computed there in f64).
@@ -153,7 +173,9 @@ impl FitScorer for PadimConfig {
         drop(chunks);
         let (p, n, d) = x.dims3()?;
         if n < 2 {
-            return Err(Error::Config(format!("padim needs at least 2 training images, got {n}")));
+            return Err(Error::Config(format!(
+                "padim needs at least 2 training images, got {n}"
+            )));
         }
         let mean = x.mean_keepdim(1)?; // (P, 1, d)
         let xc = x.broadcast_sub(&mean)?;
@@ -164,38 +186,69 @@ impl FitScorer for PadimConfig {
             .par_chunks(d * d)
             .enumerate()
             .map(|(pos, c)| {
-                let m = faer::Mat::<f64>::from_fn(d, d, |i, j| c[i * d + j] as f64 + if i == j { reg } else { 0.0 });
+                let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
+                    c[i * d + j] as f64 + if i == j { reg } else { 0.0 }
+                });
                 let llt = m.llt(faer::Side::Lower).map_err(|e| {
-                    Error::Config(format!("padim: covariance at position {pos} is not positive definite ({e:?})"))
+                    Error::Config(format!(
+                        "padim: covariance at position {pos} is not positive definite ({e:?})"
+                    ))
                 })?;
                 let inv = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
-                Ok((0..d * d).map(|k| inv[(k / d, k % d)] as f32).collect::<Vec<f32>>())
+                Ok((0..d * d)
+                    .map(|k| inv[(k / d, k % d)] as f32)
+                    .collect::<Vec<f32>>())
             })
             .collect::<Result<Vec<Vec<f32>>>>()?
             .concat();
         let dev = index.device().clone();
         let inv_cov = Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?.to_device(&dev)?;
         let mean = mean.squeeze(1)?.to_device(&dev)?;
-        Ok(Padim { config: self.clone(), index, mean, inv_cov, height: grid.0, width: grid.1 })
+        Ok(Padim {
+            config: self.clone(),
+            index,
+            mean,
+            inv_cov,
+            height: grid.0,
+            width: grid.1,
+        })
     }
 }
 
 impl Padim {
     /// Rebuild from the tensors and config stored in a model file.
-    pub fn from_parts(config: PadimConfig, mut tensors: std::collections::HashMap<String, Tensor>) -> Result<Self> {
+    pub fn from_parts(
+        config: PadimConfig,
+        mut tensors: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
         config.validate()?;
         let mut take = |k: &str| {
-            tensors.remove(k).ok_or_else(|| Error::Config(format!("padim model lacks tensor '{k}'")))
+            tensors
+                .remove(k)
+                .ok_or_else(|| Error::Config(format!("padim model lacks tensor '{k}'")))
         };
         let index = take("index")?.to_dtype(DType::U32)?;
         let mean = take("mean")?;
         let inv_cov = take("inv_cov")?;
         let grid: Vec<u32> = take("grid")?.to_dtype(DType::U32)?.to_vec1()?;
         let (p, d) = mean.dims2()?;
-        if grid.len() != 2 || (grid[0] * grid[1]) as usize != p || inv_cov.dims() != [p, d, d] || index.dims1()? != d {
-            return Err(Error::Config("padim model tensors have inconsistent shapes".into()));
+        if grid.len() != 2
+            || (grid[0] * grid[1]) as usize != p
+            || inv_cov.dims() != [p, d, d]
+            || index.dims1()? != d
+        {
+            return Err(Error::Config(
+                "padim model tensors have inconsistent shapes".into(),
+            ));
         }
-        Ok(Self { config, index, mean, inv_cov, height: grid[0] as usize, width: grid[1] as usize })
+        Ok(Self {
+            config,
+            index,
+            mean,
+            inv_cov,
+            height: grid[0] as usize,
+            width: grid[1] as usize,
+        })
     }
 
     /// Number of channels kept.
@@ -231,7 +284,12 @@ impl Scorer for Padim {
         let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
         let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
         let data: Vec<f32> = dist.t()?.contiguous()?.flatten_all()?.to_vec1()?;
-        Ok(RawMaps { batch: b, height: h, width: w, data })
+        Ok(RawMaps {
+            batch: b,
+            height: h,
+            width: w,
+            data,
+        })
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {

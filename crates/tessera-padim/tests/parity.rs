@@ -6,14 +6,19 @@ use tessera_core::FeatureMaps;
 use tessera_padim::{Padim, PadimConfig};
 
 fn golden() -> std::collections::HashMap<String, Tensor> {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/padim_small.safetensors");
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/padim_small.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
 #[test]
 fn mahalanobis_matches_numpy() {
     let g = golden();
-    let cfg = PadimConfig { dims: None, levels: vec![1, 2], ..Default::default() };
+    let cfg = PadimConfig {
+        dims: None,
+        levels: vec![1, 2],
+        ..Default::default()
+    };
     // Two training batches (6 + 6 images) to exercise streaming.
     let batches: Vec<tessera_core::Result<FeatureMaps>> = (0..2)
         .map(|i| {
@@ -50,11 +55,27 @@ fn subset_is_seeded_and_default_dims_follow_backbone() {
 #[test]
 fn rejects_bad_config_and_grid_changes() {
     let dev = Device::Cpu;
-    let f = |h| FeatureMaps::new(vec![Tensor::ones((2, 3, h, h), candle_core::DType::F32, &dev).unwrap()]);
-    let cfg = PadimConfig { levels: vec![1], ..Default::default() };
-    let e = cfg.fit(&mut vec![Ok(f(4)), Ok(f(5))].into_iter()).unwrap_err().to_string();
+    let f = |h| {
+        FeatureMaps::new(vec![Tensor::ones(
+            (2, 3, h, h),
+            candle_core::DType::F32,
+            &dev,
+        )
+        .unwrap()])
+    };
+    let cfg = PadimConfig {
+        levels: vec![1],
+        ..Default::default()
+    };
+    let e = cfg
+        .fit(&mut vec![Ok(f(4)), Ok(f(5))].into_iter())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("grid changed"), "{e}");
-    let bad = PadimConfig { reg: 0.0, ..Default::default() };
+    let bad = PadimConfig {
+        reg: 0.0,
+        ..Default::default()
+    };
     assert!(bad.fit(&mut vec![Ok(f(4))].into_iter()).is_err());
     let e = cfg.fit(&mut std::iter::empty()).unwrap_err().to_string();
     assert!(e.contains("no training images"), "{e}");

@@ -1,0 +1,76 @@
+//! ms/image of the inference path (ResNet-18 layer1..3 features + PaDiM Mahalanobis +
+//! upsample/blur) at 224 px, batch 1 and 8. Uses `../shared` weights when present (the speed
+//! is the same with random weights, which are used otherwise).
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::path::PathBuf;
+use tessera_backbone::{Arch, Backbone, WeightsSource};
+use tessera_cli::Detector;
+use tessera_core::model::*;
+use tessera_core::scorer::FitScorer;
+use tessera_core::FeatureMaps;
+use tessera_padim::PadimConfig;
+
+fn detector() -> Detector {
+    let dev = Device::Cpu;
+    let w = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/weights/resnet18-imagenet1k-l3.safetensors");
+    let src = if w.is_file() {
+        WeightsSource::File(w)
+    } else {
+        WeightsSource::Random { seed: 0 }
+    };
+    let backbone = Backbone::load(Arch::ResNet18, &src, 3, &dev).unwrap();
+    let mut batches = (0..4).map(|i| -> tessera_core::Result<FeatureMaps> {
+        let x = Tensor::randn(0f32, 1., (8, 3, 224, 224), &dev)?.affine(1.0, i as f64 * 0.01)?;
+        backbone.forward(&x)
+    });
+    let scorer = PadimConfig::default().fit(&mut batches).unwrap();
+    let meta = ModelMeta {
+        format: FORMAT_VERSION,
+        tessera_version: tessera_core::VERSION.into(),
+        method: "baseline".into(),
+        seed: 0,
+        preprocess: Preprocess::paper(),
+        backbone: BackboneMeta {
+            arch: "resnet18".into(),
+            layers: vec![1, 2, 3],
+            source: src.describe(),
+        },
+        scorer: ScorerMeta {
+            kind: "padim".into(),
+            config: serde_json::json!({}),
+        },
+        fit: FitMeta {
+            seconds: 0.0,
+            images: 32,
+            data: "bench".into(),
+            created_unix: 0,
+        },
+        threshold: 0.0,
+        heat_range: (0.0, 1.0),
+    };
+    Detector {
+        backbone,
+        scorer: Box::new(scorer),
+        meta,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let det = detector();
+    let mut g = c.benchmark_group("r18_features_padim");
+    g.sample_size(10);
+    for b in [1usize, 8] {
+        let x = Tensor::zeros((b, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
+        g.throughput(Throughput::Elements(b as u64));
+        g.bench_function(format!("batch{b}"), |bench| {
+            bench.iter(|| det.score(&x).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
