@@ -10,16 +10,18 @@ use tessera_core::model::{
     BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION,
 };
 use tessera_core::scorer::FitScorer;
-use tessera_core::{DeviceSpec, FeatureMaps};
+use tessera_core::{DeviceSpec, FeatureMaps, Scorer};
 use tessera_data::{list_images, load_batch, Dataset, Sample};
 use tessera_eval::{evaluate, render_panel, save_png, EvalSample, RunInfo, Timings};
 use tessera_padim::PadimConfig;
+use tessera_patchcore::{BankDtype, PatchcoreConfig};
 
 /// Scorers this build can fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScorerKind {
     #[default]
     Padim,
+    Patchcore,
 }
 
 /// Options of `tessera fit`.
@@ -41,6 +43,14 @@ pub struct FitOptions {
     pub preprocess: Preprocess,
     pub batch_size: usize,
     pub padim_dims: Option<usize>,
+    /// PatchCore: fraction of training patches kept.
+    pub coreset_ratio: f64,
+    /// PatchCore: reduce patch features to this many channels.
+    pub patchcore_dim: Option<usize>,
+    /// PatchCore: memory bank storage type.
+    pub bank_dtype: BankDtype,
+    /// PatchCore: reweight image scores with this many neighbours.
+    pub reweight_k: Option<usize>,
     pub progress: Progress,
 }
 
@@ -60,6 +70,10 @@ impl Default for FitOptions {
             preprocess: Preprocess::paper(),
             batch_size: 8,
             padim_dims: None,
+            coreset_ratio: 0.1,
+            patchcore_dim: None,
+            bank_dtype: BankDtype::F32,
+            reweight_k: None,
             progress: Progress::default(),
         }
     }
@@ -74,6 +88,10 @@ pub struct FitSummary {
     pub threshold: f32,
     pub backbone: String,
     pub weights: String,
+    /// Scorer-specific fit facts (PatchCore: patches, bank size, feature and coreset seconds).
+    pub scorer_report: serde_json::Value,
+    /// Model file size in bytes.
+    pub model_bytes: u64,
 }
 
 /// How many training images are re-scored to set the default threshold and heatmap range.
@@ -105,7 +123,10 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 .unwrap_or(o.backbone.default_hub_repo()),
         )),
     };
-    let levels = vec![1, 2, 3];
+    let levels = match o.scorer {
+        ScorerKind::Padim => vec![1, 2, 3],
+        ScorerKind::Patchcore => vec![2, 3],
+    };
     let backbone = Backbone::load(o.backbone, &source, 3, &device)?;
     o.progress.note(format!(
         "fit: {} training images from {}, {} ({}), scorer {:?}, device {}",
@@ -127,7 +148,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 pb.inc(chunk.len() as u64);
                 Ok(f)
             });
-    let scorer = match o.scorer {
+    let scorer: Box<dyn Scorer> = match o.scorer {
         ScorerKind::Padim => {
             let cfg = PadimConfig {
                 dims: o.padim_dims,
@@ -135,11 +156,37 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 levels: levels.clone(),
                 ..Default::default()
             };
-            cfg.fit(&mut batches)?
+            Box::new(cfg.fit(&mut batches)?)
+        }
+        ScorerKind::Patchcore => {
+            let cfg = PatchcoreConfig {
+                levels: levels.clone(),
+                coreset_ratio: o.coreset_ratio,
+                embed_dim: o.patchcore_dim,
+                reweight_k: o.reweight_k,
+                bank_dtype: o.bank_dtype,
+                seed: o.seed,
+                ..Default::default()
+            };
+            // The coreset bar replaces the feature bar once features are done.
+            let coreset_bar = std::sync::OnceLock::new();
+            let progress = |done: usize, total: usize| {
+                let bar = coreset_bar.get_or_init(|| {
+                    pb.finish_and_clear();
+                    o.progress.bar(total as u64, "coreset")
+                });
+                bar.set_position(done as u64);
+            };
+            let fitted = cfg.fit_with_progress(&mut batches, &progress)?;
+            if let Some(bar) = coreset_bar.get() {
+                bar.finish_and_clear();
+            }
+            Box::new(fitted)
         }
     };
     pb.finish_and_clear();
-    let tensors = Detector::tensors(&backbone, &scorer)?;
+    let tensors = Detector::tensors(&backbone, scorer.as_ref())?;
+    let scorer_report = scorer.fit_report();
     let mut meta = ModelMeta {
         format: FORMAT_VERSION,
         tessera_version: tessera_core::VERSION.into(),
@@ -152,8 +199,8 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
             source: source.describe(),
         },
         scorer: ScorerMeta {
-            kind: tessera_core::Scorer::kind(&scorer).into(),
-            config: tessera_core::Scorer::config(&scorer),
+            kind: scorer.kind().into(),
+            config: scorer.config(),
         },
         fit: FitMeta {
             seconds: 0.0,
@@ -166,7 +213,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     };
     let det = Detector {
         backbone,
-        scorer: Box::new(scorer),
+        scorer,
         meta: meta.clone(),
     };
     // Calibration: score evenly spaced training images through the same path as `test`.
@@ -202,6 +249,8 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         threshold: meta.threshold,
         backbone: meta.backbone.arch,
         weights: meta.backbone.source,
+        scorer_report,
+        model_bytes: std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0),
     })
 }
 

@@ -10,6 +10,7 @@ use tessera_backbone::{Arch, Backbone};
 use tessera_core::model::{ModelFile, ModelMeta};
 use tessera_core::{postprocess, AnomalyMap, Scorer};
 use tessera_padim::{Padim, PadimConfig};
+use tessera_patchcore::{Patchcore, PatchcoreConfig};
 
 /// A backbone, a fitted scorer and the model metadata.
 pub struct Detector {
@@ -51,8 +52,16 @@ impl Detector {
                         .with_context(|| path.display().to_string())?,
                 )
             }
+            "patchcore" => {
+                let cfg: PatchcoreConfig = serde_json::from_value(meta.scorer.config.clone())
+                    .with_context(|| format!("{}: bad patchcore configuration", path.display()))?;
+                Box::new(
+                    Patchcore::from_parts(cfg, scorer_tensors)
+                        .with_context(|| path.display().to_string())?,
+                )
+            }
             other => bail!(
-                "{}: unknown scorer '{other}' (this build knows: padim)",
+                "{}: unknown scorer '{other}' (this build knows: padim, patchcore)",
                 path.display()
             ),
         };
@@ -91,7 +100,12 @@ impl Detector {
         let sigma = self.scorer.blur_sigma();
         let maps: Vec<AnomalyMap> = (0..raw.batch)
             .into_par_iter()
-            .map(|i| postprocess::finish_map(raw.image(i), raw.height, raw.width, h, w, sigma))
+            .map(|i| {
+                let mut m =
+                    postprocess::finish_map(raw.image(i), raw.height, raw.width, h, w, sigma);
+                m.score = raw.image_scores.as_ref().map(|s| s[i]);
+                m
+            })
             .collect();
         let t2 = Instant::now();
         let times = StageTimes {

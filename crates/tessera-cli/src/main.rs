@@ -14,7 +14,7 @@ use tessera_core::DeviceSpec;
 #[command(
     name = "tessera",
     version,
-    about = "Unsupervised visual anomaly detection (PaDiM on ImageNet features)"
+    about = "Unsupervised visual anomaly detection on pretrained CNN features (PaDiM, PatchCore)"
 )]
 struct Cli {
     /// No progress bars or notes on stderr.
@@ -40,6 +40,13 @@ enum Cmd {
 #[derive(Clone, Copy, ValueEnum)]
 enum ScorerArg {
     Padim,
+    Patchcore,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BankDtypeArg {
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +103,18 @@ struct FitArgs {
     /// PaDiM: channels kept (default 100 for ResNet-18/34, 550 for wider backbones).
     #[arg(long)]
     padim_dims: Option<usize>,
+    /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
+    #[arg(long, default_value_t = 0.1)]
+    coreset_ratio: f64,
+    /// PatchCore: reduce patch features to this many channels (adaptive average pooling).
+    #[arg(long)]
+    patchcore_dim: Option<usize>,
+    /// PatchCore: memory bank storage type.
+    #[arg(long, value_enum, default_value = "f32")]
+    bank_dtype: BankDtypeArg,
+    /// PatchCore: reweight image scores with K nearest neighbours (paper eq.; off by default).
+    #[arg(long, value_name = "K")]
+    patchcore_reweight: Option<usize>,
     /// Model file to write (atomically).
     #[arg(long)]
     out: PathBuf,
@@ -147,6 +166,7 @@ fn run(cli: Cli) -> Result<()> {
                 data: a.data,
                 scorer: match a.scorer {
                     ScorerArg::Padim => ScorerKind::Padim,
+                    ScorerArg::Patchcore => ScorerKind::Patchcore,
                 },
                 backbone: a.backbone,
                 weights: a.weights,
@@ -164,6 +184,13 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 batch_size: a.common.batch_size,
                 padim_dims: a.padim_dims,
+                coreset_ratio: a.coreset_ratio,
+                patchcore_dim: a.patchcore_dim,
+                bank_dtype: match a.bank_dtype {
+                    BankDtypeArg::F32 => tessera_patchcore::BankDtype::F32,
+                    BankDtypeArg::F16 => tessera_patchcore::BankDtype::F16,
+                },
+                reweight_k: a.patchcore_reweight,
                 progress,
             };
             let s = tessera_cli::fit(&opts)?;

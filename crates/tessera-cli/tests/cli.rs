@@ -270,3 +270,90 @@ fn bad_inputs_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device 'tpu'"));
 }
+
+#[test]
+fn patchcore_fit_test_predict_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = category(tmp.path());
+    let s = |p: &Path| p.display().to_string();
+    let model = tmp.path().join("pc.safetensors");
+    let out = ok(&tessera(&[
+        "--json",
+        "fit",
+        "--scorer",
+        "patchcore",
+        "--coreset-ratio",
+        "0.05",
+        "--bank-dtype",
+        "f16",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "2",
+        "--out",
+        &s(&model),
+    ]));
+    let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // 10 images × 28 × 28 patches at 224 px, 5 % kept.
+    assert_eq!(fit["scorer_report"]["patches"], 7840);
+    assert_eq!(fit["scorer_report"]["bank"], 392);
+    let report = tmp.path().join("pc.json");
+    let r: serde_json::Value = serde_json::from_str(&ok(&tessera(&[
+        "--json",
+        "test",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report),
+    ])))
+    .unwrap();
+    assert!(
+        r["pixel_auroc"].as_f64().unwrap() > 0.8,
+        "pixel AUROC {}",
+        r["pixel_auroc"]
+    );
+    let pred = tmp.path().join("pred");
+    ok(&tessera(&[
+        "--quiet",
+        "predict",
+        "--model",
+        &s(&model),
+        &s(&data.join("test/crack/000.png")),
+        "--out",
+        &s(&pred),
+    ]));
+    let csv = std::fs::read_to_string(pred.join("scores.csv")).unwrap();
+    let score: f64 = csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let want = r["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "crack/000.png")
+        .unwrap();
+    assert!((score - want["score"].as_f64().unwrap()).abs() < 1e-6);
+
+    let e = fails(&tessera(&[
+        "fit",
+        "--scorer",
+        "patchcore",
+        "--coreset-ratio",
+        "0",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "2",
+        "--out",
+        &s(&model),
+    ]));
+    assert!(e.contains("coreset ratio"), "{e}");
+}

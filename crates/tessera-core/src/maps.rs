@@ -31,11 +31,28 @@ pub struct AnomalyMap {
     pub width: usize,
     pub height: usize,
     pub data: Vec<f32>,
+    /// An image score set by the scorer (PatchCore's optional k-NN reweighting); `None` means
+    /// the maximum of the map.
+    pub score: Option<f32>,
 }
 
 impl AnomalyMap {
-    /// The image-level score: the maximum of the map (as PaDiM, PatchCore and CFA do).
-    pub fn image_score(&self) -> f32 {
+    /// A map whose image score is its maximum.
+    pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
+        Self {
+            width,
+            height,
+            data,
+            score: None,
+        }
+    }
+    /// The maximum of the map.
+    pub fn max(&self) -> f32 {
         self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+    /// The image-level score: the scorer's when it set one, else the maximum of the map (as
+    /// PaDiM, PatchCore and CFA do).
+    pub fn image_score(&self) -> f32 {
+        self.score.unwrap_or_else(|| self.max())
     }
 }

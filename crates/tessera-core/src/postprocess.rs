@@ -97,11 +97,7 @@ pub fn finish_map(
 ) -> AnomalyMap {
     let mut data = upsample_bilinear(raw, h, w, out_h, out_w);
     gaussian_blur(&mut data, out_h, out_w, sigma);
-    AnomalyMap {
-        width: out_w,
-        height: out_h,
-        data,
-    }
+    AnomalyMap::new(out_w, out_h, data)
 }
 
 #[cfg(test)]

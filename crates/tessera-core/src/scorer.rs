@@ -14,6 +14,9 @@ pub struct RawMaps {
     pub height: usize,
     pub width: usize,
     pub data: Vec<f32>,
+    /// Image scores set by the scorer, one per image (PatchCore's reweighting); `None` means
+    /// the maximum of each final map.
+    pub image_scores: Option<Vec<f32>>,
 }
 
 impl RawMaps {
@@ -36,6 +39,10 @@ pub trait Scorer: Send + Sync {
     fn score(&self, features: &FeatureMaps) -> Result<RawMaps>;
     /// The fitted state as named tensors (stored under `scorer.` in the model file).
     fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Facts about the fit worth reporting (e.g. stage timings), as JSON; `null` by default.
+    fn fit_report(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// σ of the Gaussian blur applied after upsampling, in input pixels (4 for all three).
     fn blur_sigma(&self) -> f32 {
         4.0

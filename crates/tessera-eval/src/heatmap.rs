@@ -156,11 +156,7 @@ mod tests {
                 data.push(f(x, y));
             }
         }
-        AnomalyMap {
-            width: w,
-            height: h,
-            data,
-        }
+        AnomalyMap::new(w, h, data)
     }
 
     #[test]
@@ -254,11 +250,7 @@ mod tests {
         assert!(e.to_string().contains("10×10"), "{e}");
         let m = map(10, 10, |_, _| 0.0);
         assert!(render_panel(&img, &m, Some(&[true; 5]), 0.5, (0.0, 1.0)).is_err());
-        let bad = AnomalyMap {
-            width: 10,
-            height: 10,
-            data: vec![0.0; 3],
-        };
+        let bad = AnomalyMap::new(10, 10, vec![0.0; 3]);
         assert!(render_panel(&img, &bad, None, 0.5, (0.0, 1.0)).is_err());
     }
 

@@ -19,7 +19,7 @@
 //! assert_eq!(auroc(&[0.2, 0.5, 0.5, 0.9], &[false, false, true, true]), Some(0.875));
 //!
 //! // A whole run: one normal and one anomalous 2×2 map.
-//! let map = |data: Vec<f32>| AnomalyMap { width: 2, height: 2, data };
+//! let map = |data: Vec<f32>| AnomalyMap::new(2, 2, data);
 //! let samples = vec![
 //!     EvalSample {
 //!         name: "good/000.png".into(),

@@ -405,11 +405,7 @@ mod tests {
         EvalSample {
             name: name.into(),
             defect_type: ty.into(),
-            map: AnomalyMap {
-                width: 2,
-                height: 2,
-                data,
-            },
+            map: AnomalyMap::new(2, 2, data),
             mask,
         }
     }

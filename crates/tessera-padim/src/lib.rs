@@ -289,6 +289,7 @@ impl Scorer for Padim {
             height: h,
             width: w,
             data,
+            image_scores: None,
         })
     }
 
