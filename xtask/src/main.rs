@@ -19,8 +19,9 @@ const USAGE: &str = "usage: cargo xtask <demo|bench|real-check> [options]
         Uses --weights when given, else ImageNet ResNet-18 weights from the Hugging Face hub
         cache if present, else a seeded random backbone (and says so).
   bench [--shared DIR] [--skip-criterion] [--skip-torch]
-        Criterion ms/image (features + PaDiM, batch 1 and 8), fit/test time and peak RSS on
-        ../shared bottle, and PyTorch's time for the same work when torch is installed.
+        Criterion benches (features + PaDiM ms/image at batch 1 and 8, coreset, 1-NN); fit/test
+        time, peak RSS, model size and AUROC for PaDiM and PatchCore (10 %, 1 %, f16 bank) on
+        ../shared bottle; and PyTorch's time for the same work when torch is installed.
   real-check [--shared DIR]
         CI's real-data gate: PaDiM + ResNet-18 on ../shared bottle must reach image AUROC
         >= 0.990 and pixel AUROC >= 0.975. Says SKIPPED (exit 0) when ../shared is absent.";
@@ -237,24 +238,36 @@ fn bench(args: &[String]) -> Result<()> {
     let mut lines = Vec::new();
     if !skip_criterion {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["bench", "-p", "tessera-cli", "--bench", "pipeline"])
-            .current_dir(root())
-            .status()
-            .context("running cargo bench")?;
-        if !st.success() {
-            bail!("cargo bench failed");
+        for (pkg, bench) in [
+            ("tessera-cli", "pipeline"),
+            ("tessera-patchcore", "coreset"),
+        ] {
+            let st = Command::new(&cargo)
+                .args(["bench", "-p", pkg, "--bench", bench])
+                .current_dir(root())
+                .status()
+                .context("running cargo bench")?;
+            if !st.success() {
+                bail!("cargo bench -p {pkg} failed");
+            }
         }
-        for (name, batch) in [("batch1", 1.0), ("batch8", 8.0)] {
+        for (group, name, per) in [
+            ("r18_features_padim", "batch1", 1.0),
+            ("r18_features_padim", "batch8", 8.0),
+            ("coreset_20k_128d", "ratio_0.1", 1.0),
+            ("coreset_20k_128d", "ratio_0.01", 1.0),
+            ("nearest_784x16k_384d", "chunk4096", 1.0),
+        ] {
             let est = root().join(format!(
-                "target/criterion/r18_features_padim/{name}/new/estimates.json"
+                "target/criterion/{group}/{name}/new/estimates.json"
             ));
             if let Ok(text) = std::fs::read_to_string(&est) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+                let unit = if per > 1.0 { "ms/image" } else { "ms" };
                 lines.push(format!(
-                    "| R18 features + PaDiM, {name} | {:.1} ms/image |",
-                    ns / 1e6 / batch
+                    "| criterion {group}/{name} | {:.1} {unit} |",
+                    ns / 1e6 / per
                 ));
             }
         }
@@ -265,78 +278,116 @@ fn bench(args: &[String]) -> Result<()> {
         let bin = build_tessera()?;
         let tmp = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
-        let model = tmp.join("bottle.safetensors");
         let s = |p: &Path| p.display().to_string();
-        let fit = measured(Command::new(&bin).args([
-            "--json",
-            "fit",
-            "--data",
-            &s(&bottle),
-            "--weights",
-            &s(&weights),
-            "--out",
-            &s(&model),
-        ]))?;
-        if !fit.ok {
-            bail!("fit failed: {}", fit.stderr);
+        let runs: [(&str, &[&str]); 4] = [
+            ("PaDiM", &["--scorer", "padim"]),
+            (
+                "PatchCore 10 %",
+                &["--scorer", "patchcore", "--coreset-ratio", "0.1"],
+            ),
+            (
+                "PatchCore 1 %",
+                &["--scorer", "patchcore", "--coreset-ratio", "0.01"],
+            ),
+            (
+                "PatchCore 10 % f16 bank",
+                &[
+                    "--scorer",
+                    "patchcore",
+                    "--coreset-ratio",
+                    "0.1",
+                    "--bank-dtype",
+                    "f16",
+                ],
+            ),
+        ];
+        for (label, extra) in runs {
+            let model = tmp.join("bottle.safetensors");
+            let mut fit_args = vec!["--json", "fit"];
+            fit_args.extend_from_slice(extra);
+            let (b, w, m) = (s(&bottle), s(&weights), s(&model));
+            fit_args.extend(["--data", &b, "--weights", &w, "--out", &m]);
+            let fit = measured(Command::new(&bin).args(&fit_args))?;
+            if !fit.ok {
+                bail!("{label}: fit failed: {}", fit.stderr);
+            }
+            let f: serde_json::Value = serde_json::from_str(&fit.stdout)?;
+            let report = tmp.join("report.json");
+            let test = measured(Command::new(&bin).args([
+                "--json",
+                "test",
+                "--model",
+                &m,
+                "--data",
+                &b,
+                "--report",
+                &s(&report),
+            ]))?;
+            if !test.ok {
+                bail!("{label}: test failed: {}", test.stderr);
+            }
+            let r: serde_json::Value = serde_json::from_str(&test.stdout)?;
+            let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+            let coreset = f["scorer_report"]["coreset_seconds"]
+                .as_f64()
+                .map(|c| format!(", coreset {c:.1} s"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "| {label}: fit on bottle (209 images, wall{coreset}) | {:.1} s |",
+                fit.seconds
+            ));
+            lines.push(format!(
+                "| {label}: peak RSS fit / test | {:.0} / {:.0} MiB |",
+                fit.peak_rss_mib, test.peak_rss_mib
+            ));
+            lines.push(format!(
+                "| {label}: model file | {:.1} MiB |",
+                num(&f["model_bytes"]) / 1048576.0
+            ));
+            lines.push(format!(
+                "| {label}: test ms/image (batch 8; features {:.1} + scoring {:.1}) | {:.1} ms |",
+                num(&r["feature_ms_per_image"]),
+                num(&r["score_ms_per_image"]),
+                num(&r["ms_per_image"])
+            ));
+            lines.push(format!(
+                "| {label}: bottle image / pixel AUROC | {:.4} / {:.4} |",
+                num(&r["image_auroc"]),
+                num(&r["pixel_auroc"])
+            ));
         }
-        let report = tmp.join("report.json");
-        let test = measured(Command::new(&bin).args([
-            "--json",
-            "test",
-            "--model",
-            &s(&model),
-            "--data",
-            &s(&bottle),
-            "--report",
-            &s(&report),
-        ]))?;
-        if !test.ok {
-            bail!("test failed: {}", test.stderr);
-        }
-        let r: serde_json::Value = serde_json::from_str(&test.stdout)?;
-        lines.push(format!(
-            "| fit on bottle (209 images, wall) | {:.1} s |",
-            fit.seconds
-        ));
-        lines.push(format!("| peak RSS, fit | {:.0} MiB |", fit.peak_rss_mib));
-        lines.push(format!(
-            "| test on bottle: ms/image (features + PaDiM + upsample/blur) | {:.1} ms |",
-            r["ms_per_image"].as_f64().unwrap_or(f64::NAN)
-        ));
-        lines.push(format!(
-            "| test on bottle (83 images, wall incl. decode + AUROC) | {:.1} s |",
-            test.seconds
-        ));
-        lines.push(format!("| peak RSS, test | {:.0} MiB |", test.peak_rss_mib));
-        lines.push(format!(
-            "| bottle image / pixel AUROC | {:.4} / {:.4} |",
-            r["image_auroc"].as_f64().unwrap_or(f64::NAN),
-            r["pixel_auroc"].as_f64().unwrap_or(f64::NAN)
-        ));
         let _ = std::fs::remove_dir_all(&tmp);
         if !skip_torch {
-            let script = root().join("tools/bench/torch_padim.py");
-            let py = measured(Command::new("python3").args([
-                s(&script),
-                "--weights".into(),
-                s(&weights),
-                "--data".into(),
-                s(&bottle),
-            ]))?;
-            if py.ok {
-                for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
-                    lines.push(l.to_string());
+            let scripts: [(&str, &[&str]); 3] = [
+                ("torch_padim.py", &[]),
+                ("torch_patchcore.py", &["--ratio", "0.1"]),
+                ("torch_patchcore.py", &["--ratio", "0.01"]),
+            ];
+            for (script, extra) in scripts {
+                let path = root().join("tools/bench").join(script);
+                let mut cmd = Command::new("python3");
+                cmd.arg(&path)
+                    .args(["--weights", &s(&weights), "--data", &s(&bottle)])
+                    .args(extra);
+                let py = measured(&mut cmd)?;
+                if py.ok {
+                    lines.extend(
+                        py.stdout
+                            .lines()
+                            .filter(|l| l.starts_with('|'))
+                            .map(String::from),
+                    );
+                    lines.push(format!(
+                        "| PyTorch {script} {} peak RSS | {:.0} MiB |",
+                        extra.join(" "),
+                        py.peak_rss_mib
+                    ));
+                } else {
+                    println!(
+                        "bench: PyTorch {script} skipped (python3 with torch not usable): {}",
+                        py.stderr.lines().last().unwrap_or("")
+                    );
                 }
-                lines.push(format!(
-                    "| peak RSS, PyTorch script (fit + test) | {:.0} MiB |",
-                    py.peak_rss_mib
-                ));
-            } else {
-                println!(
-                    "bench: PyTorch comparison skipped (python3 with torch not usable):\n{}",
-                    py.stderr.lines().last().unwrap_or("")
-                );
             }
         }
     } else {

@@ -102,7 +102,7 @@ fn fit_score_round_trip_ratios_and_f16() {
             ..Default::default()
         };
         let m = cfg.fit(&mut batches(&g).into_iter()).unwrap();
-        assert_eq!(m.bank_len(), ((128.0 * ratio) as f64).ceil() as usize);
+        assert_eq!(m.bank_len(), (128.0 * ratio).ceil() as usize);
         let raw = m.score(&f).unwrap();
         if ratio == 1.0 {
             // Every training patch is in the bank: training images score zero.
