@@ -235,12 +235,14 @@ fn bench(args: &[String]) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!("bench: {threads} threads available");
-    let mut lines = Vec::new();
+    let mut lines = Rows::default();
     if !skip_criterion {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         for (pkg, bench) in [
             ("tessera-cli", "pipeline"),
             ("tessera-patchcore", "coreset"),
+            ("tessera-conv", "conv"),
+            ("tessera-backbone", "features"),
         ] {
             let st = Command::new(&cargo)
                 .args(["bench", "-p", pkg, "--bench", bench])
@@ -257,6 +259,15 @@ fn bench(args: &[String]) -> Result<()> {
             ("coreset_20k_128d", "ratio_0.1", 1.0),
             ("coreset_20k_128d", "ratio_0.01", 1.0),
             ("nearest_784x16k_384d", "chunk4096", 1.0),
+            ("features_r18", "tessera_batch1", 1.0),
+            ("features_r18", "tessera_batch8", 8.0),
+            ("features_r18", "candle_batch1", 1.0),
+            ("features_r18", "candle_batch8", 8.0),
+            ("features_wrn50", "tessera_batch1", 1.0),
+            ("features_wrn50", "tessera_batch8", 8.0),
+            ("features_wrn50", "candle_batch8", 8.0),
+            ("train_step_r18_b8", "tessera", 1.0),
+            ("train_step_r18_b8", "candle", 1.0),
         ] {
             let est = root().join(format!(
                 "target/criterion/{group}/{name}/new/estimates.json"
@@ -264,7 +275,11 @@ fn bench(args: &[String]) -> Result<()> {
             if let Ok(text) = std::fs::read_to_string(&est) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-                let unit = if per > 1.0 { "ms/image" } else { "ms" };
+                let unit = if group.contains("features") {
+                    "ms/image"
+                } else {
+                    "ms"
+                };
                 lines.push(format!(
                     "| criterion {group}/{name} | {:.1} {unit} |",
                     ns / 1e6 / per
@@ -358,7 +373,8 @@ fn bench(args: &[String]) -> Result<()> {
         }
         let _ = std::fs::remove_dir_all(&tmp);
         if !skip_torch {
-            let scripts: [(&str, &[&str]); 3] = [
+            let scripts: [(&str, &[&str]); 4] = [
+                ("torch_conv.py", &[]),
                 ("torch_padim.py", &[]),
                 ("torch_patchcore.py", &["--ratio", "0.1"]),
                 ("torch_patchcore.py", &["--ratio", "0.01"]),
@@ -366,17 +382,16 @@ fn bench(args: &[String]) -> Result<()> {
             for (script, extra) in scripts {
                 let path = root().join("tools/bench").join(script);
                 let mut cmd = Command::new("python3");
-                cmd.arg(&path)
-                    .args(["--weights", &s(&weights), "--data", &s(&bottle)])
-                    .args(extra);
+                cmd.arg(&path);
+                if script != "torch_conv.py" {
+                    cmd.args(["--weights", &s(&weights), "--data", &s(&bottle)]);
+                }
+                cmd.args(extra);
                 let py = measured(&mut cmd)?;
                 if py.ok {
-                    lines.extend(
-                        py.stdout
-                            .lines()
-                            .filter(|l| l.starts_with('|'))
-                            .map(String::from),
-                    );
+                    for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
+                        lines.push(l.to_string());
+                    }
                     lines.push(format!(
                         "| PyTorch {script} {} peak RSS | {:.0} MiB |",
                         extra.join(" "),
@@ -397,10 +412,21 @@ fn bench(args: &[String]) -> Result<()> {
         );
     }
     println!("\n| measurement | value |\n|---|---|");
-    for l in lines {
+    for l in lines.0 {
         println!("{l}");
     }
     Ok(())
+}
+
+/// Table rows, also echoed as they are measured (a long run that is interrupted still reports).
+#[derive(Default)]
+struct Rows(Vec<String>);
+
+impl Rows {
+    fn push(&mut self, row: String) {
+        println!("bench row: {row}");
+        self.0.push(row);
+    }
 }
 
 /// Image / pixel AUROC floors of the real-data gate (PyTorch with the same weights: 0.996 / 0.980).

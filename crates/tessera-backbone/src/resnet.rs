@@ -1,10 +1,11 @@
 //! The ResNet feature extractor (eval mode, batch norm folded).
 
 use crate::{hub_weights, Arch, ArchSpec, BlockKind, HubSpec};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tessera_conv::ConvParams;
 use tessera_core::{Error, FeatureMaps, Result};
 
 const BN_EPS: f64 = 1e-5;
@@ -32,10 +33,15 @@ impl WeightsSource {
     }
 }
 
-/// A convolution with batch norm folded in (weight + bias).
+/// A convolution with batch norm folded in (weight + bias), run by `tessera-conv` (fast CPU
+/// kernels; candle's conv2d elsewhere), with the following ReLU fused where there is one.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: candle_nn::Conv2d,
+    weight: Tensor,
+    bias: Tensor,
+    params: ConvParams,
+    /// Use candle's stock conv2d (for benchmarks and A/B checks).
+    stock: bool,
 }
 
 impl ConvBn {
@@ -56,19 +62,25 @@ impl ConvBn {
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
         let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
         let b = (beta - (mean * &scale)?)?;
-        let cfg = candle_nn::Conv2dConfig {
+        let params = ConvParams {
             padding: k / 2,
             stride,
-            dilation: 1,
-            groups: 1,
-            cudnn_fwd_algo: None,
+            ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::Conv2d::new(w, Some(b), cfg),
+            weight: w.contiguous()?,
+            bias: b.contiguous()?,
+            params,
+            stock: false,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.conv.forward(x)?)
+    fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let f = if self.stock {
+            tessera_conv::stock_conv2d
+        } else {
+            tessera_conv::conv2d
+        };
+        Ok(f(x, &self.weight, Some(&self.bias), self.params, relu)?)
     }
 }
 
@@ -109,13 +121,10 @@ impl Block {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
-            h = c.forward(&h)?;
-            if i < last {
-                h = h.relu()?;
-            }
+            h = c.forward(&h, i < last)?;
         }
         let skip = match &self.downsample {
-            Some(d) => d.forward(x)?,
+            Some(d) => d.forward(x, false)?,
             None => x.clone(),
         };
         Ok((h + skip)?.relu()?)
@@ -315,10 +324,21 @@ impl Backbone {
         &self.raw
     }
 
+    /// Run every convolution through candle's stock `conv2d` instead of `tessera-conv` (for
+    /// benchmarks and A/B checks; results agree to float rounding).
+    pub fn set_stock_conv(&mut self, stock: bool) {
+        self.stem.stock = stock;
+        for b in self.layers.iter_mut().flatten() {
+            for c in b.convs.iter_mut().chain(b.downsample.as_mut()) {
+                c.stock = stock;
+            }
+        }
+    }
+
     /// layer1..layer`depth` outputs for an NCHW batch.
     pub fn forward(&self, x: &Tensor) -> Result<FeatureMaps> {
         let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let h = self.stem.forward(&x)?.relu()?;
+        let h = self.stem.forward(&x, true)?;
         // Max-pool 3×3/2 with padding 1: after ReLU every value is ≥ 0, so zero padding is
         // equivalent to PyTorch's −∞ padding.
         let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;

@@ -6,6 +6,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_backbone::{Arch, Backbone, HubSpec, WeightsSource};
+use tessera_cfa::{CfaConfig, TrainProgress};
 use tessera_core::model::{
     BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION,
 };
@@ -22,6 +23,7 @@ pub enum ScorerKind {
     #[default]
     Padim,
     Patchcore,
+    Cfa,
 }
 
 /// Options of `tessera fit`.
@@ -51,6 +53,14 @@ pub struct FitOptions {
     pub bank_dtype: BankDtype,
     /// PatchCore: reweight image scores with this many neighbours.
     pub reweight_k: Option<usize>,
+    /// CFA: training epochs.
+    pub epochs: usize,
+    /// CFA: stop when the training loss has not improved for this many epochs.
+    pub patience: Option<usize>,
+    /// CFA: descriptor compression γ_d.
+    pub cfa_gamma_d: usize,
+    /// CFA: memory compression γ_c.
+    pub cfa_gamma_c: usize,
     pub progress: Progress,
 }
 
@@ -74,6 +84,10 @@ impl Default for FitOptions {
             patchcore_dim: None,
             bank_dtype: BankDtype::F32,
             reweight_k: None,
+            epochs: 30,
+            patience: None,
+            cfa_gamma_d: 1,
+            cfa_gamma_c: 1,
             progress: Progress::default(),
         }
     }
@@ -126,6 +140,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     let levels = match o.scorer {
         ScorerKind::Padim => vec![1, 2, 3],
         ScorerKind::Patchcore => vec![2, 3],
+        ScorerKind::Cfa => vec![1, 2, 3],
     };
     let backbone = Backbone::load(o.backbone, &source, 3, &device)?;
     o.progress.note(format!(
@@ -180,6 +195,39 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
             let fitted = cfg.fit_with_progress(&mut batches, &progress)?;
             if let Some(bar) = coreset_bar.get() {
                 bar.finish_and_clear();
+            }
+            Box::new(fitted)
+        }
+        ScorerKind::Cfa => {
+            let cfg = CfaConfig {
+                levels: levels.clone(),
+                epochs: o.epochs,
+                patience: o.patience,
+                gamma_d: o.cfa_gamma_d,
+                gamma_c: o.cfa_gamma_c,
+                seed: o.seed,
+                ..Default::default()
+            };
+            let bar = std::sync::OnceLock::new();
+            let progress = |p: TrainProgress| {
+                let b = bar.get_or_init(|| {
+                    pb.finish_and_clear();
+                    o.progress.bar((p.epochs * p.batches) as u64, "train")
+                });
+                b.set_position(((p.epoch - 1) * p.batches + p.batch) as u64);
+                b.set_message(format!("epoch {}/{} loss {:.3}", p.epoch, p.epochs, p.loss));
+            };
+            let fitted = cfg.fit_with_progress(&mut batches, &progress)?;
+            if let Some(b) = bar.get() {
+                b.finish_and_clear();
+            }
+            if let Some(last) = fitted.history().last() {
+                o.progress.note(format!(
+                    "cfa: {} epochs, final training loss {:.4}, radius {:.4}",
+                    fitted.history().len(),
+                    last.loss,
+                    last.radius
+                ));
             }
             Box::new(fitted)
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 use tessera_backbone::{Arch, Backbone};
+use tessera_cfa::{Cfa, CfaConfig};
 use tessera_core::model::{ModelFile, ModelMeta};
 use tessera_core::{postprocess, AnomalyMap, Scorer};
 use tessera_padim::{Padim, PadimConfig};
@@ -60,8 +61,16 @@ impl Detector {
                         .with_context(|| path.display().to_string())?,
                 )
             }
+            "cfa" => {
+                let cfg: CfaConfig = serde_json::from_value(meta.scorer.config.clone())
+                    .with_context(|| format!("{}: bad cfa configuration", path.display()))?;
+                Box::new(
+                    Cfa::from_parts(cfg, scorer_tensors)
+                        .with_context(|| path.display().to_string())?,
+                )
+            }
             other => bail!(
-                "{}: unknown scorer '{other}' (this build knows: padim, patchcore)",
+                "{}: unknown scorer '{other}' (this build knows: padim, patchcore, cfa)",
                 path.display()
             ),
         };

@@ -14,7 +14,7 @@ use tessera_core::DeviceSpec;
 #[command(
     name = "tessera",
     version,
-    about = "Unsupervised visual anomaly detection on pretrained CNN features (PaDiM, PatchCore)"
+    about = "Unsupervised visual anomaly detection on pretrained CNN features (PaDiM, PatchCore, CFA)"
 )]
 struct Cli {
     /// No progress bars or notes on stderr.
@@ -41,6 +41,7 @@ enum Cmd {
 enum ScorerArg {
     Padim,
     Patchcore,
+    Cfa,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +116,18 @@ struct FitArgs {
     /// PatchCore: reweight image scores with K nearest neighbours (paper eq.; off by default).
     #[arg(long, value_name = "K")]
     patchcore_reweight: Option<usize>,
+    /// CFA: training epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// CFA: stop early when the training loss has not improved for N epochs.
+    #[arg(long, value_name = "N")]
+    patience: Option<usize>,
+    /// CFA: descriptor compression γ_d (output channels = input / γ_d).
+    #[arg(long, default_value_t = 1)]
+    cfa_gamma_d: usize,
+    /// CFA: memory compression γ_c (k-means to grid positions / γ_c centres).
+    #[arg(long, default_value_t = 1)]
+    cfa_gamma_c: usize,
     /// Model file to write (atomically).
     #[arg(long)]
     out: PathBuf,
@@ -167,6 +180,7 @@ fn run(cli: Cli) -> Result<()> {
                 scorer: match a.scorer {
                     ScorerArg::Padim => ScorerKind::Padim,
                     ScorerArg::Patchcore => ScorerKind::Patchcore,
+                    ScorerArg::Cfa => ScorerKind::Cfa,
                 },
                 backbone: a.backbone,
                 weights: a.weights,
@@ -191,6 +205,10 @@ fn run(cli: Cli) -> Result<()> {
                     BankDtypeArg::F16 => tessera_patchcore::BankDtype::F16,
                 },
                 reweight_k: a.patchcore_reweight,
+                epochs: a.epochs,
+                patience: a.patience,
+                cfa_gamma_d: a.cfa_gamma_d,
+                cfa_gamma_c: a.cfa_gamma_c,
                 progress,
             };
             let s = tessera_cli::fit(&opts)?;

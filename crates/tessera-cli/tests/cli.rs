@@ -357,3 +357,51 @@ fn patchcore_fit_test_predict_agree() {
     ]));
     assert!(e.contains("coreset ratio"), "{e}");
 }
+
+#[test]
+fn cfa_trains_and_scores_through_the_model_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = category(tmp.path());
+    let s = |p: &Path| p.display().to_string();
+    let model = tmp.path().join("cfa.safetensors");
+    let out = ok(&tessera(&[
+        "--json",
+        "fit",
+        "--scorer",
+        "cfa",
+        "--epochs",
+        "3",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "4",
+        "--seed",
+        "9",
+        "--out",
+        &s(&model),
+    ]));
+    let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let epochs = fit["scorer_report"]["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 3);
+    assert!(epochs
+        .iter()
+        .all(|e| e["loss"].as_f64().unwrap().is_finite()));
+    let report = tmp.path().join("cfa.json");
+    let r: serde_json::Value = serde_json::from_str(&ok(&tessera(&[
+        "--json",
+        "test",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report),
+    ])))
+    .unwrap();
+    assert!(
+        r["pixel_auroc"].as_f64().unwrap() > 0.8,
+        "pixel AUROC {}",
+        r["pixel_auroc"]
+    );
+    assert_eq!(r["scorer"], "cfa");
+}

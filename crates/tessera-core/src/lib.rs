@@ -30,6 +30,7 @@ pub mod maps;
 pub mod model;
 pub mod postprocess;
 pub mod scorer;
+pub mod tensor;
 
 pub use device::DeviceSpec;
 pub use error::{Error, Result};

@@ -23,6 +23,43 @@ impl FeatureMaps {
     pub fn channels(&self) -> Vec<usize> {
         self.levels.iter().map(|t| t.dims()[1]).collect()
     }
+
+    /// Level `l` (1-based), or an error naming the scorer that needs it.
+    pub fn level(&self, l: usize, who: &str) -> crate::Result<&Tensor> {
+        self.levels.get(l.wrapping_sub(1)).ok_or_else(|| {
+            crate::Error::Config(format!(
+                "{who} needs backbone level {l}, features have {}",
+                self.levels.len()
+            ))
+        })
+    }
+
+    /// Locally aware patch features, as PatchCore and CFA build them: every chosen level
+    /// averaged over 3×3 neighbourhoods (`avg_pool2d(3, 1, 1)`: zero padding, divisor 9), deeper
+    /// levels upsampled bilinearly (`align_corners=False`) to the first level's grid, and
+    /// concatenated along channels. `B × ΣC × H × W`.
+    pub fn local_average_concat(&self, levels: &[usize], who: &str) -> crate::Result<Tensor> {
+        let mut parts: Vec<Tensor> = Vec::with_capacity(levels.len());
+        for &l in levels {
+            let t = self.level(l, who)?;
+            let t = t
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .avg_pool2d_with_stride(3, 1)?;
+            match parts.first() {
+                None => parts.push(t),
+                Some(first) => {
+                    let (_, _, h, w) = first.dims4()?;
+                    parts.push(if t.dims()[2..] == [h, w] {
+                        t
+                    } else {
+                        t.upsample_bilinear2d(h, w, false)?
+                    });
+                }
+            }
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
 }
 
 /// A per-pixel anomaly score map, row-major `height × width`.

@@ -82,14 +82,7 @@ impl PadimConfig {
 
 /// Concatenate the chosen levels on the first level's grid (nearest upsampling), `B × C × H × W`.
 pub fn embed(features: &FeatureMaps, levels: &[usize]) -> Result<Tensor> {
-    let pick = |l: usize| {
-        features.levels.get(l - 1).ok_or_else(|| {
-            Error::Config(format!(
-                "padim needs backbone level {l}, features have {}",
-                features.levels.len()
-            ))
-        })
-    };
+    let pick = |l: usize| features.level(l, "padim");
     let first = pick(levels[0])?;
     let (_, _, h, w) = first.dims4()?;
     let mut parts = vec![first.clone()];

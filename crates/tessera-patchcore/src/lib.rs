@@ -125,30 +125,7 @@ impl PatchcoreConfig {
 /// Locally aware patch features: 3×3 average of each level, deeper levels upsampled
 /// (bilinear) to the first level's grid, concatenated, optionally channel-pooled. `B × C × H × W`.
 pub fn embed(features: &FeatureMaps, levels: &[usize], embed_dim: Option<usize>) -> Result<Tensor> {
-    let mut parts = Vec::with_capacity(levels.len());
-    let mut grid = (0, 0);
-    for (i, &l) in levels.iter().enumerate() {
-        let t = features.levels.get(l - 1).ok_or_else(|| {
-            Error::Config(format!(
-                "patchcore needs backbone level {l}, features have {}",
-                features.levels.len()
-            ))
-        })?;
-        let t = t
-            .pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .avg_pool2d_with_stride(3, 1)?;
-        let (_, _, h, w) = t.dims4()?;
-        if i == 0 {
-            grid = (h, w);
-            parts.push(t);
-        } else if (h, w) == grid {
-            parts.push(t);
-        } else {
-            parts.push(t.upsample_bilinear2d(grid.0, grid.1, false)?);
-        }
-    }
-    let x = Tensor::cat(&parts, 1)?;
+    let x = features.local_average_concat(levels, "patchcore")?;
     match embed_dim {
         None => Ok(x),
         Some(d) => {

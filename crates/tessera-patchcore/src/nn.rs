@@ -9,22 +9,6 @@ pub fn row_norms_sq(bank: &Tensor) -> Result<Tensor> {
     Ok(bank.to_dtype(DType::F32)?.sqr()?.sum(D::Minus1)?)
 }
 
-/// Run `f` on a contiguous f32 tensor's data: borrowed in place on the CPU (no copy of the
-/// large distance block), copied from other devices.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
-        }
-    }
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    Ok(f(&v))
-}
-
 /// For each query row (`M × D`, f32), the distance to its nearest bank row and that row's index.
 /// The bank (`K × D`, f32 or f16) is visited `chunk` rows at a time:
 /// `‖q − b‖² = ‖q‖² + ‖b‖² − 2 q·b` (as `torch.cdist`), one matrix product per chunk followed by
@@ -49,7 +33,7 @@ pub fn nearest(
         let b = bank.narrow(0, start, len)?.to_dtype(DType::F32)?;
         let qb = queries.matmul(&b.t()?)?; // M × len
         let b_sq = &b_sq_all[start..start + len];
-        with_f32_slice(&qb, |qb| {
+        tessera_core::tensor::with_f32_slice(&qb, |qb| {
             best.par_iter_mut()
                 .zip(idx.par_iter_mut())
                 .zip(qb.par_chunks(len))

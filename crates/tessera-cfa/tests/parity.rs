@@ -1,0 +1,179 @@
+//! CFA against the reference code (`tools/golden/cfa.py`): features, loss, one AMSGrad step, score.
+
+use candle_core::{Device, Tensor, Var, D};
+use candle_nn::Optimizer;
+use std::collections::HashMap;
+use tessera_cfa::{
+    coords, descriptor, embed, rows_with_coords, soft_boundary_loss, Cfa, CfaConfig,
+};
+use tessera_core::scorer::{FitScorer, Scorer};
+use tessera_core::FeatureMaps;
+use tessera_optim::{AdamW, AdamWConfig};
+
+fn golden() -> HashMap<String, Tensor> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/cfa_small.safetensors");
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn features(g: &HashMap<String, Tensor>) -> FeatureMaps {
+    FeatureMaps::new(vec![g["l1"].clone(), g["l2"].clone(), g["l3"].clone()])
+}
+
+#[test]
+fn loss_and_one_amsgrad_step_match_reference() {
+    let g = golden();
+    let x = embed(&features(&g), &[1, 2, 3]).unwrap();
+    assert!(max_abs(&x, &g["sample"]) < 1e-5);
+    let rows = rows_with_coords(&x, &coords(8, 6, &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&g["w0"]).unwrap();
+    let b = Var::from_tensor(&g["b0"]).unwrap();
+    let r = Var::new(&[0.3f32], &Device::Cpu).unwrap();
+    let centres = &g["centres"];
+    let csq: Vec<f32> = centres
+        .sqr()
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let phi = descriptor(&rows, w.as_tensor(), b.as_tensor()).unwrap();
+    let cfg = CfaConfig::default();
+    let loss = soft_boundary_loss(&phi, centres, &csq, r.as_tensor(), &cfg).unwrap();
+    let want: f32 = g["loss"].to_vec1::<f32>().unwrap()[0];
+    let got: f32 = loss.to_scalar().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-4 * want.abs(),
+        "loss {got} vs {want}"
+    );
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone(), r.clone()],
+        AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            amsgrad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.backward_step(&loss).unwrap();
+    assert!(
+        max_abs(w.as_tensor(), &g["w1"]) < 1e-6,
+        "weight after one step"
+    );
+    assert!(
+        max_abs(b.as_tensor(), &g["b1"]) < 1e-6,
+        "bias after one step"
+    );
+    assert!(
+        max_abs(r.as_tensor(), &g["r1"]) < 1e-6,
+        "radius after one step"
+    );
+}
+
+#[test]
+fn score_matches_reference() {
+    let g = golden();
+    let t: HashMap<String, Tensor> = [
+        ("weight".to_string(), g["w0"].clone()),
+        ("bias".to_string(), g["b0"].clone()),
+        ("centres".to_string(), g["centres"].clone()),
+        (
+            "grid".to_string(),
+            Tensor::new(&[8u32, 6], &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into();
+    let m = Cfa::from_parts(CfaConfig::default(), t).unwrap();
+    let raw = m.score(&features(&g)).unwrap();
+    let want: Vec<f32> = g["score"].flatten_all().unwrap().to_vec1().unwrap();
+    for (a, b) in raw.data.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn training_is_seeded_lowers_the_loss_and_round_trips() {
+    let g = golden();
+    let batches = || {
+        (0..2).map(|i| -> tessera_core::Result<FeatureMaps> {
+            Ok(FeatureMaps::new(vec![
+                g["l1"].narrow(0, i, 1)?,
+                g["l2"].narrow(0, i, 1)?,
+                g["l3"].narrow(0, i, 1)?,
+            ]))
+        })
+    };
+    let cfg = CfaConfig {
+        epochs: 8,
+        batch: 1,
+        lr: 1e-2,
+        seed: 3,
+        ..Default::default()
+    };
+    let a = cfg.fit(&mut batches()).unwrap();
+    let b = cfg.fit(&mut batches()).unwrap();
+    assert_eq!(a.history().len(), 8);
+    let la: Vec<f64> = a.history().iter().map(|e| e.loss).collect();
+    let lb: Vec<f64> = b.history().iter().map(|e| e.loss).collect();
+    assert_eq!(la, lb, "same seed, same training");
+    assert!(la.last().unwrap() < &la[0], "loss must go down: {la:?}");
+    let f = features(&g);
+    let raw = a.score(&f).unwrap();
+    let back = Cfa::from_parts(
+        serde_json::from_value(a.config()).unwrap(),
+        a.tensors().unwrap().into_iter().collect(),
+    )
+    .unwrap();
+    assert_eq!(back.score(&f).unwrap(), raw);
+    // Early stopping on the training loss: a radius that already holds every patch and no
+    // repulsion make the loss 0 from the start, so it stops after `patience` epochs.
+    let p = CfaConfig {
+        epochs: 50,
+        patience: Some(2),
+        radius_init: 1e3,
+        alpha: 1e9,
+        ..Default::default()
+    };
+    let h = p.fit(&mut batches()).unwrap().history().to_vec();
+    assert_eq!(h.len(), 3, "{h:?}");
+    assert!(h.iter().all(|e| e.loss == 0.0));
+    // γ_c > 1: k-means centres.
+    let c = CfaConfig {
+        epochs: 1,
+        gamma_c: 4,
+        ..Default::default()
+    };
+    let m = c.fit(&mut batches()).unwrap();
+    assert_eq!(m.tensors().unwrap()[2].1.dims(), &[12, 18]);
+}
+
+#[test]
+fn bad_config() {
+    for cfg in [
+        CfaConfig {
+            j: 4,
+            ..Default::default()
+        },
+        CfaConfig {
+            batch: 0,
+            ..Default::default()
+        },
+    ] {
+        assert!(cfg.fit(&mut std::iter::empty()).is_err());
+    }
+}

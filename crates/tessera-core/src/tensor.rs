@@ -1,0 +1,44 @@
+//! Small tensor utilities shared by the scorers.
+
+use crate::Result;
+use candle_core::Tensor;
+
+/// Run `f` on an f32 tensor's data in row-major order: borrowed in place when the tensor is a
+/// contiguous CPU tensor (no copy of large distance blocks), copied otherwise (other devices,
+/// strided views).
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
+        }
+    }
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(f(&v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn borrows_and_copies_alike() {
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let a = with_f32_slice(&t, |s| s.to_vec()).unwrap();
+        assert_eq!(a, vec![0., 1., 2., 3., 4., 5.]);
+        let tt = t.t().unwrap();
+        let b = with_f32_slice(&tt, |s| s.to_vec()).unwrap();
+        assert_eq!(b, vec![0., 3., 1., 4., 2., 5.]);
+        let n = t.narrow(0, 1, 1).unwrap();
+        assert_eq!(
+            with_f32_slice(&n, |s| s.to_vec()).unwrap(),
+            vec![3., 4., 5.]
+        );
+    }
+}
