@@ -376,8 +376,8 @@ fn bench(args: &[String]) -> Result<()> {
             let scripts: [(&str, &[&str]); 4] = [
                 ("torch_conv.py", &[]),
                 ("torch_padim.py", &[]),
-                ("torch_patchcore.py", &["--ratio", "0.1"]),
                 ("torch_patchcore.py", &["--ratio", "0.01"]),
+                ("torch_patchcore.py", &["--ratio", "0.1"]),
             ];
             for (script, extra) in scripts {
                 let path = root().join("tools/bench").join(script);

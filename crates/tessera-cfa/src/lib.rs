@@ -205,18 +205,27 @@ pub fn nearest_centres(
     Ok((idx, dist))
 }
 
-/// `out[n, j] = phi[n] · centres[idx[n, j]]`, differentiable in `phi` only: the selected dot
-/// products of the loss without materialising the `N × (K+J) × D` gathered centres (CPU).
-struct SelectedDots {
+/// The loss's contact with the selected centres, as a custom op on CPU:
+/// forward `out[n, j] = phi[n] · centres[idx[n, j]]` (differentiable in `phi`), and its
+/// backward `dphi[n] = Σ_j g[n, j] · centres[idx[n, j]]` — without materialising the
+/// `N × (K+J) × D` gathered centres.
+#[derive(Clone)]
+struct SelectedCentres {
     centres: std::sync::Arc<Vec<f32>>,
     idx: std::sync::Arc<Vec<u32>>,
     kj: usize,
     d: usize,
+    /// false: the dot products (N × D → N × kj); true: their gradient (N × kj → N × D).
+    backward: bool,
 }
 
-impl candle_core::CustomOp1 for SelectedDots {
+impl candle_core::CustomOp1 for SelectedCentres {
     fn name(&self) -> &'static str {
-        "cfa-selected-dots"
+        if self.backward {
+            "cfa-combine-centres"
+        } else {
+            "cfa-selected-dots"
+        }
     }
 
     fn cpu_fwd(
@@ -226,23 +235,39 @@ impl candle_core::CustomOp1 for SelectedDots {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (a, b) = l
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("phi must be contiguous".into()))?;
-        let phi = &s.as_slice::<f32>()?[a..b];
+            .ok_or_else(|| candle_core::Error::Msg("cfa: operand must be contiguous".into()))?;
+        let x = &s.as_slice::<f32>()?[a..b];
         let (d, kj) = (self.d, self.kj);
-        let n = phi.len() / d;
-        let mut out = vec![0f32; n * kj];
-        out.par_chunks_mut(kj)
-            .zip(phi.par_chunks(d))
-            .zip(self.idx.par_chunks(kj))
-            .for_each(|((o, p), ix)| {
-                for (v, &c) in o.iter_mut().zip(ix) {
-                    let row = &self.centres[c as usize * d..(c as usize + 1) * d];
-                    *v = p.iter().zip(row).map(|(x, y)| x * y).sum();
-                }
-            });
+        let centre = |c: u32| &self.centres[c as usize * d..(c as usize + 1) * d];
+        let (n, out) = if self.backward {
+            let n = x.len() / kj;
+            let mut out = vec![0f32; n * d];
+            out.par_chunks_mut(d)
+                .zip(x.par_chunks(kj))
+                .zip(self.idx.par_chunks(kj))
+                .for_each(|((o, g), ix)| {
+                    for (&gv, &c) in g.iter().zip(ix) {
+                        o.iter_mut().zip(centre(c)).for_each(|(v, y)| *v += gv * y);
+                    }
+                });
+            (n, out)
+        } else {
+            let n = x.len() / d;
+            let mut out = vec![0f32; n * kj];
+            out.par_chunks_mut(kj)
+                .zip(x.par_chunks(d))
+                .zip(self.idx.par_chunks(kj))
+                .for_each(|((o, p), ix)| {
+                    for (v, &c) in o.iter_mut().zip(ix) {
+                        *v = p.iter().zip(centre(c)).map(|(x, y)| x * y).sum();
+                    }
+                });
+            (n, out)
+        };
+        let cols = if self.backward { d } else { kj };
         Ok((
             candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((n, kj)),
+            candle_core::Shape::from((n, cols)),
         ))
     }
 
@@ -252,54 +277,14 @@ impl candle_core::CustomOp1 for SelectedDots {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(g.apply_op1_no_bwd(&CombineCentres {
-            centres: self.centres.clone(),
-            idx: self.idx.clone(),
-            kj: self.kj,
-            d: self.d,
-        })?))
-    }
-}
-
-/// `dphi[n] = Σ_j g[n, j] · centres[idx[n, j]]` (the backward of [`SelectedDots`]).
-struct CombineCentres {
-    centres: std::sync::Arc<Vec<f32>>,
-    idx: std::sync::Arc<Vec<u32>>,
-    kj: usize,
-    d: usize,
-}
-
-impl candle_core::CustomOp1 for CombineCentres {
-    fn name(&self) -> &'static str {
-        "cfa-combine-centres"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("grad must be contiguous".into()))?;
-        let g = &s.as_slice::<f32>()?[a..b];
-        let (d, kj) = (self.d, self.kj);
-        let n = g.len() / kj;
-        let mut out = vec![0f32; n * d];
-        out.par_chunks_mut(d)
-            .zip(g.par_chunks(kj))
-            .zip(self.idx.par_chunks(kj))
-            .for_each(|((o, gr), ix)| {
-                for (&gv, &c) in gr.iter().zip(ix) {
-                    let row = &self.centres[c as usize * d..(c as usize + 1) * d];
-                    o.iter_mut().zip(row).for_each(|(v, y)| *v += gv * y);
-                }
-            });
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((n, d)),
-        ))
+        if self.backward {
+            return Ok(None);
+        }
+        let op = Self {
+            backward: true,
+            ..self.clone()
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
@@ -319,11 +304,12 @@ pub fn soft_boundary_loss(
     let sel_sq = Tensor::from_vec(sel_sq, (n, kj), phi.device())?;
     let dot = if phi.device().is_cpu() && phi.dtype() == DType::F32 {
         let c: Vec<f32> = centres.flatten_all()?.to_vec1()?;
-        let op = SelectedDots {
+        let op = SelectedCentres {
             centres: std::sync::Arc::new(c),
             idx: std::sync::Arc::new(idx),
             kj,
             d,
+            backward: false,
         };
         phi.contiguous()?.apply_op1(op)?
     } else {
