@@ -7,11 +7,25 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 use tessera_backbone::{Arch, Backbone};
-use tessera_cfa::{Cfa, CfaConfig};
+use tessera_cfa::Cfa;
 use tessera_core::model::{ModelFile, ModelMeta};
 use tessera_core::{postprocess, AnomalyMap, Scorer};
-use tessera_padim::{Padim, PadimConfig};
-use tessera_patchcore::{Patchcore, PatchcoreConfig};
+use tessera_padim::Padim;
+use tessera_patchcore::Patchcore;
+
+/// Rebuild a fitted scorer from its configuration and tensors, naming the model file on error.
+fn scorer_from<C: serde::de::DeserializeOwned, S: Scorer + 'static>(
+    path: &Path,
+    kind: &str,
+    config: &serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+    from_parts: fn(C, HashMap<String, Tensor>) -> tessera_core::Result<S>,
+) -> Result<Box<dyn Scorer>> {
+    let cfg: C = serde_json::from_value(config.clone())
+        .with_context(|| format!("{}: bad {kind} configuration", path.display()))?;
+    let scorer = from_parts(cfg, tensors).with_context(|| path.display().to_string())?;
+    Ok(Box::new(scorer))
+}
 
 /// A backbone, a fitted scorer and the model metadata.
 pub struct Detector {
@@ -44,31 +58,17 @@ impl Detector {
         )?;
         let scorer_tensors: HashMap<String, Tensor> = file.with_prefix("scorer");
         file.tensors.clear();
+        let cfg = &meta.scorer.config;
         let scorer: Box<dyn Scorer> = match meta.scorer.kind.as_str() {
-            "padim" => {
-                let cfg: PadimConfig = serde_json::from_value(meta.scorer.config.clone())
-                    .with_context(|| format!("{}: bad padim configuration", path.display()))?;
-                Box::new(
-                    Padim::from_parts(cfg, scorer_tensors)
-                        .with_context(|| path.display().to_string())?,
-                )
-            }
-            "patchcore" => {
-                let cfg: PatchcoreConfig = serde_json::from_value(meta.scorer.config.clone())
-                    .with_context(|| format!("{}: bad patchcore configuration", path.display()))?;
-                Box::new(
-                    Patchcore::from_parts(cfg, scorer_tensors)
-                        .with_context(|| path.display().to_string())?,
-                )
-            }
-            "cfa" => {
-                let cfg: CfaConfig = serde_json::from_value(meta.scorer.config.clone())
-                    .with_context(|| format!("{}: bad cfa configuration", path.display()))?;
-                Box::new(
-                    Cfa::from_parts(cfg, scorer_tensors)
-                        .with_context(|| path.display().to_string())?,
-                )
-            }
+            "padim" => scorer_from(path, "padim", cfg, scorer_tensors, Padim::from_parts)?,
+            "patchcore" => scorer_from(
+                path,
+                "patchcore",
+                cfg,
+                scorer_tensors,
+                Patchcore::from_parts,
+            )?,
+            "cfa" => scorer_from(path, "cfa", cfg, scorer_tensors, Cfa::from_parts)?,
             other => bail!(
                 "{}: unknown scorer '{other}' (this build knows: padim, patchcore, cfa)",
                 path.display()
