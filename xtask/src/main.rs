@@ -169,9 +169,15 @@ fn demo(args: &[String]) -> Result<()> {
         let probe = Command::new(&bin)
             .args(&fit_args)
             .env("HF_HUB_OFFLINE", "1")
-            .status()
+            .stderr(std::process::Stdio::piped())
+            .output()
             .context("running tessera fit")?;
-        if probe.success() {
+        let probe_err = String::from_utf8_lossy(&probe.stderr);
+        if !probe.status.success() && !probe_err.contains("hub cache") {
+            // Not the expected "weights not cached": a real failure, show it.
+            bail!("tessera fit failed:\n{probe_err}");
+        }
+        if probe.status.success() {
             backbone_note = "ImageNet ResNet-18 weights from the Hugging Face hub cache".into();
             fit_args.clear();
         } else {
