@@ -51,7 +51,7 @@ use candle_nn::Optimizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tessera_core::scorer::{FitScorer, RawMaps, Scorer};
+use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Scorer, StoredTensors};
 use tessera_core::tensor::with_f32_slice;
 use tessera_core::{Error, FeatureMaps, Result};
 use tessera_optim::{AdamW, AdamWConfig};
@@ -524,21 +524,16 @@ impl FitScorer for CfaConfig {
 
 impl Cfa {
     /// Rebuild from the tensors and config stored in a model file.
-    pub fn from_parts(config: CfaConfig, mut t: HashMap<String, Tensor>) -> Result<Self> {
+    pub fn from_parts(config: CfaConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
         config.validate()?;
-        let mut take = |k: &str| {
-            t.remove(k)
-                .ok_or_else(|| Error::Config(format!("cfa model lacks tensor '{k}'")))
-        };
-        let weight = take("weight")?;
-        let bias = take("bias")?;
-        let centres = take("centres")?;
-        let grid: Vec<u32> = take("grid")?.to_dtype(DType::U32)?.to_vec1()?;
+        let mut t = StoredTensors::new("cfa", tensors);
+        let weight = t.take("weight")?;
+        let bias = t.take("bias")?;
+        let centres = t.take("centres")?;
+        let (height, width) = t.take_grid()?;
         let (d, _) = weight.dims2()?;
-        if grid.len() != 2 || bias.dims() != [d] || centres.rank() != 2 || centres.dims()[1] != d {
-            return Err(Error::Config(
-                "cfa model tensors have inconsistent shapes".into(),
-            ));
+        if bias.dims() != [d] || centres.rank() != 2 || centres.dims()[1] != d {
+            return Err(t.inconsistent());
         }
         let centres_sq = centres.sqr()?.sum(D::Minus1)?.to_vec1()?;
         Ok(Self {
@@ -547,8 +542,8 @@ impl Cfa {
             bias,
             centres,
             centres_sq,
-            height: grid[0] as usize,
-            width: grid[1] as usize,
+            height,
+            width,
             history: Vec::new(),
         })
     }
@@ -609,7 +604,7 @@ impl Scorer for Cfa {
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let grid = Tensor::from_vec(vec![self.height as u32, self.width as u32], 2, &Device::Cpu)?;
+        let grid = grid_tensor(self.height, self.width)?;
         Ok(vec![
             ("weight".into(), self.weight.clone()),
             ("bias".into(), self.bias.clone()),

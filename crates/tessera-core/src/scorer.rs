@@ -56,3 +56,56 @@ pub trait FitScorer {
     /// Fit on batches of training features (streamed, so the caller controls memory).
     fn fit(&self, batches: &mut dyn Iterator<Item = Result<FeatureMaps>>) -> Result<Self::Fitted>;
 }
+
+/// A fitted scorer's tensors as read back from a model file, with errors that name the scorer.
+#[derive(Debug)]
+pub struct StoredTensors {
+    kind: &'static str,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+impl StoredTensors {
+    /// Wrap the `scorer.*` tensors of a `kind` model.
+    pub fn new(kind: &'static str, tensors: std::collections::HashMap<String, Tensor>) -> Self {
+        Self { kind, tensors }
+    }
+
+    /// Take a tensor, or fail naming the scorer and the tensor.
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.tensors.remove(name).ok_or_else(|| {
+            crate::Error::Config(format!("{} model lacks tensor '{name}'", self.kind))
+        })
+    }
+
+    /// Take the feature grid (`grid`: height, width) written by [`grid_tensor`].
+    pub fn take_grid(&mut self) -> Result<(usize, usize)> {
+        let g: Vec<u32> = self
+            .take("grid")?
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec1()?;
+        match g[..] {
+            [h, w] if h > 0 && w > 0 => Ok((h as usize, w as usize)),
+            _ => Err(crate::Error::Config(format!(
+                "{} model has a bad grid tensor {g:?}",
+                self.kind
+            ))),
+        }
+    }
+
+    /// An error for tensors whose shapes do not fit together.
+    pub fn inconsistent(&self) -> crate::Error {
+        crate::Error::Config(format!(
+            "{} model tensors have inconsistent shapes",
+            self.kind
+        ))
+    }
+}
+
+/// The feature grid as a model-file tensor (`grid`: two u32, height then width).
+pub fn grid_tensor(height: usize, width: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        vec![height as u32, width as u32],
+        2,
+        &candle_core::Device::Cpu,
+    )?)
+}

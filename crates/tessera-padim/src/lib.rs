@@ -34,7 +34,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tessera_core::scorer::{FitScorer, RawMaps, Scorer};
+use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// PaDiM hyper-parameters.
@@ -212,35 +212,25 @@ impl Padim {
     /// Rebuild from the tensors and config stored in a model file.
     pub fn from_parts(
         config: PadimConfig,
-        mut tensors: std::collections::HashMap<String, Tensor>,
+        tensors: std::collections::HashMap<String, Tensor>,
     ) -> Result<Self> {
         config.validate()?;
-        let mut take = |k: &str| {
-            tensors
-                .remove(k)
-                .ok_or_else(|| Error::Config(format!("padim model lacks tensor '{k}'")))
-        };
-        let index = take("index")?.to_dtype(DType::U32)?;
-        let mean = take("mean")?;
-        let inv_cov = take("inv_cov")?;
-        let grid: Vec<u32> = take("grid")?.to_dtype(DType::U32)?.to_vec1()?;
+        let mut t = StoredTensors::new("padim", tensors);
+        let index = t.take("index")?.to_dtype(DType::U32)?;
+        let mean = t.take("mean")?;
+        let inv_cov = t.take("inv_cov")?;
+        let (height, width) = t.take_grid()?;
         let (p, d) = mean.dims2()?;
-        if grid.len() != 2
-            || (grid[0] * grid[1]) as usize != p
-            || inv_cov.dims() != [p, d, d]
-            || index.dims1()? != d
-        {
-            return Err(Error::Config(
-                "padim model tensors have inconsistent shapes".into(),
-            ));
+        if height * width != p || inv_cov.dims() != [p, d, d] || index.dims1()? != d {
+            return Err(t.inconsistent());
         }
         Ok(Self {
             config,
             index,
             mean,
             inv_cov,
-            height: grid[0] as usize,
-            width: grid[1] as usize,
+            height,
+            width,
         })
     }
 
@@ -287,7 +277,7 @@ impl Scorer for Padim {
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let grid = Tensor::from_vec(vec![self.height as u32, self.width as u32], 2, &Device::Cpu)?;
+        let grid = grid_tensor(self.height, self.width)?;
         Ok(vec![
             ("index".into(), self.index.clone()),
             ("mean".into(), self.mean.clone()),

@@ -47,7 +47,7 @@ pub mod nn;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tessera_core::scorer::{FitScorer, RawMaps, Scorer};
+use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// Storage type of the memory bank.
@@ -279,23 +279,13 @@ impl FitScorer for PatchcoreConfig {
 
 impl Patchcore {
     /// Rebuild from the tensors and config stored in a model file.
-    pub fn from_parts(
-        config: PatchcoreConfig,
-        mut tensors: HashMap<String, Tensor>,
-    ) -> Result<Self> {
+    pub fn from_parts(config: PatchcoreConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
         config.validate()?;
-        let bank = tensors
-            .remove("bank")
-            .ok_or_else(|| Error::Config("patchcore model lacks tensor 'bank'".into()))?;
-        let grid: Vec<u32> = tensors
-            .remove("grid")
-            .ok_or_else(|| Error::Config("patchcore model lacks tensor 'grid'".into()))?
-            .to_dtype(DType::U32)?
-            .to_vec1()?;
-        if grid.len() != 2 || bank.rank() != 2 || bank.dims()[0] == 0 {
-            return Err(Error::Config(
-                "patchcore model tensors have inconsistent shapes".into(),
-            ));
+        let mut t = StoredTensors::new("patchcore", tensors);
+        let bank = t.take("bank")?;
+        let (height, width) = t.take_grid()?;
+        if bank.rank() != 2 || bank.dims()[0] == 0 {
+            return Err(t.inconsistent());
         }
         let want = match config.bank_dtype {
             BankDtype::F32 => DType::F32,
@@ -307,8 +297,8 @@ impl Patchcore {
             config,
             bank,
             bank_sq,
-            height: grid[0] as usize,
-            width: grid[1] as usize,
+            height,
+            width,
             report: serde_json::Value::Null,
         })
     }
@@ -396,7 +386,7 @@ impl Scorer for Patchcore {
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let grid = Tensor::from_vec(vec![self.height as u32, self.width as u32], 2, &Device::Cpu)?;
+        let grid = grid_tensor(self.height, self.width)?;
         Ok(vec![
             ("bank".into(), self.bank.clone()),
             ("grid".into(), grid),
