@@ -594,13 +594,7 @@ impl Scorer for Cfa {
                 d[0] / z
             })
             .collect();
-        Ok(RawMaps {
-            batch: b,
-            height: h,
-            width: w,
-            data,
-            image_scores: None,
-        })
+        Ok(RawMaps::new(b, h, w, data))
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {

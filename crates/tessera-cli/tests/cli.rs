@@ -28,6 +28,21 @@ fn fails(out: &Output) -> String {
     e
 }
 
+/// `tessera --json test` on a model and dataset; the printed report.
+fn test_json(model: &Path, data: &Path, report: &Path) -> serde_json::Value {
+    let out = ok(&tessera(&[
+        "--json",
+        "test",
+        "--model",
+        &model.display().to_string(),
+        "--data",
+        &data.display().to_string(),
+        "--report",
+        &report.display().to_string(),
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
 fn category(dir: &Path) -> PathBuf {
     let root = dir.join("disk");
     let spec = SyntheticSpec {
@@ -298,17 +313,7 @@ fn patchcore_fit_test_predict_agree() {
     assert_eq!(fit["scorer_report"]["patches"], 7840);
     assert_eq!(fit["scorer_report"]["bank"], 392);
     let report = tmp.path().join("pc.json");
-    let r: serde_json::Value = serde_json::from_str(&ok(&tessera(&[
-        "--json",
-        "test",
-        "--model",
-        &s(&model),
-        "--data",
-        &s(&data),
-        "--report",
-        &s(&report),
-    ])))
-    .unwrap();
+    let r = test_json(&model, &data, &report);
     assert!(
         r["pixel_auroc"].as_f64().unwrap() > 0.8,
         "pixel AUROC {}",
@@ -387,17 +392,7 @@ fn cfa_trains_and_scores_through_the_model_file() {
         .iter()
         .all(|e| e["loss"].as_f64().unwrap().is_finite()));
     let report = tmp.path().join("cfa.json");
-    let r: serde_json::Value = serde_json::from_str(&ok(&tessera(&[
-        "--json",
-        "test",
-        "--model",
-        &s(&model),
-        "--data",
-        &s(&data),
-        "--report",
-        &s(&report),
-    ])))
-    .unwrap();
+    let r = test_json(&model, &data, &report);
     assert!(
         r["pixel_auroc"].as_f64().unwrap() > 0.8,
         "pixel AUROC {}",

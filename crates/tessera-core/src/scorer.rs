@@ -20,6 +20,17 @@ pub struct RawMaps {
 }
 
 impl RawMaps {
+    /// Maps whose image scores are the maxima of the final maps.
+    pub fn new(batch: usize, height: usize, width: usize, data: Vec<f32>) -> Self {
+        Self {
+            batch,
+            height,
+            width,
+            data,
+            image_scores: None,
+        }
+    }
+
     /// The map of image `i`.
     pub fn image(&self, i: usize) -> &[f32] {
         let n = self.height * self.width;

@@ -267,13 +267,7 @@ impl Scorer for Padim {
         let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
         let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
         let data: Vec<f32> = dist.t()?.contiguous()?.flatten_all()?.to_vec1()?;
-        Ok(RawMaps {
-            batch: b,
-            height: h,
-            width: w,
-            data,
-            image_scores: None,
-        })
+        Ok(RawMaps::new(b, h, w, data))
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
