@@ -38,8 +38,9 @@ impl ArchSpec {
 }
 
 /// The supported backbones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Arch {
+    #[default]
     ResNet18,
     ResNet34,
     ResNet50,

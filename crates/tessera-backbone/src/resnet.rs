@@ -1,7 +1,7 @@
 //! The ResNet feature extractor (eval mode, batch norm folded).
 
 use crate::{hub_weights, Arch, ArchSpec, BlockKind, HubSpec};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ impl WeightsSource {
 /// kernels; candle's conv2d elsewhere), with the following ReLU fused where there is one.
 #[derive(Debug, Clone)]
 struct ConvBn {
+    /// Checkpoint names of the convolution and its batch norm (for exporting).
+    names: (String, String),
     weight: Tensor,
     bias: Tensor,
     params: ConvParams,
@@ -68,11 +70,45 @@ impl ConvBn {
             ..Default::default()
         };
         Ok(Self {
+            names: (conv.to_string(), bn.to_string()),
             weight: w.contiguous()?,
             bias: b.contiguous()?,
             params,
             stock: false,
         })
+    }
+    /// Replace weight and bias by variables (copies) and return them.
+    fn make_trainable(&mut self) -> Result<[Var; 2]> {
+        let w = Var::from_tensor(&self.weight)?;
+        let b = Var::from_tensor(&self.bias)?;
+        self.weight = w.as_tensor().clone();
+        self.bias = b.as_tensor().clone();
+        Ok([w, b])
+    }
+    /// Freeze again: detach weight and bias from any variable.
+    fn freeze(&mut self) -> Result<()> {
+        self.weight = self.weight.detach().copy()?;
+        self.bias = self.bias.detach().copy()?;
+        Ok(())
+    }
+    /// The folded weights in checkpoint form: the convolution weight plus an identity batch
+    /// norm carrying the bias (`var = 1 − ε` so that `γ/√(var+ε)` is exactly 1).
+    fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let (conv, bn) = &self.names;
+        let c = self.bias.dim(0)?;
+        let dev = self.bias.device();
+        out.push((format!("{conv}.weight"), self.weight.detach().copy()?));
+        out.push((format!("{bn}.weight"), Tensor::ones(c, DType::F32, dev)?));
+        out.push((format!("{bn}.bias"), self.bias.detach().copy()?));
+        out.push((
+            format!("{bn}.running_mean"),
+            Tensor::zeros(c, DType::F32, dev)?,
+        ));
+        out.push((
+            format!("{bn}.running_var"),
+            Tensor::full((1.0 - BN_EPS) as f32, c, dev)?,
+        ));
+        Ok(())
     }
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let f = if self.stock {
@@ -335,22 +371,91 @@ impl Backbone {
         }
     }
 
+    /// Make the convolutions of the given layers (1-based, e.g. `[2, 3]`) trainable: their
+    /// folded weights and biases become [`Var`]s (fresh copies; clones made earlier keep the old
+    /// values, so a clone is a frozen reference copy). The stem always stays frozen (candle has
+    /// no backward for its 3×3/2 max-pool). Batch norm is folded, so its statistics cannot drift.
+    pub fn make_trainable(&mut self, layers: &[usize]) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        let depth = self.layers.len();
+        for &l in layers {
+            let blocks = self.layers.get_mut(l.wrapping_sub(1)).ok_or_else(|| {
+                Error::Config(format!(
+                    "cannot train layer{l}: the backbone has layers 1..={depth}"
+                ))
+            })?;
+            for b in blocks {
+                for c in b.convs.iter_mut().chain(b.downsample.as_mut()) {
+                    let [w, bias] = c.make_trainable()?;
+                    vars.push((format!("{}.weight", c.names.0), w));
+                    vars.push((format!("{}.bias", c.names.1), bias));
+                }
+            }
+        }
+        Ok(vars)
+    }
+
+    /// Detach every weight from its variable (after training), so later forward passes build
+    /// no autograd graph.
+    pub fn freeze(&mut self) -> Result<()> {
+        self.stem.freeze()?;
+        for b in self.layers.iter_mut().flatten() {
+            for c in b.convs.iter_mut().chain(b.downsample.as_mut()) {
+                c.freeze()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The current (possibly fine-tuned) weights as a torchvision-named checkpoint with batch
+    /// norm folded into identity layers, loadable by [`Backbone::from_file`] like any other.
+    pub fn export_checkpoint(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        self.stem.export(&mut out)?;
+        for b in self.layers.iter().flatten() {
+            for c in b.convs.iter().chain(b.downsample.as_ref()) {
+                c.export(&mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// layer1..layer`depth` outputs for an NCHW batch.
     pub fn forward(&self, x: &Tensor) -> Result<FeatureMaps> {
+        let mut h = self.stem(x)?;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            h = self.layer(i, &h)?;
+            out.push(h.clone());
+        }
+        Ok(FeatureMaps::new(out))
+    }
+
+    /// The stem: conv1 + bn1 + ReLU + 3×3/2 max-pool (the input of layer1).
+    pub fn stem(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
         let h = self.stem.forward(&x, true)?;
         // Max-pool 3×3/2 with padding 1: after ReLU every value is ≥ 0, so zero padding is
         // equivalent to PyTorch's −∞ padding.
         let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-        let mut h = h.max_pool2d_with_stride(3, 2)?;
-        let mut out = Vec::with_capacity(self.layers.len());
-        for blocks in &self.layers {
-            for b in blocks {
-                h = b.forward(&h)?;
-            }
-            out.push(h.clone());
+        Ok(h.max_pool2d_with_stride(3, 2)?)
+    }
+
+    /// Run layer `index + 1` (0-based index) on its input, e.g. to continue a forward pass
+    /// from features shared with another copy of the network.
+    pub fn layer(&self, index: usize, h: &Tensor) -> Result<Tensor> {
+        let blocks = self.layers.get(index).ok_or_else(|| {
+            Error::Config(format!(
+                "layer{} does not exist: the backbone has layers 1..={}",
+                index + 1,
+                self.layers.len()
+            ))
+        })?;
+        let mut h = h.clone();
+        for b in blocks {
+            h = b.forward(&h)?;
         }
-        Ok(FeatureMaps::new(out))
+        Ok(h)
     }
 }
 

@@ -50,6 +50,7 @@ fn detector() -> Detector {
         },
         threshold: 0.0,
         heat_range: (0.0, 1.0),
+        sbm: None,
     };
     Detector {
         backbone,

@@ -1,11 +1,12 @@
 //! `fit`, `test` and `predict`.
 
+use crate::sbm::{check_sbm_weights, sbm_train, SbmMode, SbmOptions, WeightsArgs};
 use crate::{Detector, Progress};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tessera_backbone::{Arch, Backbone, HubSpec, WeightsSource};
+use tessera_backbone::{Arch, Backbone, WeightsSource};
 use tessera_cfa::{CfaConfig, TrainProgress};
 use tessera_core::model::{
     BackboneMeta, FitMeta, ModelFile, ModelMeta, Preprocess, ScorerMeta, FORMAT_VERSION,
@@ -16,6 +17,7 @@ use tessera_data::{list_images, load_batch, Dataset, Sample};
 use tessera_eval::{evaluate, render_panel, save_png, EvalSample, RunInfo, Timings};
 use tessera_padim::PadimConfig;
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
+use tessera_sbm::SbmConfig;
 
 /// Scorers this build can fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +63,16 @@ pub struct FitOptions {
     pub cfa_gamma_d: usize,
     /// CFA: memory compression γ_c.
     pub cfa_gamma_c: usize,
+    /// `--method sbm`: whether SBM applies to this category.
+    pub sbm: SbmMode,
+    /// `--method sbm`: use this SBM-tuned backbone instead of training one.
+    pub sbm_weights: Option<PathBuf>,
+    /// Use SBM weights even when their gate failed.
+    pub sbm_force: bool,
+    /// `--method sbm`: the SBM settings when it trains.
+    pub sbm_config: SbmConfig,
+    /// Texture images for SBM's synthetic defects.
+    pub textures: Option<PathBuf>,
     pub progress: Progress,
 }
 
@@ -88,6 +100,11 @@ impl Default for FitOptions {
             patience: None,
             cfa_gamma_d: 1,
             cfa_gamma_c: 1,
+            sbm: SbmMode::Auto,
+            sbm_weights: None,
+            sbm_force: false,
+            sbm_config: SbmConfig::default(),
+            textures: None,
             progress: Progress::default(),
         }
     }
@@ -114,11 +131,14 @@ const CALIBRATION_IMAGES: usize = 32;
 /// Fit a detector on a dataset's normal training images and write the model file.
 pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     let start = Instant::now();
-    if o.method != "baseline" {
+    if !["baseline", "sbm"].contains(&o.method.as_str()) {
         bail!(
-            "--method {}: this build implements only 'baseline'",
+            "--method {}: this build implements 'baseline' and 'sbm'",
             o.method
         );
+    }
+    if o.sbm_weights.is_some() && o.method != "sbm" {
+        bail!("--sbm-weights needs --method sbm");
     }
     if o.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -127,16 +147,52 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     let device = o.device.open()?;
     let ds = Dataset::open(&o.data)?;
     let train = ds.train()?;
-    let source = match (&o.weights, o.random_weights) {
-        (Some(_), Some(_)) => bail!("give either --weights or --random-weights, not both"),
-        (Some(p), None) => WeightsSource::File(p.clone()),
-        (None, Some(seed)) => WeightsSource::Random { seed },
-        (None, None) => WeightsSource::Hub(HubSpec::new(
-            o.hub_repo
-                .as_deref()
-                .unwrap_or(o.backbone.default_hub_repo()),
-        )),
+    let wa = WeightsArgs {
+        backbone: o.backbone,
+        weights: o.weights.clone(),
+        hub_repo: o.hub_repo.clone(),
+        random_weights: o.random_weights,
     };
+    let mut source = wa.source()?;
+    let mut sbm_meta = None;
+    if o.method == "sbm" {
+        let (use_sbm, why) = o.sbm.applies(&ds);
+        if let Some(p) = &o.sbm_weights {
+            let report = check_sbm_weights(p, o.sbm_force)?;
+            o.progress
+                .note(format!("sbm: using tuned weights {}", p.display()));
+            sbm_meta = report.map(|r| sbm_summary(&r));
+            source = WeightsSource::File(p.clone());
+        } else if use_sbm {
+            o.progress
+                .note(format!("sbm: training the jigsaw first ({why})"));
+            let tuned = sbm_output_path(&o.out);
+            let s = sbm_train(&SbmOptions {
+                data: o.data.clone(),
+                textures: o.textures.clone(),
+                weights: wa.clone(),
+                out: tuned.clone(),
+                config: SbmConfig {
+                    seed: o.seed,
+                    ..o.sbm_config.clone()
+                },
+                foreground: None,
+                no_synth: false,
+                preprocess: o.preprocess.clone(),
+                device: o.device.clone(),
+                restart: false,
+                progress: o.progress,
+            })?;
+            check_sbm_weights(&tuned, o.sbm_force)?;
+            sbm_meta = Some(sbm_summary(&s.report));
+            source = WeightsSource::File(tuned);
+        } else {
+            o.progress.note(format!(
+                "sbm: skipped, {why}; fitting on the pretrained backbone"
+            ));
+            sbm_meta = Some(serde_json::json!({ "applied": false, "reason": why }));
+        }
+    }
     let levels = match o.scorer {
         ScorerKind::Padim => vec![1, 2, 3],
         ScorerKind::Patchcore => vec![2, 3],
@@ -258,6 +314,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         },
         threshold: 0.0,
         heat_range: (0.0, 1.0),
+        sbm: sbm_meta,
     };
     let det = Detector {
         backbone,
@@ -299,6 +356,29 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         weights: meta.backbone.source,
         scorer_report,
         model_bytes: std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+/// Where `fit --method sbm` writes the tuned backbone: beside the model, `<out>.sbm.safetensors`.
+pub fn sbm_output_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{stem}.sbm.safetensors"))
+}
+
+fn sbm_summary(r: &tessera_sbm::SbmReport) -> serde_json::Value {
+    serde_json::json!({
+        "applied": true,
+        "gate": r.gate,
+        "drift": r.drift,
+        "epochs": r.history.len(),
+        "train_layers": r.config.train_layers,
+        "anchor": r.config.anchor,
+        "anchor_weight": r.config.anchor_weight,
+        "lr_backbone": r.config.lr_backbone,
+        "source": r.source,
     })
 }
 

@@ -22,10 +22,16 @@
 mod commands;
 mod detector;
 mod progress;
+mod sbm;
 
+pub use commands::sbm_output_path;
 pub use commands::{
     fit, predict, test, FitOptions, FitSummary, PredictOptions, PredictSummary, ScorerKind,
     TestOptions,
 };
 pub use detector::Detector;
 pub use progress::Progress;
+pub use sbm::{
+    check_sbm_weights, checkpoint_path, sbm_train, synth, SbmMode, SbmOptions, SbmSummary,
+    SynthOptions, WeightsArgs,
+};

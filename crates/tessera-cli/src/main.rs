@@ -6,7 +6,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_backbone::Arch;
-use tessera_cli::{FitOptions, PredictOptions, Progress, ScorerKind, TestOptions};
+use tessera_cli::{
+    FitOptions, PredictOptions, Progress, SbmMode, SbmOptions, ScorerKind, SynthOptions,
+    TestOptions, WeightsArgs,
+};
 use tessera_core::model::Preprocess;
 use tessera_core::DeviceSpec;
 
@@ -35,6 +38,174 @@ enum Cmd {
     Test(TestArgs),
     /// Score images or folders of images with a model: heatmaps and scores.csv.
     Predict(PredictArgs),
+    /// The shape-biased module: fine-tune a backbone on the jigsaw task.
+    #[command(subcommand)]
+    Sbm(SbmCmd),
+    /// Write synthetic defect images + masks (MVTec layout) from a category's normal images.
+    Synth(SynthArgs),
+}
+
+#[derive(Subcommand)]
+enum SbmCmd {
+    /// Train SBM on a category's train/good images and write the tuned backbone (.safetensors,
+    /// loadable with `fit --weights` or `fit --method sbm --sbm-weights`).
+    Train(SbmTrainArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SbmModeArg {
+    /// Object categories only (MVTec AD split, or the folder spec's "category").
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AnchorArg {
+    Features,
+    L2sp,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimArg {
+    Sgd,
+    Adamw,
+}
+
+/// SBM training settings (defaults: the ablation's choice, docs/sbm.md).
+#[derive(Args)]
+struct SbmArgs {
+    /// SBM epochs.
+    #[arg(long)]
+    sbm_epochs: Option<usize>,
+    /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    sbm_layers: Option<Vec<usize>>,
+    /// Anchoring against forgetting ImageNet.
+    #[arg(long, value_enum)]
+    sbm_anchor: Option<AnchorArg>,
+    /// Weight λ of the anchoring term.
+    #[arg(long)]
+    sbm_anchor_weight: Option<f64>,
+    /// Backbone learning rate.
+    #[arg(long)]
+    sbm_lr: Option<f64>,
+    /// Jigsaw head learning rate.
+    #[arg(long)]
+    sbm_head_lr: Option<f64>,
+    #[arg(long, value_enum)]
+    sbm_optimizer: Option<OptimArg>,
+    /// Tiles per side of the jigsaw grid.
+    #[arg(long)]
+    sbm_grid: Option<usize>,
+    /// Number of non-identity permutations.
+    #[arg(long)]
+    sbm_permutations: Option<usize>,
+    /// Probability of showing the identity (default: uniform over all classes).
+    #[arg(long)]
+    sbm_identity_prob: Option<f64>,
+    /// Probability that a training input carries a synthetic defect.
+    #[arg(long)]
+    sbm_synth_prob: Option<f64>,
+    /// Images per SBM training step.
+    #[arg(long)]
+    sbm_batch_size: Option<usize>,
+    /// Texture images (e.g. DTD) as anomaly sources for synthetic defects; without it, the
+    /// structure source only.
+    #[arg(long)]
+    textures: Option<PathBuf>,
+}
+
+impl SbmArgs {
+    fn config(&self, seed: u64) -> tessera_sbm::SbmConfig {
+        let d = tessera_sbm::SbmConfig::default();
+        tessera_sbm::SbmConfig {
+            epochs: self.sbm_epochs.unwrap_or(d.epochs),
+            train_layers: self.sbm_layers.clone().unwrap_or(d.train_layers.clone()),
+            anchor: match self.sbm_anchor {
+                None => d.anchor,
+                Some(AnchorArg::Features) => tessera_sbm::Anchor::Features,
+                Some(AnchorArg::L2sp) => tessera_sbm::Anchor::L2Sp,
+                Some(AnchorArg::None) => tessera_sbm::Anchor::None,
+            },
+            anchor_weight: self.sbm_anchor_weight.unwrap_or(d.anchor_weight),
+            lr_backbone: self.sbm_lr.unwrap_or(d.lr_backbone),
+            lr_head: self.sbm_head_lr.unwrap_or(d.lr_head),
+            optimizer: match self.sbm_optimizer {
+                None => d.optimizer,
+                Some(OptimArg::Sgd) => tessera_sbm::OptimizerKind::Sgd,
+                Some(OptimArg::Adamw) => tessera_sbm::OptimizerKind::Adamw,
+            },
+            grid: self.sbm_grid.unwrap_or(d.grid),
+            permutations: self.sbm_permutations.unwrap_or(d.permutations),
+            identity_prob: self.sbm_identity_prob.or(d.identity_prob),
+            synth_prob: self.sbm_synth_prob.unwrap_or(d.synth_prob),
+            batch_size: self.sbm_batch_size.unwrap_or(d.batch_size),
+            seed,
+            ..d
+        }
+    }
+}
+
+#[derive(Args)]
+struct SbmTrainArgs {
+    /// Category folder (MVTec layout or tessera-dataset.json); its train/good images are used.
+    #[arg(long)]
+    data: PathBuf,
+    /// resnet18, resnet34, resnet50 or wide_resnet50_2.
+    #[arg(long, default_value = "resnet18")]
+    backbone: Arch,
+    /// Starting weights (local .safetensors); without it, the Hugging Face hub.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, conflicts_with = "weights")]
+    hub_repo: Option<String>,
+    #[arg(long, conflicts_with_all = ["weights", "hub_repo"])]
+    random_weights: Option<u64>,
+    /// Tuned backbone to write (a checkpoint `<out>.ckpt` is kept while training; a rerun
+    /// resumes from it).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "paper")]
+    preprocess: PreprocessArg,
+    /// Restrict synthetic defects to the object's foreground (default: object categories).
+    #[arg(long)]
+    foreground: Option<bool>,
+    /// Train on normal images only (no synthetic defects).
+    #[arg(long)]
+    no_synth: bool,
+    /// Ignore an existing checkpoint and start over.
+    #[arg(long)]
+    restart: bool,
+    #[command(flatten)]
+    sbm: SbmArgs,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Category folder; normal sources are its train/good images.
+    #[arg(long)]
+    data: PathBuf,
+    /// Texture images as anomaly sources (optional).
+    #[arg(long)]
+    textures: Option<PathBuf>,
+    /// Number of images to write.
+    #[arg(long, default_value_t = 16)]
+    count: usize,
+    /// Output folder (test/synthetic/*.png, ground_truth/synthetic/*_mask.png).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Restrict defects to the Otsu foreground (default: MVTec object categories).
+    #[arg(long)]
+    foreground: Option<bool>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -54,6 +225,8 @@ enum BankDtypeArg {
 enum MethodArg {
     /// The scorer on plain ImageNet features.
     Baseline,
+    /// SBM first (object categories, see --sbm), then the scorer on the tuned backbone.
+    Sbm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +304,17 @@ struct FitArgs {
     /// Model file to write (atomically).
     #[arg(long)]
     out: PathBuf,
+    /// --method sbm: on which categories SBM runs.
+    #[arg(long, value_enum, default_value = "auto")]
+    sbm: SbmModeArg,
+    /// --method sbm: use this tuned backbone (from `tessera sbm train`) instead of training.
+    #[arg(long)]
+    sbm_weights: Option<PathBuf>,
+    /// Use SBM weights even if their jigsaw gate failed.
+    #[arg(long)]
+    sbm_force: bool,
+    #[command(flatten)]
+    sbm_args: SbmArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -188,7 +372,17 @@ fn run(cli: Cli) -> Result<()> {
                 random_weights: a.random_weights,
                 method: match a.method {
                     MethodArg::Baseline => "baseline".into(),
+                    MethodArg::Sbm => "sbm".into(),
                 },
+                sbm: match a.sbm {
+                    SbmModeArg::Auto => SbmMode::Auto,
+                    SbmModeArg::On => SbmMode::On,
+                    SbmModeArg::Off => SbmMode::Off,
+                },
+                sbm_weights: a.sbm_weights,
+                sbm_force: a.sbm_force,
+                sbm_config: a.sbm_args.config(a.seed),
+                textures: a.sbm_args.textures.clone(),
                 seed: a.seed,
                 device: a.common.device,
                 out: a.out,
@@ -272,6 +466,71 @@ fn run(cli: Cli) -> Result<()> {
                     s.anomalous,
                     s.threshold,
                     s.scores_csv.display()
+                ));
+            }
+        }
+        Cmd::Sbm(SbmCmd::Train(a)) => {
+            let opts = SbmOptions {
+                data: a.data,
+                textures: a.sbm.textures.clone(),
+                weights: WeightsArgs {
+                    backbone: a.backbone,
+                    weights: a.weights,
+                    hub_repo: a.hub_repo,
+                    random_weights: a.random_weights,
+                },
+                out: a.out,
+                config: a.sbm.config(a.seed),
+                foreground: a.foreground,
+                no_synth: a.no_synth,
+                preprocess: match a.preprocess {
+                    PreprocessArg::Paper => Preprocess::paper(),
+                    PreprocessArg::Anomalib => Preprocess::anomalib(),
+                },
+                device: a.device,
+                restart: a.restart,
+                progress,
+            };
+            let s = tessera_cli::sbm_train(&opts)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                progress.note(format!(
+                    "sbm: {:.1} s ({:.1} s/epoch); final drift l1/l2/l3 {:.3}/{:.3}/{:.3} → {}",
+                    s.seconds,
+                    s.report.seconds_per_epoch,
+                    s.report.drift[0],
+                    s.report.drift[1],
+                    s.report.drift[2],
+                    s.out.display()
+                ));
+            }
+            if !s.report.gate.passed {
+                anyhow::bail!("SBM did not pass the jigsaw gate (see the warning above)");
+            }
+        }
+        Cmd::Synth(a) => {
+            let opts = SynthOptions {
+                data: a.data,
+                textures: a.textures,
+                count: a.count,
+                out: a.out,
+                seed: a.seed,
+                foreground: a.foreground,
+                progress,
+            };
+            let s = tessera_cli::synth(&opts)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                progress.note(format!(
+                    "wrote {} synthetic images ({} texture, {} structure sources) in {:.1} s                      ({:.1} images/s) → {}",
+                    s.count,
+                    s.texture_sources,
+                    s.structure_sources,
+                    s.seconds,
+                    s.images_per_second,
+                    opts.out.display()
                 ));
             }
         }

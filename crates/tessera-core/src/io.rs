@@ -78,3 +78,50 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Write named tensors and string metadata as one `.safetensors` file, atomically.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, candle_core::Tensor)],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let mut items: Vec<&(String, candle_core::Tensor)> = tensors.iter().collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    replace_atomic(path, |tmp| {
+        safetensors::serialize_to_file(
+            items.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(std::io::Error::other)
+    })
+}
+
+/// The string metadata of a `.safetensors` file's header (empty when it has none).
+pub fn safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| Error::bad_input(path, "not a safetensors file (too short)"))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(Error::bad_input(
+            path,
+            "not a safetensors file (header too large)",
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| Error::bad_input(path, "not a safetensors file (truncated header)"))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::bad_input(path, format!("not a safetensors file ({e})")))?;
+    Ok(v.get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}

@@ -103,7 +103,7 @@ pub struct FitMeta {
 pub struct ModelMeta {
     pub format: u32,
     pub tessera_version: String,
-    /// `baseline` (more methods come with SBM and PFAM).
+    /// `baseline`, or `sbm` (the scorer on an SBM-tuned backbone).
     pub method: String,
     pub seed: u64,
     pub preprocess: Preprocess,
@@ -114,6 +114,9 @@ pub struct ModelMeta {
     pub threshold: f32,
     /// Score range used to colour heatmaps consistently across runs: (low, high).
     pub heat_range: (f32, f32),
+    /// For `--method sbm`: the SBM run's gate and drift (from the tuned weights' report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbm: Option<serde_json::Value>,
 }
 
 /// A model file in memory.
@@ -225,6 +228,7 @@ mod tests {
             },
             threshold: 0.5,
             heat_range: (0.0, 1.0),
+            sbm: None,
         }
     }
 

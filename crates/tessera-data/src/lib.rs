@@ -27,5 +27,5 @@ pub use layout::{
     list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout, Sample,
     FOLDER_SPEC_FILE,
 };
-pub use preprocess::{load_batch, load_image, load_mask, Batch, LoadedImage};
+pub use preprocess::{load_batch, load_image, load_mask, normalize, Batch, LoadedImage};
 pub use synthetic::{generate_category, SyntheticSpec};

@@ -58,18 +58,25 @@ pub fn load_image(path: &Path, pre: &Preprocess) -> Result<LoadedImage> {
     let resized = image::imageops::resize(&rgb, pre.resize, pre.resize, FilterType::Triangle);
     let off = center_crop_offset(pre.resize, pre.crop);
     let display = image::imageops::crop_imm(&resized, off, off, pre.crop, pre.crop).to_image();
-    let n = (pre.crop * pre.crop) as usize;
-    let mut chw = vec![0f32; 3 * n];
-    for (i, px) in display.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * n + i] = (px[c] as f32 / 255.0 - pre.mean[c]) / pre.std[c];
-        }
-    }
+    let chw = normalize(&display, pre);
     Ok(LoadedImage {
         chw,
         display,
         original_size,
     })
+}
+
+/// An RGB image as normalised CHW values (`(x/255 − mean)/std` per channel), the network's
+/// input layout.
+pub fn normalize(img: &RgbImage, pre: &Preprocess) -> Vec<f32> {
+    let n = (img.width() * img.height()) as usize;
+    let mut chw = vec![0f32; 3 * n];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            chw[c * n + i] = (px[c] as f32 / 255.0 - pre.mean[c]) / pre.std[c];
+        }
+    }
+    chw
 }
 
 /// Load a mask for an image of `image_size`: nearest resize, same crop, > 0.5 is defect.

@@ -23,6 +23,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
+use std::collections::HashMap;
 
 /// AdamW hyper-parameters (PyTorch's defaults, except `weight_decay` which PyTorch defaults to
 /// 0.01 as well).
@@ -69,6 +70,56 @@ impl AdamW {
     pub fn steps(&self) -> usize {
         self.step
     }
+
+    /// The optimiser state (moments and step count) as named tensors, to checkpoint training.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "step".to_string(),
+            Tensor::new(&[self.step as f32], &self.device())?,
+        )];
+        for (i, s) in self.state.iter().enumerate() {
+            out.push((format!("{i}.m"), s.m.clone()));
+            out.push((format!("{i}.v"), s.v.clone()));
+            out.push((format!("{i}.v_max"), s.v_max.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Restore a state written by [`AdamW::state_tensors`] for the same variables.
+    pub fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        let step = get(t, "step")?.to_vec1::<f32>()?;
+        self.step = step.first().copied().unwrap_or(0.0) as usize;
+        for (i, s) in self.state.iter_mut().enumerate() {
+            s.m = get_like(t, &format!("{i}.m"), s.var.as_tensor())?;
+            s.v = get_like(t, &format!("{i}.v"), s.var.as_tensor())?;
+            s.v_max = get_like(t, &format!("{i}.v_max"), s.var.as_tensor())?;
+        }
+        Ok(())
+    }
+
+    fn device(&self) -> candle_core::Device {
+        self.state
+            .first()
+            .map(|s| s.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu)
+    }
+}
+
+fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
+    t.get(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("optimiser state has no tensor '{name}'")))
+}
+
+fn get_like(t: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result<Tensor> {
+    let x = get(t, name)?;
+    if x.shape() != like.shape() {
+        candle_core::bail!(
+            "optimiser state '{name}' has shape {:?}, the variable {:?}",
+            x.shape(),
+            like.shape()
+        );
+    }
+    x.to_device(like.device())?.to_dtype(like.dtype())
 }
 
 impl candle_nn::Optimizer for AdamW {
@@ -159,6 +210,31 @@ impl Default for SgdConfig {
 pub struct Sgd {
     cfg: SgdConfig,
     state: Vec<(Var, Option<Tensor>)>,
+}
+
+impl Sgd {
+    /// The momentum buffers as named tensors (absent before the first step), to checkpoint
+    /// training.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.state
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, b))| b.as_ref().map(|b| (format!("{i}.momentum"), b.clone())))
+            .collect()
+    }
+
+    /// Restore buffers written by [`Sgd::state_tensors`] for the same variables.
+    pub fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        for (i, (var, buf)) in self.state.iter_mut().enumerate() {
+            let name = format!("{i}.momentum");
+            *buf = if t.contains_key(&name) {
+                Some(get_like(t, &name, var.as_tensor())?)
+            } else {
+                None
+            };
+        }
+        Ok(())
+    }
 }
 
 impl candle_nn::Optimizer for Sgd {
