@@ -2,6 +2,7 @@
 //!
 //! - `demo`: the main job end to end on a built-in default — a synthetic MVTec-layout category
 //!   generated deterministically, fit, test, heatmaps and the report. No network, no dataset.
+//! - `cuda-build`: the `cuda` feature built without a GPU (CUDA 13.0 toolkit from PyPI wheels).
 //! - `real-check`: CI's real-data gate on `../shared` (skipped, loudly, when absent).
 //! - `bench`: the performance numbers of `docs/performance.md` — criterion ms/image for features
 //!   and PaDiM scoring (batch 1 and 8), fit time, test ms/image and peak RSS on `../shared` bottle,
@@ -12,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const USAGE: &str = "usage: cargo xtask <demo|bench|real-check> [options]
+mod cuda;
+
+const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|cuda-build> [options]
 
   demo  [--out DIR] [--weights FILE] [--seed N]
         Generate a synthetic category, fit PaDiM, test it, write heatmaps and the report.
@@ -24,7 +27,8 @@ const USAGE: &str = "usage: cargo xtask <demo|bench|real-check> [options]
         ../shared bottle; and PyTorch's time for the same work when torch is installed.
   real-check [--shared DIR]
         CI's real-data gate: PaDiM + ResNet-18 on ../shared bottle must reach image AUROC
-        >= 0.990 and pixel AUROC >= 0.975. Says SKIPPED (exit 0) when ../shared is absent.";
+        >= 0.990 and pixel AUROC >= 0.975. Says SKIPPED (exit 0) when ../shared is absent.
+";
 
 fn main() {
     if let Err(e) = run() {
@@ -36,7 +40,7 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        println!("{USAGE}");
+        println!("{USAGE}{}", cuda::USAGE);
         return Ok(());
     };
     let rest = &args[1..];
@@ -44,11 +48,12 @@ fn run() -> Result<()> {
         "demo" => demo(rest),
         "bench" => bench(rest),
         "real-check" => real_check(rest),
+        "cuda-build" => cuda::cuda_build(&root(), rest),
         "-h" | "--help" | "help" => {
-            println!("{USAGE}");
+            println!("{USAGE}{}", cuda::USAGE);
             Ok(())
         }
-        other => bail!("unknown task '{other}'\n{USAGE}"),
+        other => bail!("unknown task '{other}'\n{USAGE}{}", cuda::USAGE),
     }
 }
 

@@ -55,8 +55,11 @@ impl DeviceSpec {
                          support (rebuild with `--features cuda`, see `cargo xtask cuda-build`)"
                     )));
                 }
-                candle_core::Device::new_cuda(n)
-                    .map_err(|e| Error::Unavailable(format!("cannot open CUDA device {n}: {e}")))
+                candle_core::Device::new_cuda(n).map_err(|e| {
+                    Error::Unavailable(format!(
+                        "cannot open CUDA device {n} (is a GPU with its driver present?): {e}"
+                    ))
+                })
             }
         }
     }

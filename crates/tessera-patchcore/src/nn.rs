@@ -20,6 +20,9 @@ pub fn nearest(
     chunk: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     use rayon::prelude::*;
+    if !queries.device().is_cpu() {
+        return nearest_tensor_ops(queries, bank, bank_sq, chunk);
+    }
     let (m, _) = queries.dims2()?;
     let k = bank.dims()[0];
     let q_sq: Vec<f32> = queries.sqr()?.sum(D::Minus1)?.to_vec1()?;
@@ -61,6 +64,48 @@ pub fn nearest(
         .map(|(v, q)| (v + q).max(0.0).sqrt())
         .collect();
     Ok((dist, idx))
+}
+
+/// [`nearest`] with tensor ops only, the path used on accelerators (any device works): distances, minimum and argmin stay on the device chunk by
+/// chunk (the running minimum is merged there too); only the final `M` distances and indices
+/// cross to the host, once.
+pub fn nearest_tensor_ops(
+    queries: &Tensor,
+    bank: &Tensor,
+    bank_sq: &Tensor,
+    chunk: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let k = bank.dims()[0];
+    let q_sq = queries.sqr()?.sum_keepdim(D::Minus1)?; // M × 1
+    let mut best: Option<(Tensor, Tensor)> = None;
+    let mut start = 0;
+    while start < k {
+        let len = chunk.max(1).min(k - start);
+        let b = bank.narrow(0, start, len)?.to_dtype(DType::F32)?;
+        let b_sq = bank_sq.narrow(0, start, len)?.unsqueeze(0)?;
+        let d2 = (queries.matmul(&b.t()?)? * -2.0)?.broadcast_add(&b_sq)?; // M × len
+        let v = d2.min_keepdim(D::Minus1)?;
+        let i = (d2.argmin_keepdim(D::Minus1)?.to_dtype(DType::F32)? + start as f64)?;
+        best = Some(match best {
+            None => (v, i),
+            Some((bv, bi)) => {
+                // Strictly smaller wins: ties keep the earlier (lower) index, as the CPU path.
+                let take = v.lt(&bv)?;
+                (take.where_cond(&v, &bv)?, take.where_cond(&i, &bi)?)
+            }
+        });
+        start += len;
+    }
+    let Some((v, i)) = best else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let dist: Vec<f32> = (v + q_sq)?
+        .clamp(0f32, f32::MAX)?
+        .sqrt()?
+        .flatten_all()?
+        .to_vec1()?;
+    let idx: Vec<f32> = i.flatten_all()?.to_vec1()?;
+    Ok((dist, idx.into_iter().map(|x| x as u32).collect()))
 }
 
 /// The `n` nearest bank rows to one query row (`1 × D`), nearest first: (distances, indices).

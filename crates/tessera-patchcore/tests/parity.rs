@@ -71,6 +71,17 @@ fn nearest_matches_cdist_and_chunking_changes_nothing() {
             );
         }
     }
+    // The accelerator path (tensor ops only), run here on the CPU, agrees.
+    for chunk in [7, 50, 1000] {
+        let (d, i) = nn::nearest_tensor_ops(&q, bank, &sq, chunk).unwrap();
+        assert_eq!(i, i_full, "device path, chunk {chunk}");
+        for (a, b) in d.iter().zip(&d_full) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.max(1.0),
+                "device path: {a} vs {b}"
+            );
+        }
+    }
     // k nearest: the first is the 1-NN.
     let (kd, ki) = nn::k_nearest(&q.narrow(0, 3, 1).unwrap(), bank, &sq, 5, 7).unwrap();
     assert_eq!(ki[0], i_full[3]);
