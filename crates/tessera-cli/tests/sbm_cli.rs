@@ -1,0 +1,191 @@
+//! `tessera sbm train`, `fit --method sbm` and `tessera synth` end to end on a small synthetic
+//! category (random backbone: these check behaviour, not accuracy).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tessera_data::{generate_category, SyntheticSpec};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("run tessera")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn category(dir: &Path) -> PathBuf {
+    let root = dir.join("ring");
+    let spec = SyntheticSpec {
+        seed: 4,
+        size: 96,
+        train: 14,
+        test_good: 2,
+        test_defect: 1,
+    };
+    generate_category(&root, &spec).unwrap();
+    root
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let tuned = dir.path().join("tuned.safetensors");
+    // Head learning rate ~0 and a frozen backbone: the jigsaw cannot be learned.
+    let out = tessera(&[
+        "--json",
+        "sbm",
+        "train",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--out",
+        &s(&tuned),
+        "--preprocess",
+        "anomalib",
+        "--sbm-epochs",
+        "1",
+        "--sbm-grid",
+        "2",
+        "--sbm-permutations",
+        "5",
+        "--sbm-lr",
+        "0",
+        "--sbm-head-lr",
+        "1e-12",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("did NOT learn"), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["report"]["gate"]["passed"], false);
+    assert_eq!(summary["report"]["history"].as_array().unwrap().len(), 1);
+    assert!(tuned.is_file(), "the tuned file is kept for inspection");
+    assert!(
+        !tessera_cli::checkpoint_path(&tuned).exists(),
+        "checkpoint removed after success"
+    );
+
+    // fit refuses it, naming the file; --sbm-force accepts it; the model records the gate.
+    let model = dir.path().join("m.safetensors");
+    let fit = |force: bool| {
+        let mut a = vec![
+            "--quiet".to_string(),
+            "fit".into(),
+            "--data".into(),
+            s(&data),
+            "--preprocess".into(),
+            "anomalib".into(),
+            "--method".into(),
+            "sbm".into(),
+            "--sbm-weights".into(),
+            s(&tuned),
+            "--out".into(),
+            s(&model),
+        ];
+        if force {
+            a.push("--sbm-force".into());
+        }
+        tessera(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let refused = fit(false);
+    assert_eq!(refused.status.code(), Some(1));
+    let e = stderr(&refused);
+    assert!(
+        e.contains("tuned.safetensors") && e.contains("did not learn"),
+        "{e}"
+    );
+    assert!(!model.exists());
+    let forced = fit(true);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    let meta = tessera_core::model::ModelFile::load(&model, &candle_core::Device::Cpu)
+        .unwrap()
+        .meta;
+    assert_eq!(meta.method, "sbm");
+    assert_eq!(meta.sbm.unwrap()["gate"]["passed"], false);
+}
+
+#[test]
+fn sbm_auto_skips_a_category_of_unknown_kind_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let model = dir.path().join("m.safetensors");
+    let out = tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--preprocess",
+        "anomalib",
+        "--method",
+        "sbm",
+        "--out",
+        &s(&model),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("sbm: skipped"), "{}", stderr(&out));
+    let meta = tessera_core::model::ModelFile::load(&model, &candle_core::Device::Cpu)
+        .unwrap()
+        .meta;
+    assert_eq!(meta.sbm.unwrap()["applied"], false);
+    // --sbm-weights without --method sbm is a usage error, not silently ignored.
+    let bad = tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--sbm-weights",
+        "x.safetensors",
+        "--out",
+        &s(&model),
+    ]);
+    assert!(stderr(&bad).contains("--method sbm"), "{}", stderr(&bad));
+}
+
+#[test]
+fn synth_writes_images_and_masks_in_mvtec_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let out_dir = dir.path().join("synth");
+    let out = tessera(&[
+        "--json",
+        "synth",
+        "--data",
+        &s(&data),
+        "--count",
+        "5",
+        "--out",
+        &s(&out_dir),
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["count"], 5);
+    let images = std::fs::read_dir(out_dir.join("test/synthetic"))
+        .unwrap()
+        .count();
+    let masks = std::fs::read_dir(out_dir.join("ground_truth/synthetic"))
+        .unwrap()
+        .count();
+    assert_eq!((images, masks), (5, 5));
+    // A missing category is an error naming it.
+    let bad = tessera(&[
+        "synth",
+        "--data",
+        &s(&dir.path().join("nope")),
+        "--out",
+        &s(&out_dir),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("nope"), "{}", stderr(&bad));
+}
