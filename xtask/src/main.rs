@@ -2,6 +2,7 @@
 //!
 //! - `demo`: the main job end to end on a built-in default — a synthetic MVTec-layout category
 //!   generated deterministically, fit, test, heatmaps and the report. No network, no dataset.
+//! - `reproduce`: the paper's Table 1 and Table 2 (baseline vs + method), resumable.
 //! - `cuda-build`: the `cuda` feature built without a GPU (CUDA 13.0 toolkit from PyPI wheels).
 //! - `real-check`: CI's real-data gate on `../shared` (skipped, loudly, when absent).
 //! - `bench`: the performance numbers of `docs/performance.md` — criterion ms/image for features
@@ -14,8 +15,9 @@ use std::process::Command;
 use std::time::Instant;
 
 mod cuda;
+mod reproduce;
 
-const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|cuda-build> [options]
+const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|reproduce|cuda-build> [options]
 
   demo  [--out DIR] [--weights FILE] [--seed N]
         Generate a synthetic category, fit PaDiM, test it, write heatmaps and the report.
@@ -40,7 +42,7 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        println!("{USAGE}{}", cuda::USAGE);
+        println!("{USAGE}{}\n{}", reproduce::USAGE, cuda::USAGE);
         return Ok(());
     };
     let rest = &args[1..];
@@ -49,11 +51,16 @@ fn run() -> Result<()> {
         "bench" => bench(rest),
         "real-check" => real_check(rest),
         "cuda-build" => cuda::cuda_build(&root(), rest),
+        "reproduce" => reproduce::reproduce(rest),
         "-h" | "--help" | "help" => {
-            println!("{USAGE}{}", cuda::USAGE);
+            println!("{USAGE}{}\n{}", reproduce::USAGE, cuda::USAGE);
             Ok(())
         }
-        other => bail!("unknown task '{other}'\n{USAGE}{}", cuda::USAGE),
+        other => bail!(
+            "unknown task '{other}'\n{USAGE}{}\n{}",
+            reproduce::USAGE,
+            cuda::USAGE
+        ),
     }
 }
 

@@ -179,7 +179,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 foreground: None,
                 no_synth: false,
                 preprocess: o.preprocess.clone(),
-                device: o.device.clone(),
+                device: o.device,
                 restart: false,
                 progress: o.progress,
             })?;

@@ -20,6 +20,7 @@
 //! ```
 
 mod commands;
+mod data;
 mod detector;
 mod progress;
 mod sbm;
@@ -29,6 +30,7 @@ pub use commands::{
     fit, predict, test, FitOptions, FitSummary, PredictOptions, PredictSummary, ScorerKind,
     TestOptions,
 };
+pub use data::{data_verify, resolve_manifest, verify_table, DataVerifyOptions};
 pub use detector::Detector;
 pub use progress::Progress;
 pub use sbm::{

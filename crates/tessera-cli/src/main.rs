@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_backbone::Arch;
 use tessera_cli::{
-    FitOptions, PredictOptions, Progress, SbmMode, SbmOptions, ScorerKind, SynthOptions,
-    TestOptions, WeightsArgs,
+    DataVerifyOptions, FitOptions, PredictOptions, Progress, SbmMode, SbmOptions, ScorerKind,
+    SynthOptions, TestOptions, WeightsArgs,
 };
 use tessera_core::model::Preprocess;
 use tessera_core::DeviceSpec;
@@ -43,6 +43,30 @@ enum Cmd {
     Sbm(SbmCmd),
     /// Write synthetic defect images + masks (MVTec layout) from a category's normal images.
     Synth(SynthArgs),
+    /// Datasets on disk.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Check a dataset (a root of category folders, or one category folder) against a
+    /// manifest: categories present, image counts per split, a mask for every defective image,
+    /// mask sizes, unreadable or stray files. Exit status 1 when anything is wrong.
+    Verify(DataVerifyArgs),
+}
+
+#[derive(Args)]
+struct DataVerifyArgs {
+    /// Dataset root holding category folders, or a single category folder.
+    root: PathBuf,
+    /// Manifest JSON file, or a built-in one by name: mvtec_ad (the default), mtl_ad.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Check only these categories (comma-separated); other folders are then not looked at.
+    /// For a single category folder: the manifest category it is.
+    #[arg(long, value_delimiter = ',')]
+    categories: Option<Vec<String>>,
 }
 
 #[derive(Subcommand)]
@@ -437,9 +461,10 @@ fn run(cli: Cli) -> Result<()> {
                         .unwrap_or_else(|| "n/a".into())
                 };
                 progress.note(format!(
-                    "image AUROC {}  pixel AUROC {}  ({} images, {:.1} ms/image) → {}",
+                    "image AUROC {}  pixel AUROC {}  pixel AUPRO {}  ({} images, {:.1} ms/image) → {}",
                     pct(r.image_auroc),
                     pct(r.pixel_auroc),
+                    pct(r.pixel_aupro),
                     r.counts.images,
                     r.ms_per_image,
                     opts.report.display()
@@ -532,6 +557,32 @@ fn run(cli: Cli) -> Result<()> {
                     s.images_per_second,
                     opts.out.display()
                 ));
+            }
+        }
+        Cmd::Data(DataCmd::Verify(a)) => {
+            let opts = DataVerifyOptions {
+                root: a.root,
+                manifest: a.manifest,
+                categories: a.categories,
+            };
+            let r = tessera_cli::data_verify(&opts)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", tessera_cli::verify_table(&r));
+            }
+            if !r.ok {
+                use tessera_data::verify::CategoryStatus as S;
+                anyhow::bail!(
+                    "{} does not match the {} manifest ({} of {} categories failed, {} missing; \
+                     {} problems in all)",
+                    r.root.display(),
+                    r.manifest,
+                    r.count(S::Failed),
+                    r.categories.len(),
+                    r.count(S::Missing),
+                    r.all_issues().count()
+                );
             }
         }
     }

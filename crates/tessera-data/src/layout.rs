@@ -17,10 +17,12 @@ pub enum CategoryKind {
     Object,
 }
 
-/// The MVTec AD texture/object split (None for names MVTec AD does not have).
+/// The texture/object split of MVTec AD's categories, plus MTL AD's three leather classes
+/// (textures, as the paper groups them); None for other names.
 pub fn mvtec_category_kind(name: &str) -> Option<CategoryKind> {
-    match name {
+    match name.to_ascii_lowercase().as_str() {
         "carpet" | "grid" | "leather" | "tile" | "wood" => Some(CategoryKind::Texture),
+        "lychee" | "ostrich" | "pearlfish" => Some(CategoryKind::Texture),
         "bottle" | "cable" | "capsule" | "hazelnut" | "metal_nut" | "pill" | "screw"
         | "toothbrush" | "transistor" | "zipper" => Some(CategoryKind::Object),
         _ => None,

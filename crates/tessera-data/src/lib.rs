@@ -8,6 +8,10 @@
 //! - **Preprocessing** ([`load_batch`]): PNG/JPEG/BMP/TIFF of any size, gray or RGB → resize
 //!   (bilinear, antialiased) → center crop → ImageNet normalisation, decoded in parallel.
 //!   Masks: nearest resize, same crop, > 0.5 is defect.
+//! - **Verification** ([`verify::verify`]): check a dataset on disk against a manifest of its
+//!   categories and counts (built in: MVTec AD, MTL AD; `datasets/*.json`): missing categories
+//!   and folders, count mismatches, missing or orphan masks, mask/image size mismatches (from the
+//!   headers), unreadable and unknown files.
 //!
 //! ```no_run
 //! use tessera_core::model::Preprocess;
@@ -22,6 +26,7 @@
 mod layout;
 mod preprocess;
 pub mod synthetic;
+pub mod verify;
 
 pub use layout::{
     list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout, Sample,

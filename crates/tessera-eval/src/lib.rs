@@ -5,9 +5,12 @@
 //!
 //! - [`auroc`] / [`f1_max`]: exact ROC AUC (ties count ½, as scikit-learn's `roc_auc_score`) and
 //!   the best F1 over all thresholds, in `O(n log n)`; fast enough to pool millions of pixels.
-//! - [`evaluate`]: image- and pixel-level AUROC / F1-max, a per-defect-type breakdown, counts,
-//!   timings and run information, as a [`Report`] that writes itself as JSON or Markdown
-//!   (atomically).
+//! - [`aupro`] / [`pro_curve`]: MVTec AD's per-region overlap (8-connected ground-truth
+//!   regions, FPR over all normal pixels, integrated to FPR 0.3 and normalised), exact: one sort
+//!   of all pixel scores, ties as one threshold step.
+//! - [`evaluate`]: image- and pixel-level AUROC / F1-max (with their thresholds), pixel AUPRO, a
+//!   per-defect-type breakdown, counts, timings and run information, as a [`Report`] that
+//!   writes itself as JSON or Markdown (atomically).
 //! - [`render_panel`] / [`save_png`]: image | heatmap overlay | ground truth | predicted mask
 //!   panels.
 //!
@@ -38,6 +41,7 @@
 //! assert_eq!(report.image_auroc, Some(1.0));
 //! assert_eq!(report.pixel_auroc, Some(1.0));
 //! assert_eq!(report.pixel_threshold, Some(0.9));
+//! assert_eq!(report.pixel_aupro, Some(1.0));
 //! assert_eq!(report.counts.pixels, 8);
 //! assert!(report.to_markdown().contains("| Image AUROC | 100.00% |"));
 //! ```
@@ -46,8 +50,12 @@
 
 pub mod heatmap;
 pub mod metrics;
+pub mod pro;
 pub mod report;
 
 pub use heatmap::{jet, render_panel, save_png};
 pub use metrics::{auroc, f1_max};
+pub use pro::{
+    aupro, connected_components, pro_curve, Components, ProCurve, ProImage, PRO_FPR_LIMIT,
+};
 pub use report::{evaluate, Counts, EvalSample, ImageScore, Report, RunInfo, Timings, TypeReport};

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 /// Order-preserving map from a non-NaN `f32` to a `u32`: `a < b` ⇔ `key(a) < key(b)`, and
 /// `-0.0`/`0.0` share a key.
 #[inline]
-fn score_key(s: f32) -> u32 {
+pub(crate) fn score_key(s: f32) -> u32 {
     let s = if s == 0.0 { 0.0 } else { s };
     let b = s.to_bits();
     if b >> 31 == 1 {
@@ -28,7 +28,7 @@ fn score_key(s: f32) -> u32 {
 
 /// Inverse of [`score_key`].
 #[inline]
-fn key_score(k: u32) -> f32 {
+pub(crate) fn key_score(k: u32) -> f32 {
     if k >> 31 == 1 {
         f32::from_bits(k & 0x7fff_ffff)
     } else {

@@ -2,6 +2,7 @@
 //! JSON / Markdown reports.
 
 use crate::metrics::{self, PoolStats};
+use crate::pro::{self, ProImage, PRO_FPR_LIMIT};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -84,6 +85,10 @@ pub struct TypeReport {
     /// Pixel AUROC pooled over the pixels of normal images and of this type's images; `None` if
     /// undefined (no mask, or no positive pixel).
     pub pixel_auroc: Option<f64>,
+    /// AUPRO (FPR ≤ 0.3, normalised) over normal images and this type's images; `None` if
+    /// undefined. Absent from reports written before it existed (read as `None`).
+    #[serde(default)]
+    pub pixel_aupro: Option<f64>,
 }
 
 /// The score of one test image.
@@ -107,8 +112,17 @@ pub struct Report {
     pub image_auroc: Option<f64>,
     /// Pixel-level ROC AUC pooled over all pixels of all test images with ground truth.
     pub pixel_auroc: Option<f64>,
+    /// Area under the per-region overlap curve up to FPR 0.3, normalised to `[0, 1]`
+    /// (MVTec AD's AUPRO; [`crate::aupro`]), over the same pixels as `pixel_auroc`; `None` when
+    /// no image has a ground-truth region. Absent from older reports (read as `None`).
+    #[serde(default)]
+    pub pixel_aupro: Option<f64>,
     /// The best image-level F1 over all thresholds.
     pub image_f1_max: Option<f64>,
+    /// The image-score threshold achieving `image_f1_max` (anomalous when
+    /// `score >= threshold`). Absent from older reports (read as `None`).
+    #[serde(default)]
+    pub image_threshold: Option<f32>,
     /// The best pixel-level F1 over all thresholds.
     pub pixel_f1_max: Option<f64>,
     /// The pixel threshold achieving `pixel_f1_max` (anomalous when `score >= threshold`).
@@ -191,6 +205,26 @@ fn sample_pixels(s: &EvalSample) -> Pixels {
     keys.map_or(Pixels::Nan, Pixels::Keys)
 }
 
+/// The PRO view of one sample (`None`: anomalous without ground truth, left out).
+fn sample_pro(s: &EvalSample) -> Option<ProImage<'_>> {
+    match &s.mask {
+        Some(m) => Some(ProImage::new(&s.map, Some(m))),
+        None if s.is_anomalous() => None,
+        None => Some(ProImage::new(&s.map, None)),
+    }
+}
+
+/// AUPRO over the selected samples.
+fn pooled_aupro(images: &[Option<ProImage>], select: impl Fn(usize) -> bool) -> Option<f64> {
+    let chosen: Vec<ProImage> = images
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| select(*i))
+        .filter_map(|(_, p)| *p)
+        .collect();
+    pro::aupro(&chosen, PRO_FPR_LIMIT)
+}
+
 /// Pool the pixels of the selected samples and compute their metrics (`None` if any is NaN).
 fn pooled(pixels: &[Pixels], select: impl Fn(usize) -> bool, want_f1: bool) -> (PoolStats, u64) {
     let chosen: Vec<&Pixels> = pixels
@@ -230,6 +264,8 @@ fn pooled(pixels: &[Pixels], select: impl Fn(usize) -> bool, want_f1: bool) -> (
 /// - Pixel level: all pixels of all test images are pooled into one ranking (normal images
 ///   without a mask count as all-normal; anomalous images without a mask are left out). The
 ///   pixel AUROC is `None` when no anomalous image has a (non-empty) mask.
+/// - AUPRO ([`crate::aupro`], FPR limit [`PRO_FPR_LIMIT`]) over the same pixels: ground-truth
+///   regions are the 8-connected components of each mask.
 /// - Per defect type: normal images vs the images of that type, at both levels.
 ///
 /// Any NaN score makes the metrics it takes part in `None`.
@@ -241,10 +277,11 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
     let scores: Vec<f32> = samples.iter().map(|s| s.map.image_score()).collect();
     let labels: Vec<bool> = samples.iter().map(EvalSample::is_anomalous).collect();
     let image_auroc = metrics::auroc(&scores, &labels);
-    let image_f1_max = metrics::f1_max(&scores, &labels).map(|(f, _)| f);
+    let image_f1 = metrics::f1_max(&scores, &labels);
 
     let pixels: Vec<Pixels> = samples.par_iter().map(sample_pixels).collect();
     let (all, pixel_count) = pooled(&pixels, |_| true, true);
+    let pro_images: Vec<Option<ProImage>> = samples.iter().map(sample_pro).collect();
 
     let normal = labels.iter().filter(|&&a| !a).count();
     let mut per_type = BTreeMap::new();
@@ -268,6 +305,7 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
                 images: samples.iter().filter(|s| s.defect_type == ty).count(),
                 image_auroc: metrics::auroc(&s, &l),
                 pixel_auroc: px.auroc,
+                pixel_aupro: pooled_aupro(&pro_images, select),
             },
         );
     }
@@ -275,7 +313,9 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
     Report {
         image_auroc,
         pixel_auroc: all.auroc,
-        image_f1_max,
+        pixel_aupro: pooled_aupro(&pro_images, |_| true),
+        image_f1_max: image_f1.map(|(f, _)| f),
+        image_threshold: image_f1.map(|(_, t)| t),
         pixel_f1_max: all.f1.map(|(f, _)| f),
         pixel_threshold: all.f1.map(|(_, t)| t),
         counts: Counts {
@@ -328,11 +368,24 @@ impl Report {
         let _ = writeln!(md, "| Metric | Value |\n|---|---|");
         let _ = writeln!(md, "| Image AUROC | {} |", pct(self.image_auroc));
         let _ = writeln!(md, "| Pixel AUROC | {} |", pct(self.pixel_auroc));
-        let _ = writeln!(md, "| Image F1-max | {} |", pct(self.image_f1_max));
-        let thr = self
-            .pixel_threshold
-            .map_or_else(String::new, |t| format!(" (threshold {t:.6})"));
-        let _ = writeln!(md, "| Pixel F1-max | {}{thr} |", pct(self.pixel_f1_max));
+        let _ = writeln!(
+            md,
+            "| Pixel AUPRO (FPR ≤ 0.3) | {} |",
+            pct(self.pixel_aupro)
+        );
+        let thr = |t: Option<f32>| t.map_or_else(String::new, |t| format!(" (threshold {t:.6})"));
+        let _ = writeln!(
+            md,
+            "| Image F1-max | {}{} |",
+            pct(self.image_f1_max),
+            thr(self.image_threshold)
+        );
+        let _ = writeln!(
+            md,
+            "| Pixel F1-max | {}{} |",
+            pct(self.pixel_f1_max),
+            thr(self.pixel_threshold)
+        );
         let _ = writeln!(
             md,
             "| Images | {} ({} normal, {} anomalous) |",
@@ -367,16 +420,17 @@ impl Report {
         if !self.per_type.is_empty() {
             let _ = writeln!(
                 md,
-                "\n## Per defect type\n\n| Type | Images | Image AUROC | Pixel AUROC |\n|---|---:|---:|---:|"
+                "\n## Per defect type\n\n| Type | Images | Image AUROC | Pixel AUROC | Pixel AUPRO |\n|---|---:|---:|---:|---:|"
             );
             for (ty, t) in &self.per_type {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     cell(ty),
                     t.images,
                     pct(t.image_auroc),
-                    pct(t.pixel_auroc)
+                    pct(t.pixel_auroc),
+                    pct(t.pixel_aupro)
                 );
             }
         }
@@ -450,6 +504,8 @@ mod tests {
         // Image scores: good 0.3, 0.4; crack 0.9; hole 0.5 → perfectly separated.
         assert_eq!(r.image_auroc, Some(1.0));
         assert_eq!(r.image_f1_max, Some(1.0));
+        // F1 1 first reached at threshold 0.5 (the hole image); 0.9 alone gives 2/3.
+        assert_eq!(r.image_threshold, Some(0.5));
         assert_eq!(
             r.counts,
             Counts {
@@ -475,6 +531,15 @@ mod tests {
         assert_eq!(r.per_type["crack"].image_auroc, Some(1.0));
         assert_eq!(r.per_type["crack"].pixel_auroc, Some(1.0));
         assert!(r.per_type["hole"].pixel_auroc.unwrap() < 1.0);
+        // AUPRO by hand. Regions: crack {0.9} (size 1), hole {0.5, 0.1} (size 2); 13 normal
+        // pixels, the highest 0.4, 0.35, 0.3, then five at 0.2. PRO is 0.75 from FPR 0 up to
+        // FPR 8/13 > 0.3 → 0.75.
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
+        assert!(close(r.pixel_aupro, 0.75), "{:?}", r.pixel_aupro);
+        // crack: its one pixel above every normal pixel → 1; hole: PRO 0.5 until the 10
+        // normal pixels' fourth (FPR 0.4) → 0.5.
+        assert!(close(r.per_type["crack"].pixel_aupro, 1.0));
+        assert!(close(r.per_type["hole"].pixel_aupro, 0.5));
         assert_eq!(r.images.len(), 4);
         assert_eq!(r.images[2].score, 0.9);
         assert_eq!(r.tessera_version, tessera_core::VERSION);
@@ -489,10 +554,17 @@ mod tests {
         assert_eq!(r.pixel_auroc, None);
         assert_eq!(r.pixel_f1_max, None);
         assert_eq!(r.pixel_threshold, None);
+        assert_eq!(r.pixel_aupro, None);
+        assert_eq!(r.per_type["crack"].pixel_aupro, None);
         assert_eq!(r.counts.pixels, 8);
         assert!(r.image_auroc.is_some());
+        assert!(r.image_f1_max.is_some() && r.image_threshold.is_some());
         let v = serde_json::to_value(&r).unwrap();
         assert!(v["pixel_auroc"].is_null());
+        assert!(v["pixel_aupro"].is_null());
+        assert!(r
+            .to_markdown()
+            .contains("| Pixel AUPRO (FPR ≤ 0.3) | n/a |"));
     }
 
     #[test]
@@ -509,7 +581,9 @@ mod tests {
         s[0].map.data[0] = f32::NAN;
         let r = evaluate(&s, Timings::default(), info());
         assert_eq!(r.pixel_auroc, None);
+        assert_eq!(r.pixel_aupro, None);
         assert_eq!(r.per_type["crack"].pixel_auroc, None);
+        assert_eq!(r.per_type["crack"].pixel_aupro, None);
     }
 
     #[test]
@@ -535,7 +609,9 @@ mod tests {
         let mut want = vec![
             "image_auroc",
             "pixel_auroc",
+            "pixel_aupro",
             "image_f1_max",
+            "image_threshold",
             "pixel_f1_max",
             "pixel_threshold",
             "counts",
@@ -555,6 +631,17 @@ mod tests {
         want.sort_unstable();
         assert_eq!(keys, want);
         assert_eq!(v["counts"]["anomalous_pixels"], 3);
+        let mut type_keys: Vec<&str> = v["per_type"]["crack"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        type_keys.sort_unstable();
+        assert_eq!(
+            type_keys,
+            ["image_auroc", "images", "pixel_aupro", "pixel_auroc"]
+        );
         assert_eq!(v["images"][0]["name"], "good/0");
 
         let dir = tempfile::tempdir().unwrap();
@@ -565,6 +652,20 @@ mod tests {
         let m = dir.path().join("report.md");
         r.write_markdown(&m).unwrap();
         assert_eq!(std::fs::read_to_string(&m).unwrap(), r.to_markdown());
+
+        // A report written before AUPRO and the image threshold existed still reads.
+        let mut old = v.clone();
+        let o = old.as_object_mut().unwrap();
+        o.remove("pixel_aupro");
+        o.remove("image_threshold");
+        for t in o["per_type"].as_object_mut().unwrap().values_mut() {
+            t.as_object_mut().unwrap().remove("pixel_aupro");
+        }
+        let back: Report = serde_json::from_value(old).unwrap();
+        assert_eq!(back.pixel_aupro, None);
+        assert_eq!(back.image_threshold, None);
+        assert_eq!(back.per_type["crack"].pixel_aupro, None);
+        assert_eq!(back.pixel_auroc, r.pixel_auroc);
     }
 
     #[test]
@@ -573,7 +674,16 @@ mod tests {
         let md = r.to_markdown();
         assert!(md.contains("| Image AUROC | 100.00% |"), "{md}");
         assert!(md.contains("| Pixel AUROC | "));
-        assert!(md.contains("| crack | 1 | 100.00% | 100.00% |"), "{md}");
+        assert!(
+            md.contains("| crack | 1 | 100.00% | 100.00% | 100.00% |"),
+            "{md}"
+        );
+        assert!(md.contains("| Pixel AUPRO (FPR ≤ 0.3) | 75.00% |"), "{md}");
+        assert!(
+            md.contains("| Image F1-max | 100.00% (threshold 0.500000) |"),
+            "{md}"
+        );
+        assert!(md.contains("| Pixel F1-max | "), "{md}");
         assert!(md.contains("PaDiM \\| d=100"));
         let r = evaluate(&set()[..2], Timings::default(), info());
         assert!(r.to_markdown().contains("| Image AUROC | n/a |"));

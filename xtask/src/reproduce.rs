@@ -1,0 +1,614 @@
+//! `cargo xtask reproduce`: the paper's Table 1 (image/pixel AUROC per class, baseline vs
+//! "+ method") and Table 2 (inference ms/image) from one command, plus AUPRO / F1-max and
+//! Fig.-1/Fig.-5-style heatmap galleries.
+//!
+//! Every (category, scorer, method) is one *cell* with its own folder; a cell is finished when
+//! its `report.json` exists (written atomically by `tessera test`), so an interrupted run
+//! resumes where it stopped and a failed cell is recorded (`error.txt`) without stopping the
+//! others. The tables are rebuilt from the cell reports at the end of every run.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const USAGE: &str = "  reproduce --data ROOT [--categories a,b] [--scorers padim,patchcore,cfa]
+            [--backbone resnet18|wide_resnet50_2] [--weights FILE] [--textures DIR]
+            [--run NAME] [--out DIR] [--cfa-epochs N] [--sbm-epochs N] [--gallery N]
+        For every category under ROOT (MVTec layout; ROOT may be one category) and every scorer,
+        fit + test the baseline and '+ method' (SBM on object categories, per the paper; PFAM
+        joins when it lands), then write DIR/table1.{md,csv,json} (image/pixel AUROC, AUPRO,
+        F1-max), DIR/table2.md (ms/image) and DIR/gallery/<class>-<scorer>.png. DIR defaults
+        to results/<run> (run: the date). Resumable: finished cells are kept and skipped.";
+
+const METHODS: [&str; 2] = ["baseline", "method"];
+
+struct Opts {
+    data: PathBuf,
+    categories: Vec<(String, PathBuf)>,
+    scorers: Vec<String>,
+    backbone: String,
+    weights: Option<String>,
+    textures: Option<String>,
+    out: PathBuf,
+    cfa_epochs: Option<String>,
+    sbm_epochs: Option<String>,
+    gallery: usize,
+}
+
+fn is_category(p: &Path) -> bool {
+    p.join("train/good").is_dir() && p.join("test").is_dir()
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let data = PathBuf::from(crate::flag(args, "--data").context("--data ROOT is required")?);
+    if !data.is_dir() {
+        bail!("{}: not a folder", data.display());
+    }
+    let mut categories: Vec<(String, PathBuf)> = if is_category(&data) {
+        let name = data
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "category".into());
+        vec![(name, data.clone())]
+    } else {
+        let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(&data)
+            .with_context(|| format!("reading {}", data.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| is_category(p))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
+            .collect();
+        v.sort();
+        v
+    };
+    if let Some(want) = crate::flag(args, "--categories") {
+        let want: Vec<&str> = want.split(',').map(str::trim).collect();
+        for w in &want {
+            if !categories.iter().any(|(n, _)| n == w) {
+                bail!("category '{w}' not found under {}", data.display());
+            }
+        }
+        categories.retain(|(n, _)| want.contains(&n.as_str()));
+    }
+    if categories.is_empty() {
+        bail!(
+            "no category (a folder with train/good and test/) under {}",
+            data.display()
+        );
+    }
+    let scorers: Vec<String> = crate::flag(args, "--scorers")
+        .unwrap_or_else(|| "padim,patchcore,cfa".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    for s in &scorers {
+        if !["padim", "patchcore", "cfa"].contains(&s.as_str()) {
+            bail!("unknown scorer '{s}' (padim, patchcore, cfa)");
+        }
+    }
+    let run = crate::flag(args, "--run").unwrap_or_else(today);
+    let out = crate::flag(args, "--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("results").join(&run));
+    Ok(Opts {
+        data,
+        categories,
+        scorers,
+        backbone: crate::flag(args, "--backbone").unwrap_or_else(|| "resnet18".into()),
+        weights: crate::flag(args, "--weights"),
+        textures: crate::flag(args, "--textures"),
+        out,
+        cfa_epochs: crate::flag(args, "--cfa-epochs"),
+        sbm_epochs: crate::flag(args, "--sbm-epochs"),
+        gallery: crate::flag(args, "--gallery")
+            .map(|g| g.parse())
+            .transpose()
+            .context("--gallery N")?
+            .unwrap_or(4),
+    })
+}
+
+fn today() -> String {
+    let out = Command::new("date").arg("+%Y-%m-%d").output();
+    out.ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "run".into())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Object or texture (MVTec AD's split; unknown names count as objects only with a folder
+/// spec saying so, as `--sbm auto` does).
+fn kind(name: &str) -> &'static str {
+    match tessera_data::mvtec_category_kind(name) {
+        Some(tessera_data::CategoryKind::Texture) => "texture",
+        Some(tessera_data::CategoryKind::Object) => "object",
+        None => "other",
+    }
+}
+
+fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    std::fs::write(log, &text).ok();
+    if !out.status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{}", tail.join("\n"));
+    }
+    Ok(())
+}
+
+/// The SBM-tuned backbone of a category (trained once, shared by every scorer).
+fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<Option<PathBuf>> {
+    if kind(cat) != "object" {
+        return Ok(None); // the paper applies SBM to object classes only
+    }
+    let out = o.out.join("sbm").join(format!("{cat}.safetensors"));
+    if out.is_file() {
+        return Ok(Some(out));
+    }
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    let mut c = Command::new(bin);
+    c.args([
+        "--quiet",
+        "sbm",
+        "train",
+        "--data",
+        &s(dir),
+        "--out",
+        &s(&out),
+    ])
+    .args(["--backbone", &o.backbone]);
+    if let Some(w) = &o.weights {
+        c.args(["--weights", w]);
+    }
+    if let Some(t) = &o.textures {
+        c.args(["--textures", t]);
+    }
+    if let Some(e) = &o.sbm_epochs {
+        c.args(["--sbm-epochs", e]);
+    }
+    println!("reproduce: {cat}: training SBM (once for all scorers)");
+    run_logged(&mut c, &o.out.join("sbm").join(format!("{cat}.log")))
+        .with_context(|| format!("SBM on {cat}"))?;
+    Ok(Some(out))
+}
+
+fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &str) -> Result<()> {
+    let cell = o
+        .out
+        .join("cells")
+        .join(cat)
+        .join(format!("{scorer}-{method}"));
+    std::fs::create_dir_all(&cell)?;
+    let model = cell.join("model.safetensors");
+    let mut fit = Command::new(bin);
+    fit.args(["--quiet", "fit", "--data", &s(dir), "--scorer", scorer])
+        .args(["--backbone", &o.backbone, "--out", &s(&model)]);
+    if let Some(w) = &o.weights {
+        fit.args(["--weights", w]);
+    }
+    if let (Some(e), "cfa") = (&o.cfa_epochs, scorer) {
+        fit.args(["--epochs", e]);
+    }
+    if method == "method" {
+        match sbm_weights(bin, o, cat, dir)? {
+            Some(w) => {
+                fit.args(["--method", "sbm", "--sbm-weights", &s(&w)]);
+            }
+            None => {
+                // Texture class: SBM does not apply and PFAM is not built yet, so "+ method"
+                // is the baseline fit again (recorded as such in the table).
+                fit.args(["--method", "sbm", "--sbm", "off"]);
+            }
+        }
+    }
+    run_logged(&mut fit, &cell.join("fit.log")).context("fit")?;
+    let mut test = Command::new(bin);
+    test.args(["--quiet", "test", "--model", &s(&model), "--data", &s(dir)])
+        .args(["--report", &s(&cell.join("report.json"))])
+        .args(["--heatmaps", &s(&cell.join("heatmaps"))]);
+    run_logged(&mut test, &cell.join("test.log")).context("test")?;
+    // Models are large (PaDiM keeps inverse covariances); the report and heatmaps stay.
+    std::fs::remove_file(&model).ok();
+    Ok(())
+}
+
+pub fn reproduce(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    std::fs::create_dir_all(&o.out)?;
+    let bin = crate::build_tessera()?;
+    println!(
+        "reproduce: {} categories × {} scorers × 2 methods → {}",
+        o.categories.len(),
+        o.scorers.len(),
+        o.out.display()
+    );
+    let mut failed = Vec::new();
+    for (cat, dir) in &o.categories {
+        for scorer in &o.scorers {
+            for method in METHODS {
+                let cell = o
+                    .out
+                    .join("cells")
+                    .join(cat)
+                    .join(format!("{scorer}-{method}"));
+                if cell.join("report.json").is_file() {
+                    println!("reproduce: {cat} {scorer} {method}: done earlier, kept");
+                    continue;
+                }
+                println!("reproduce: {cat} {scorer} {method}: running");
+                if let Err(e) = run_cell(&bin, &o, cat, dir, scorer, method) {
+                    let msg = format!("{e:#}");
+                    eprintln!("reproduce: {cat} {scorer} {method}: FAILED: {msg}");
+                    std::fs::create_dir_all(&cell).ok();
+                    std::fs::write(cell.join("error.txt"), &msg).ok();
+                    failed.push(format!("{cat}/{scorer}/{method}"));
+                } else {
+                    std::fs::remove_file(cell.join("error.txt")).ok();
+                }
+            }
+        }
+    }
+    let tables = write_tables(&o)?;
+    for (cat, _) in &o.categories {
+        for scorer in &o.scorers {
+            if let Err(e) = gallery(&o, cat, scorer) {
+                eprintln!("reproduce: gallery {cat}/{scorer}: {e:#}");
+            }
+        }
+    }
+    println!("{tables}");
+    println!(
+        "reproduce: tables in {}/table1.md, table2.md (+ .csv, .json); galleries in {}/gallery",
+        o.out.display(),
+        o.out.display()
+    );
+    if !failed.is_empty() {
+        bail!("{} cell(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
+
+fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<Value> {
+    let p = o
+        .out
+        .join("cells")
+        .join(cat)
+        .join(format!("{scorer}-{method}"))
+        .join("report.json");
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|v| format!("{:.1}", v * 100.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// "a / b" with the better of each pair in bold (ties: both).
+fn pair(base: Option<f64>, ours: Option<f64>) -> (String, String) {
+    let (b, m) = (pct(base), pct(ours));
+    match (base, ours) {
+        (Some(x), Some(y)) => {
+            // Compare at the printed precision so that equal-looking numbers are both bold.
+            let (x, y) = ((x * 1000.0).round(), (y * 1000.0).round());
+            let bold = |s: String, yes: bool| if yes { format!("**{s}**") } else { s };
+            (bold(b, x >= y), bold(m, y >= x))
+        }
+        _ => (b, m),
+    }
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn write_tables(o: &Opts) -> Result<String> {
+    let metrics = [
+        ("image_auroc", "I-AUROC"),
+        ("pixel_auroc", "P-AUROC"),
+        ("pixel_aupro", "AUPRO"),
+        ("image_f1_max", "I-F1max"),
+        ("pixel_f1_max", "P-F1max"),
+    ];
+    // values[(scorer, method, metric)][category]
+    let mut rows: Vec<Value> = Vec::new();
+    let mut by: BTreeMap<(String, String, String), Vec<(String, f64)>> = BTreeMap::new();
+    for (cat, _) in &o.categories {
+        for scorer in &o.scorers {
+            for method in METHODS {
+                let r = load_report(o, cat, scorer, method);
+                let mut row = json!({
+                    "category": cat, "kind": kind(cat), "scorer": scorer, "method": method,
+                    "status": if r.is_some() { "done" } else { "missing" },
+                });
+                if let Some(r) = &r {
+                    for (k, _) in metrics {
+                        row[k] = r[k].clone();
+                        if let Some(v) = r[k].as_f64() {
+                            by.entry((scorer.clone(), method.into(), k.into()))
+                                .or_default()
+                                .push((cat.clone(), v));
+                        }
+                    }
+                    row["ms_per_image"] = r["ms_per_image"].clone();
+                    row["method_detail"] = r["method"].clone();
+                }
+                rows.push(row);
+            }
+        }
+    }
+    let get = |scorer: &str, method: &str, k: &str, cat: &str| -> Option<f64> {
+        by.get(&(scorer.into(), method.into(), k.into()))?
+            .iter()
+            .find(|(c, _)| c == cat)
+            .map(|(_, v)| *v)
+    };
+    let avg = |scorer: &str, method: &str, k: &str, which: &str| -> Option<f64> {
+        let v: Vec<f64> = by
+            .get(&(scorer.into(), method.into(), k.into()))?
+            .iter()
+            .filter(|(c, _)| which == "all" || kind(c) == which)
+            .map(|(_, v)| *v)
+            .collect();
+        mean(&v)
+    };
+
+    // Table 1: (I-AUROC, P-AUROC) per class, baseline vs + method, best of each pair bold.
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Table 1 — image / pixel AUROC (%), baseline vs + method\n\n\
+         Data: `{}`; backbone {}{}. \"+ method\" = SBM on object classes (the paper's \
+         `--sbm auto`); PFAM is not built yet, so on texture classes \"+ method\" is the \
+         baseline refitted. Each cell is (I-AUROC, P-AUROC); the better of each pair is bold.\n",
+        o.data.display(),
+        o.backbone,
+        o.weights
+            .as_deref()
+            .map(|w| format!(" (weights `{w}`)"))
+            .unwrap_or_default()
+    )?;
+    let mut head = "| class | kind |".to_string();
+    let mut sep = "|---|---|".to_string();
+    for sc in &o.scorers {
+        write!(head, " {sc} | {sc} + method |")?;
+        sep.push_str("---|---|");
+    }
+    writeln!(md, "{head}\n{sep}")?;
+    let line = |label: &str, k: &str, f: &dyn Fn(&str, &str, &str) -> Option<f64>| {
+        let mut l = format!("| {label} | {k} |");
+        for sc in &o.scorers {
+            let (bi, mi) = pair(
+                f(sc, "baseline", "image_auroc"),
+                f(sc, "method", "image_auroc"),
+            );
+            let (bp, mp) = pair(
+                f(sc, "baseline", "pixel_auroc"),
+                f(sc, "method", "pixel_auroc"),
+            );
+            let _ = write!(l, " ({bi}, {bp}) | ({mi}, {mp}) |");
+        }
+        l
+    };
+    for which in ["texture", "object", "other"] {
+        let cats: Vec<&String> = o
+            .categories
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| kind(c) == which)
+            .collect();
+        for c in &cats {
+            writeln!(md, "{}", line(c, which, &|s, m, k| get(s, m, k, c)))?;
+        }
+        if !cats.is_empty() && which != "other" {
+            writeln!(
+                md,
+                "{}",
+                line(&format!("**{which} mean**"), which, &|s, m, k| avg(
+                    s, m, k, which
+                ))
+            )?;
+        }
+    }
+    writeln!(
+        md,
+        "{}",
+        line("**mean**", "all", &|s, m, k| avg(s, m, k, "all"))
+    )?;
+    writeln!(
+        md,
+        "\n## AUPRO (FPR ≤ 0.3) and F1-max (%)\n\n| class | scorer | method | AUPRO | I-F1max | P-F1max |\n|---|---|---|---|---|---|"
+    )?;
+    for (cat, _) in &o.categories {
+        for sc in &o.scorers {
+            for m in METHODS {
+                writeln!(
+                    md,
+                    "| {cat} | {sc} | {m} | {} | {} | {} |",
+                    pct(get(sc, m, "pixel_aupro", cat)),
+                    pct(get(sc, m, "image_f1_max", cat)),
+                    pct(get(sc, m, "pixel_f1_max", cat))
+                )?;
+            }
+        }
+    }
+    let missing: Vec<String> = rows
+        .iter()
+        .filter(|r| r["status"] == "missing")
+        .map(|r| format!("{}/{}/{}", r["category"], r["scorer"], r["method"]).replace('"', ""))
+        .collect();
+    if !missing.is_empty() {
+        writeln!(
+            md,
+            "\nMissing (failed or not run yet): {}",
+            missing.join(", ")
+        )?;
+    }
+    std::fs::write(o.out.join("table1.md"), &md)?;
+
+    // CSV and JSON: one row per cell.
+    let mut csv = String::from("category,kind,scorer,method,status");
+    for (k, _) in metrics {
+        write!(csv, ",{k}")?;
+    }
+    csv.push_str(",ms_per_image\n");
+    for r in &rows {
+        write!(
+            csv,
+            "{},{},{},{},{}",
+            r["category"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            r["scorer"].as_str().unwrap_or(""),
+            r["method"].as_str().unwrap_or(""),
+            r["status"].as_str().unwrap_or("")
+        )?;
+        for (k, _) in metrics {
+            write!(
+                csv,
+                ",{}",
+                r[k].as_f64().map(|v| format!("{v:.6}")).unwrap_or_default()
+            )?;
+        }
+        writeln!(
+            csv,
+            ",{}",
+            r["ms_per_image"]
+                .as_f64()
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_default()
+        )?;
+    }
+    std::fs::write(o.out.join("table1.csv"), csv)?;
+    std::fs::write(
+        o.out.join("table1.json"),
+        serde_json::to_string_pretty(&json!({
+            "data": s(&o.data), "backbone": o.backbone, "weights": o.weights, "cells": rows,
+        }))?,
+    )?;
+
+    // Table 2: inference ms/image, measured in this run.
+    let mut t2 = format!(
+        "# Table 2 — inference time (ms/image, end to end: decode, features, scoring, \
+         upsampling, blur), baseline vs + method\n\nMeasured by `tessera test` in this run on \
+         this machine ({} threads).\n\n| scorer | baseline | + method | overhead |\n|---|---|---|---|\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for sc in &o.scorers {
+        let ms = |m: &str| {
+            let v: Vec<f64> = rows
+                .iter()
+                .filter(|r| r["scorer"] == sc.as_str() && r["method"] == m)
+                .filter_map(|r| r["ms_per_image"].as_f64())
+                .collect();
+            mean(&v)
+        };
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
+        let over = match (ms("baseline"), ms("method")) {
+            (Some(b), Some(m)) => format!("{:+.1}", m - b),
+            _ => "–".into(),
+        };
+        writeln!(
+            t2,
+            "| {sc} | {} | {} | {over} |",
+            f(ms("baseline")),
+            f(ms("method"))
+        )?;
+    }
+    t2.push_str(
+        "\nSBM changes only the backbone's weights, so it adds no inference cost: any difference \
+         here is run-to-run noise. PFAM's overhead will show here once it lands.\n",
+    );
+    std::fs::write(o.out.join("table2.md"), &t2)?;
+    Ok(format!("{md}\n{t2}"))
+}
+
+/// Fig. 5 style: per row image | GT | baseline heatmap | baseline mask | + method heatmap |
+/// + method mask, for the first `o.gallery` defect images of the class.
+fn gallery(o: &Opts, cat: &str, scorer: &str) -> Result<()> {
+    let cells = o.out.join("cells").join(cat);
+    let base = cells.join(format!("{scorer}-baseline/heatmaps"));
+    let ours = cells.join(format!("{scorer}-method/heatmaps"));
+    if !base.is_dir() || !ours.is_dir() {
+        return Ok(());
+    }
+    // Defect images: one per defect type in turn, until `gallery` rows.
+    let mut types: Vec<PathBuf> = std::fs::read_dir(&base)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.ends_with("good"))
+        .collect();
+    types.sort();
+    let mut lists: Vec<Vec<PathBuf>> = types
+        .iter()
+        .map(|t| {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(t)
+                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        })
+        .collect();
+    let mut picks = Vec::new();
+    let mut i = 0;
+    while picks.len() < o.gallery && lists.iter().any(|l| i < l.len()) {
+        for l in lists.iter_mut() {
+            if let Some(p) = l.get(i) {
+                if picks.len() < o.gallery {
+                    picks.push(p.clone());
+                }
+            }
+        }
+        i += 1;
+    }
+    if picks.is_empty() {
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for p in &picks {
+        let rel = p.strip_prefix(&base)?;
+        let a = image::open(p).with_context(|| s(p))?.to_rgb8();
+        let q = ours.join(rel);
+        let b = image::open(&q).with_context(|| s(&q))?.to_rgb8();
+        rows.push((a, b));
+    }
+    let (pw, h) = rows[0].0.dimensions();
+    let gap = (pw - 4 * h) / 3; // panels are 4 square tiles with 3 gaps
+    let tile = |img: &image::RgbImage, k: u32| {
+        image::imageops::crop_imm(img, k * (h + gap), 0, h, h).to_image()
+    };
+    let width = 6 * h + 5 * gap;
+    let height = rows.len() as u32 * h + (rows.len() as u32 - 1) * gap;
+    let mut out = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    for (r, (a, b)) in rows.iter().enumerate() {
+        let y = r as u32 * (h + gap);
+        // image | GT | baseline heatmap | baseline mask | method heatmap | method mask
+        let tiles = [
+            tile(a, 0),
+            tile(a, 2),
+            tile(a, 1),
+            tile(a, 3),
+            tile(b, 1),
+            tile(b, 3),
+        ];
+        for (k, t) in tiles.iter().enumerate() {
+            image::imageops::replace(&mut out, t, (k as u32 * (h + gap)) as i64, y as i64);
+        }
+    }
+    let dir = o.out.join("gallery");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{cat}-{scorer}.png"));
+    let tmp = dir.join(format!(".{cat}-{scorer}.png.tmp"));
+    out.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| s(&tmp))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
