@@ -1,0 +1,387 @@
+//! Position attention (DANet's `PAM_Module`, as the authors' `selfattention` uses it), with the
+//! `N × N` attention computed in chunks of query positions.
+
+use crate::params::{Init, Source};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tessera_conv::{conv2d, ConvParams};
+use tessera_core::{Error, Result};
+
+/// Position-attention hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PamConfig {
+    /// Query/key width `max(1, C / qk_reduction)`: 1 in the authors' code (`C → C`), 8 in
+    /// DANet's `PAM_Module`.
+    pub qk_reduction: usize,
+    /// Negative slope of the leaky ReLU on the attended values (the authors' code applies
+    /// `F.leaky_relu`, slope 0.01; DANet has none: `None`).
+    pub leaky_slope: Option<f64>,
+    /// Query positions per step of the `N × N` attention; `None` computes all `N` rows at once.
+    /// Memory for the attention rows is `chunk × N` floats per step instead of `N × N`.
+    pub chunk: Option<usize>,
+}
+
+impl Default for PamConfig {
+    fn default() -> Self {
+        Self {
+            qk_reduction: 1,
+            leaky_slope: Some(0.01),
+            chunk: Some(512),
+        }
+    }
+}
+
+/// `e^x` for `x ≤ 0` (the shifted logits of a softmax): Cephes' `expf` scheme — `x = n·ln2 + r`,
+/// `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, `2^n` put in the exponent bits — written
+/// branch-free so that the compiler vectorises it (libm's `expf` does not). Relative error
+/// about 2e-7; inputs below −87 give ≈ 1e-38 (not denormals); NaN stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = if x < -87.0 { -87.0 } else { x };
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Softmax of one row in place of `o` (8 independent lanes for the reductions, so they
+/// vectorise too).
+fn softmax_row(r: &[f32], o: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = r.chunks_exact(8);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let m = it
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    for (ov, &xv) in o.iter_mut().zip(r) {
+        *ov = exp_nonpositive(xv - m);
+    }
+    let mut sums = [0f32; 8];
+    let mut it = o.chunks_exact(8);
+    for c in &mut it {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    let sum: f32 = it.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    o.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Row softmax over the last dimension, fused on the CPU, with a backward pass
+/// (`dx = s ∘ (g − Σ g∘s)`). candle-nn's fused `softmax_last_dim` has no backward.
+struct RowSoftmax;
+
+impl candle_core::CustomOp1 for RowSoftmax {
+    fn name(&self) -> &'static str {
+        "pfam-row-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("row softmax: input not contiguous".into()))?;
+        let x = &s.as_slice::<f32>()?[a..b];
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(o, r)| softmax_row(r, o));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let s = res.detach();
+        let g = grad.detach();
+        let dot = (&g * &s)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(g.broadcast_sub(&dot)?.mul(&s)?))
+    }
+}
+
+/// Softmax over the last dimension, differentiable: the fused op for contiguous f32 CPU
+/// tensors, candle-nn's composed `softmax` elsewhere.
+pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        Ok(x.contiguous()?.apply_op1(RowSoftmax)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+}
+
+/// DANet's position attention on flattened maps: `q`, `k` are `B × C_qk × N`, `v` is
+/// `B × C × N`; returns `B × C × N` with `out[:, i] = Σ_j s_ij · v[:, j]`,
+/// `s_i = softmax_j(q_i · k_j)` (no 1/√d scaling, as DANet and the authors' code).
+///
+/// The attention rows are computed `chunk` query positions at a time, one image at a time, so
+/// that without autograd tracking at most `chunk × N` attention values are alive. Every step is
+/// a candle op, so the result is differentiable (when tracked, autograd keeps every chunk
+/// until backward: training memory is still `O(N²)` per image and scale).
+pub fn position_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
+    let (b, cq, n) = q.dims3()?;
+    let (bk, ck, nk) = k.dims3()?;
+    let (bv, _, nv) = v.dims3()?;
+    if (bk, ck, nk) != (b, cq, n) || (bv, nv) != (b, n) {
+        return Err(Error::Config(format!(
+            "position attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let chunk = match chunk {
+        Some(0) => return Err(Error::Config("attention chunk must be ≥ 1".into())),
+        Some(c) => c.min(n),
+        None => n,
+    };
+    let mut per_image = Vec::with_capacity(b);
+    for i in 0..b {
+        let qt = q.get(i)?.t()?.contiguous()?; // N × C_qk
+        let ki = k.get(i)?.contiguous()?; // C_qk × N
+        let vt = v.get(i)?.contiguous()?.t()?; // N × C (a transposed view)
+        let mut rows = Vec::with_capacity(n.div_ceil(chunk));
+        let mut r0 = 0;
+        while r0 < n {
+            let m = chunk.min(n - r0);
+            let s = softmax_rows(&qt.narrow(0, r0, m)?.matmul(&ki)?)?; // m × N
+            rows.push(s.matmul(&vt)?); // m × C
+            r0 += m;
+        }
+        let o = if rows.len() == 1 {
+            rows.pop().unwrap()
+        } else {
+            Tensor::cat(&rows, 0)?
+        };
+        per_image.push(o.t()?); // C × N
+    }
+    Ok(Tensor::stack(&per_image, 0)?)
+}
+
+/// Position attention block on `C` channels: 1×1 convolutions (with bias) make `P` (query),
+/// `K` (key) and `V` (value), then `E = α · act(attention(P, K, V)) + residual`. Parameters
+/// `query.{weight,bias}`, `key.{weight,bias}`, `value.{weight,bias}` and `alpha` (shape `[1]`,
+/// initialised to 0).
+#[derive(Debug, Clone)]
+pub struct PositionAttention {
+    prefix: String,
+    channels: usize,
+    cfg: PamConfig,
+    query: (Tensor, Tensor),
+    key: (Tensor, Tensor),
+    value: (Tensor, Tensor),
+    alpha: Tensor,
+}
+
+impl PositionAttention {
+    /// Query/key width for `channels` input channels.
+    pub fn qk_channels(channels: usize, qk_reduction: usize) -> usize {
+        (channels / qk_reduction.max(1)).max(1)
+    }
+
+    pub(crate) fn from_source(cfg: PamConfig, channels: usize, src: &Source) -> Result<Self> {
+        if channels == 0 {
+            return Err(Error::Config("position attention needs ≥ 1 channel".into()));
+        }
+        if cfg.qk_reduction == 0 {
+            return Err(Error::Config("pam: qk_reduction must be ≥ 1".into()));
+        }
+        if cfg.chunk == Some(0) {
+            return Err(Error::Config("pam: attention chunk must be ≥ 1".into()));
+        }
+        let cq = Self::qk_channels(channels, cfg.qk_reduction);
+        let init = Init::torch_default(channels);
+        let conv = |name: &str, out: usize| -> Result<(Tensor, Tensor)> {
+            let w = src.get(&[out, channels, 1, 1], &format!("{name}.weight"), init)?;
+            let b = src.get(&[out], &format!("{name}.bias"), init)?;
+            Ok((w, b))
+        };
+        let query = conv("query", cq)?;
+        let key = conv("key", cq)?;
+        let value = conv("value", channels)?;
+        let alpha = src.get(&[1], "alpha", Init::Const(0.0))?;
+        Ok(Self {
+            prefix: src.full(""),
+            channels,
+            cfg,
+            query,
+            key,
+            value,
+            alpha,
+        })
+    }
+
+    /// A trainable block under `vb`'s prefix.
+    pub fn new(cfg: PamConfig, channels: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
+        Self::from_source(cfg, channels, &Source::from_vb(vb, seed))
+    }
+
+    /// The block from saved tensors under `prefix`.
+    pub fn load(
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        cfg: PamConfig,
+        channels: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let src = Source::from_tensors(tensors, prefix, device);
+        let m = Self::from_source(cfg, channels, &src)?;
+        src.check_no_extra()?;
+        Ok(m)
+    }
+
+    /// The attended values before scaling, `act(V · Sᵀ)`, `B × C × H × W`.
+    pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            return Err(Error::Config(format!(
+                "position attention: built for {} channels, input has {c}",
+                self.channels
+            )));
+        }
+        let n = h * w;
+        let p1 = ConvParams::default();
+        let proj = |(wt, bs): &(Tensor, Tensor)| -> Result<Tensor> {
+            let y = conv2d(x, wt, Some(bs), p1, false)?;
+            let co = y.dims()[1];
+            Ok(y.reshape((b, co, n))?)
+        };
+        let (q, k, v) = (proj(&self.query)?, proj(&self.key)?, proj(&self.value)?);
+        let out = position_attention(&q, &k, &v, self.cfg.chunk)?.reshape((b, c, h, w))?;
+        Ok(match self.cfg.leaky_slope {
+            Some(s) => candle_nn::ops::leaky_relu(&out, s)?,
+            None => out,
+        })
+    }
+
+    /// `α · attend(x) + residual` (the residual has `x`'s shape).
+    pub fn forward_with_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if residual.dims() != x.dims() {
+            return Err(Error::Config(format!(
+                "position attention: residual {:?} does not match input {:?}",
+                residual.dims(),
+                x.dims()
+            )));
+        }
+        Ok(self.attend(x)?.broadcast_mul(&self.alpha)?.add(residual)?)
+    }
+
+    /// `α · attend(x) + x` (DANet's form).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_residual(x, x)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PamConfig {
+        &self.cfg
+    }
+
+    /// Change the attention chunk (an inference-time setting; no parameter depends on it).
+    pub fn set_chunk(&mut self, chunk: Option<usize>) -> Result<()> {
+        if chunk == Some(0) {
+            return Err(Error::Config("pam: attention chunk must be ≥ 1".into()));
+        }
+        self.cfg.chunk = chunk;
+        Ok(())
+    }
+
+    /// The learned scale α.
+    pub fn alpha(&self) -> &Tensor {
+        &self.alpha
+    }
+
+    /// The parameters with their full names.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let j = |n: &str| crate::join(&self.prefix, n);
+        vec![
+            (j("query.weight"), self.query.0.clone()),
+            (j("query.bias"), self.query.1.clone()),
+            (j("key.weight"), self.key.0.clone()),
+            (j("key.bias"), self.key.1.clone()),
+            (j("value.weight"), self.value.0.clone()),
+            (j("value.bias"), self.value.1.clone()),
+            (j("alpha"), self.alpha.clone()),
+        ]
+    }
+
+    /// A copy whose parameters are detached from autograd.
+    pub fn detached(&self) -> Self {
+        let d = |(w, b): &(Tensor, Tensor)| (w.detach(), b.detach());
+        Self {
+            prefix: self.prefix.clone(),
+            channels: self.channels,
+            cfg: self.cfg,
+            query: d(&self.query),
+            key: d(&self.key),
+            value: d(&self.value),
+            alpha: self.alpha.detach(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 100.0 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            if x > -87.0 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert!(got < 2e-38);
+            }
+        }
+        assert!(worst < 5e-7, "relative error {worst:e}");
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 2e-38);
+    }
+
+    #[test]
+    fn row_softmax_handles_ragged_rows() {
+        for n in [1usize, 7, 8, 9, 33] {
+            let r: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32) - 3.0).collect();
+            let mut o = vec![0f32; n];
+            softmax_row(&r, &mut o);
+            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = r.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            for (&ov, &rv) in o.iter().zip(&r) {
+                let want = ((rv - m) as f64).exp() / z;
+                assert!((ov as f64 - want).abs() < 1e-6, "n {n}");
+            }
+        }
+    }
+}
