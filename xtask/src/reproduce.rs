@@ -18,8 +18,8 @@ pub const USAGE: &str = "  reproduce --data ROOT [--categories a,b] [--scorers p
             [--backbone resnet18|wide_resnet50_2] [--weights FILE] [--textures DIR]
             [--run NAME] [--out DIR] [--cfa-epochs N] [--sbm-epochs N] [--gallery N]
         For every category under ROOT (MVTec layout; ROOT may be one category) and every scorer,
-        fit + test the baseline and '+ method' (SBM on object categories, per the paper; PFAM
-        joins when it lands), then write DIR/table1.{md,csv,json} (image/pixel AUROC, AUPRO,
+        fit + test the baseline and '+ method' (--method ours: PFAM, plus SBM on object
+        categories, per the paper), then write DIR/table1.{md,csv,json} (image/pixel AUROC, AUPRO,
         F1-max), DIR/table2.md (ms/image) and DIR/gallery/<class>-<scorer>.png. DIR defaults
         to results/<run> (run: the date). Resumable: finished cells are kept and skipped.";
 
@@ -146,27 +146,24 @@ fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The SBM-tuned backbone of a category (trained once, shared by every scorer).
-fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<Option<PathBuf>> {
-    if kind(cat) != "object" {
-        return Ok(None); // the paper applies SBM to object classes only
-    }
+/// The "+ method" weights of a category — SBM-tuned backbone (object classes; frozen for the
+/// others, as the paper) plus PFAM trained on the jigsaw task — trained once, shared by every
+/// scorer.
+fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<PathBuf> {
     let out = o.out.join("sbm").join(format!("{cat}.safetensors"));
     if out.is_file() {
-        return Ok(Some(out));
+        return Ok(out);
     }
     std::fs::create_dir_all(out.parent().unwrap())?;
     let mut c = Command::new(bin);
-    c.args([
-        "--quiet",
-        "sbm",
-        "train",
-        "--data",
-        &s(dir),
-        "--out",
-        &s(&out),
-    ])
-    .args(["--backbone", &o.backbone]);
+    c.args(["--quiet", "sbm", "train", "--pfam", "--data"])
+        .arg(dir)
+        .arg("--out")
+        .arg(&out)
+        .args(["--backbone", &o.backbone]);
+    if kind(cat) != "object" {
+        c.args(["--sbm-layers", "none"]);
+    }
     if let Some(w) = &o.weights {
         c.args(["--weights", w]);
     }
@@ -176,10 +173,10 @@ fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<Option<Pat
     if let Some(e) = &o.sbm_epochs {
         c.args(["--sbm-epochs", e]);
     }
-    println!("reproduce: {cat}: training SBM (once for all scorers)");
+    println!("reproduce: {cat}: training SBM + PFAM (once for all scorers)");
     run_logged(&mut c, &o.out.join("sbm").join(format!("{cat}.log")))
         .with_context(|| format!("SBM on {cat}"))?;
-    Ok(Some(out))
+    Ok(out)
 }
 
 fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &str) -> Result<()> {
@@ -200,16 +197,8 @@ fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &
         fit.args(["--epochs", e]);
     }
     if method == "method" {
-        match sbm_weights(bin, o, cat, dir)? {
-            Some(w) => {
-                fit.args(["--method", "sbm", "--sbm-weights", &s(&w)]);
-            }
-            None => {
-                // Texture class: SBM does not apply and PFAM is not built yet, so "+ method"
-                // is the baseline fit again (recorded as such in the table).
-                fit.args(["--method", "sbm", "--sbm", "off"]);
-            }
-        }
+        let w = sbm_weights(bin, o, cat, dir)?;
+        fit.args(["--method", "ours", "--sbm-weights", &s(&w)]);
     }
     run_logged(&mut fit, &cell.join("fit.log")).context("fit")?;
     let mut test = Command::new(bin);
@@ -367,9 +356,9 @@ fn write_tables(o: &Opts) -> Result<String> {
     writeln!(
         md,
         "# Table 1 — image / pixel AUROC (%), baseline vs + method\n\n\
-         Data: `{}`; backbone {}{}. \"+ method\" = SBM on object classes (the paper's \
-         `--sbm auto`); PFAM is not built yet, so on texture classes \"+ method\" is the \
-         baseline refitted. Each cell is (I-AUROC, P-AUROC); the better of each pair is bold.\n",
+         Data: `{}`; backbone {}{}. \"+ method\" = `--method ours`: PFAM trained on the \
+         jigsaw task, with SBM fine-tuning the backbone on object classes only (the paper's \
+         `--sbm auto`). Each cell is (I-AUROC, P-AUROC); the better of each pair is bold.\n",
         o.data.display(),
         o.backbone,
         o.weights
@@ -524,8 +513,8 @@ fn write_tables(o: &Opts) -> Result<String> {
         )?;
     }
     t2.push_str(
-        "\nSBM changes only the backbone's weights, so it adds no inference cost: any difference \
-         here is run-to-run noise. PFAM's overhead will show here once it lands.\n",
+        "\nSBM changes only the backbone's weights and adds no inference cost; the overhead is \
+         PFAM's (MFCSAM on X1 and X3) on this CPU.\n",
     );
     std::fs::write(o.out.join("table2.md"), &t2)?;
     Ok(format!("{md}\n{t2}"))

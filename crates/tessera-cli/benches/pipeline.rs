@@ -51,9 +51,11 @@ fn detector() -> Detector {
         threshold: 0.0,
         heat_range: (0.0, 1.0),
         sbm: None,
+        pfam: None,
     };
     Detector {
         backbone,
+        pfam: None,
         scorer: Box::new(scorer),
         meta,
     }

@@ -1,8 +1,10 @@
 //! `fit`, `test` and `predict`.
 
+use crate::detector::extract;
 use crate::sbm::{check_sbm_weights, sbm_train, SbmMode, SbmOptions, WeightsArgs};
 use crate::{Detector, Progress};
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,6 +19,7 @@ use tessera_data::{list_images, load_batch, Dataset, Sample};
 use tessera_eval::{evaluate, render_panel, save_png, EvalSample, RunInfo, Timings};
 use tessera_padim::PadimConfig;
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
+use tessera_pfam::{Pfam, PfamConfig};
 use tessera_sbm::SbmConfig;
 
 /// Scorers this build can fit.
@@ -131,14 +134,14 @@ const CALIBRATION_IMAGES: usize = 32;
 /// Fit a detector on a dataset's normal training images and write the model file.
 pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     let start = Instant::now();
-    if !["baseline", "sbm"].contains(&o.method.as_str()) {
+    if !["baseline", "sbm", "ours"].contains(&o.method.as_str()) {
         bail!(
-            "--method {}: this build implements 'baseline' and 'sbm'",
+            "--method {}: this build implements 'baseline', 'sbm' and 'ours' (SBM + PFAM)",
             o.method
         );
     }
-    if o.sbm_weights.is_some() && o.method != "sbm" {
-        bail!("--sbm-weights needs --method sbm");
+    if o.sbm_weights.is_some() && o.method == "baseline" {
+        bail!("--sbm-weights needs --method sbm or --method ours");
     }
     if o.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -155,27 +158,53 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
     };
     let mut source = wa.source()?;
     let mut sbm_meta = None;
-    if o.method == "sbm" {
+    // The file holding trained PFAM tensors and their configuration (`--method ours`).
+    let mut pfam_from: Option<(PathBuf, PfamConfig)> = None;
+    if o.method != "baseline" {
+        let ours = o.method == "ours";
         let (use_sbm, why) = o.sbm.applies(&ds);
         if let Some(p) = &o.sbm_weights {
             let report = check_sbm_weights(p, o.sbm_force)?;
             o.progress
                 .note(format!("sbm: using tuned weights {}", p.display()));
+            if ours {
+                let cfg = report.as_ref().and_then(|r| r.config.pfam.clone());
+                let Some(cfg) = cfg else {
+                    bail!(
+                        "{}: trained without PFAM, so it cannot serve --method ours (use \
+                         --method sbm, or `tessera sbm train --pfam`)",
+                        p.display()
+                    );
+                };
+                pfam_from = Some((p.clone(), cfg));
+            }
             sbm_meta = report.map(|r| sbm_summary(&r));
             source = WeightsSource::File(p.clone());
-        } else if use_sbm {
-            o.progress
-                .note(format!("sbm: training the jigsaw first ({why})"));
+        } else if use_sbm || ours {
+            let mut config = SbmConfig {
+                seed: o.seed,
+                ..o.sbm_config.clone()
+            };
+            if ours {
+                config.pfam = Some(config.pfam.unwrap_or_default());
+                if !use_sbm {
+                    // Texture classes: the backbone stays as ImageNet left it; PFAM alone
+                    // learns on the jigsaw task (the paper applies SBM to objects only).
+                    config.train_layers.clear();
+                }
+            }
+            o.progress.note(if use_sbm {
+                format!("sbm: training the jigsaw first ({why})")
+            } else {
+                format!("sbm: backbone frozen ({why}); training PFAM on the jigsaw task")
+            });
             let tuned = sbm_output_path(&o.out);
             let s = sbm_train(&SbmOptions {
                 data: o.data.clone(),
                 textures: o.textures.clone(),
                 weights: wa.clone(),
                 out: tuned.clone(),
-                config: SbmConfig {
-                    seed: o.seed,
-                    ..o.sbm_config.clone()
-                },
+                config,
                 foreground: None,
                 no_synth: false,
                 preprocess: o.preprocess.clone(),
@@ -184,6 +213,9 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 progress: o.progress,
             })?;
             check_sbm_weights(&tuned, o.sbm_force)?;
+            if let Some(cfg) = &s.report.config.pfam {
+                pfam_from = Some((tuned.clone(), cfg.clone()));
+            }
             sbm_meta = Some(sbm_summary(&s.report));
             source = WeightsSource::File(tuned);
         } else {
@@ -199,6 +231,10 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         ScorerKind::Cfa => vec![1, 2, 3],
     };
     let backbone = Backbone::load(o.backbone, &source, 3, &device)?;
+    let pfam = match &pfam_from {
+        Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone, &device)?),
+        None => None,
+    };
     o.progress.note(format!(
         "fit: {} training images from {}, {} ({}), scorer {:?}, device {}",
         train.len(),
@@ -215,7 +251,8 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
             .chunks(o.batch_size)
             .map(|chunk| -> tessera_core::Result<FeatureMaps> {
                 let b = load_batch(chunk, &pre, &device)?;
-                let f = backbone.forward(&b.tensor)?;
+                let f = extract(&backbone, pfam.as_ref(), &b.tensor)
+                    .map_err(|e| tessera_core::Error::Config(format!("{e:#}")))?;
                 pb.inc(chunk.len() as u64);
                 Ok(f)
             });
@@ -289,7 +326,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         }
     };
     pb.finish_and_clear();
-    let tensors = Detector::tensors(&backbone, scorer.as_ref())?;
+    let tensors = Detector::tensors(&backbone, pfam.as_ref(), scorer.as_ref())?;
     let scorer_report = scorer.fit_report();
     let mut meta = ModelMeta {
         format: FORMAT_VERSION,
@@ -315,9 +352,14 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         threshold: 0.0,
         heat_range: (0.0, 1.0),
         sbm: sbm_meta,
+        pfam: pfam_from
+            .as_ref()
+            .map(|(_, c)| serde_json::to_value(c))
+            .transpose()?,
     };
     let det = Detector {
         backbone,
+        pfam,
         scorer,
         meta: meta.clone(),
     };
@@ -368,6 +410,19 @@ pub fn sbm_output_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{stem}.sbm.safetensors"))
 }
 
+/// PFAM as trained by SBM, from its output file.
+fn load_pfam(path: &Path, cfg: &PfamConfig, backbone: &Backbone, device: &Device) -> Result<Pfam> {
+    let ch = backbone.channels();
+    let t = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{}: unreadable", path.display()))?;
+    let t: std::collections::HashMap<_, _> = t
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("pfam."))
+        .collect();
+    Pfam::load(&t, "pfam", cfg.clone(), [ch[0], ch[1], ch[2]], device)
+        .with_context(|| path.display().to_string())
+}
+
 fn sbm_summary(r: &tessera_sbm::SbmReport) -> serde_json::Value {
     serde_json::json!({
         "applied": true,
@@ -379,6 +434,7 @@ fn sbm_summary(r: &tessera_sbm::SbmReport) -> serde_json::Value {
         "anchor_weight": r.config.anchor_weight,
         "lr_backbone": r.config.lr_backbone,
         "source": r.source,
+        "pfam": r.config.pfam.is_some(),
     })
 }
 

@@ -9,9 +9,10 @@ use std::time::Instant;
 use tessera_backbone::{Arch, Backbone};
 use tessera_cfa::Cfa;
 use tessera_core::model::{ModelFile, ModelMeta};
-use tessera_core::{postprocess, AnomalyMap, Scorer};
+use tessera_core::{postprocess, AnomalyMap, FeatureMaps, Scorer};
 use tessera_padim::Padim;
 use tessera_patchcore::Patchcore;
+use tessera_pfam::{Pfam, PfamConfig};
 
 /// Rebuild a fitted scorer from its configuration and tensors, naming the model file on error.
 fn scorer_from<C: serde::de::DeserializeOwned, S: Scorer + 'static>(
@@ -27,11 +28,21 @@ fn scorer_from<C: serde::de::DeserializeOwned, S: Scorer + 'static>(
     Ok(Box::new(scorer))
 }
 
-/// A backbone, a fitted scorer and the model metadata.
+/// A backbone, PFAM (for `--method ours`), a fitted scorer and the model metadata.
 pub struct Detector {
     pub backbone: Backbone,
+    pub pfam: Option<Pfam>,
     pub scorer: Box<dyn Scorer>,
     pub meta: ModelMeta,
+}
+
+/// Backbone features, through PFAM when there is one: what every scorer consumes.
+pub fn extract(backbone: &Backbone, pfam: Option<&Pfam>, x: &Tensor) -> Result<FeatureMaps> {
+    let f = backbone.forward(x)?;
+    Ok(match pfam {
+        Some(p) => p.forward(&f)?,
+        None => f,
+    })
 }
 
 /// Time spent in each stage of scoring a batch, milliseconds.
@@ -57,6 +68,27 @@ impl Detector {
             &path.display().to_string(),
         )?;
         let scorer_tensors: HashMap<String, Tensor> = file.with_prefix("scorer");
+        let pfam = match &meta.pfam {
+            None => None,
+            Some(cfg) => {
+                let cfg: PfamConfig = serde_json::from_value(cfg.clone())
+                    .with_context(|| format!("{}: bad PFAM configuration", path.display()))?;
+                let ch = backbone.channels();
+                if ch.len() != 3 {
+                    bail!("{}: PFAM needs backbone layers 1..3", path.display());
+                }
+                let pfam_tensors: HashMap<String, Tensor> = file
+                    .tensors
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("pfam."))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                Some(
+                    Pfam::load(&pfam_tensors, "pfam", cfg, [ch[0], ch[1], ch[2]], device)
+                        .with_context(|| path.display().to_string())?,
+                )
+            }
+        };
         file.tensors.clear();
         let cfg = &meta.scorer.config;
         let scorer: Box<dyn Scorer> = match meta.scorer.kind.as_str() {
@@ -76,16 +108,26 @@ impl Detector {
         };
         Ok(Self {
             backbone,
+            pfam,
             scorer,
             meta,
         })
     }
 
-    /// Model file tensors: the backbone checkpoint under `backbone.`, the scorer under `scorer.`.
-    pub fn tensors(backbone: &Backbone, scorer: &dyn Scorer) -> Result<HashMap<String, Tensor>> {
+    /// Model file tensors: the backbone checkpoint under `backbone.`, PFAM under `pfam.`, the
+    /// scorer under `scorer.`.
+    pub fn tensors(
+        backbone: &Backbone,
+        pfam: Option<&Pfam>,
+        scorer: &dyn Scorer,
+    ) -> Result<HashMap<String, Tensor>> {
         let mut t = HashMap::new();
         for (k, v) in backbone.checkpoint_tensors() {
             t.insert(format!("backbone.{k}"), v.clone());
+        }
+        if let Some(p) = pfam {
+            // PFAM names its tensors with its own `pfam.` prefix.
+            t.extend(p.tensors());
         }
         for (k, v) in scorer.tensors()? {
             t.insert(format!("scorer.{k}"), v);
@@ -97,7 +139,7 @@ impl Detector {
     pub fn score(&self, batch: &Tensor) -> Result<(Vec<AnomalyMap>, StageTimes)> {
         let (_, _, h, w) = batch.dims4()?;
         let t0 = Instant::now();
-        let features = self.backbone.forward(batch)?;
+        let features = extract(&self.backbone, self.pfam.as_ref(), batch)?;
         // Force the lazy device work to finish before timing the next stage.
         features
             .levels

@@ -103,9 +103,10 @@ struct SbmArgs {
     /// SBM epochs.
     #[arg(long)]
     sbm_epochs: Option<usize>,
-    /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3.
-    #[arg(long, value_delimiter = ',')]
-    sbm_layers: Option<Vec<usize>>,
+    /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3; `none` keeps the backbone frozen
+    /// (with --pfam / --method ours: PFAM alone trains).
+    #[arg(long, value_parser = parse_layers)]
+    sbm_layers: Option<Layers>,
     /// Anchoring against forgetting ImageNet.
     #[arg(long, value_enum)]
     sbm_anchor: Option<AnchorArg>,
@@ -141,12 +142,34 @@ struct SbmArgs {
     textures: Option<PathBuf>,
 }
 
+/// A list of backbone layers (`none` = empty).
+#[derive(Clone, Debug)]
+struct Layers(Vec<usize>);
+
+fn parse_layers(s: &str) -> Result<Layers, String> {
+    if s.trim().eq_ignore_ascii_case("none") || s.trim().is_empty() {
+        return Ok(Layers(Vec::new()));
+    }
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{p}' is not a layer number (1, 2 or 3)"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Layers)
+}
+
 impl SbmArgs {
     fn config(&self, seed: u64) -> tessera_sbm::SbmConfig {
         let d = tessera_sbm::SbmConfig::default();
         tessera_sbm::SbmConfig {
             epochs: self.sbm_epochs.unwrap_or(d.epochs),
-            train_layers: self.sbm_layers.clone().unwrap_or(d.train_layers.clone()),
+            train_layers: self
+                .sbm_layers
+                .clone()
+                .map(|l| l.0)
+                .unwrap_or(d.train_layers.clone()),
             anchor: match self.sbm_anchor {
                 None => d.anchor,
                 Some(AnchorArg::Features) => tessera_sbm::Anchor::Features,
@@ -201,6 +224,10 @@ struct SbmTrainArgs {
     /// Train on normal images only (no synthetic defects).
     #[arg(long)]
     no_synth: bool,
+    /// Also train PFAM (its outputs feed the jigsaw head): the output then serves
+    /// `fit --method ours --sbm-weights FILE`. With --sbm-layers none the backbone stays frozen.
+    #[arg(long)]
+    pfam: bool,
     /// Ignore an existing checkpoint and start over.
     #[arg(long)]
     restart: bool,
@@ -251,6 +278,9 @@ enum MethodArg {
     Baseline,
     /// SBM first (object categories, see --sbm), then the scorer on the tuned backbone.
     Sbm,
+    /// The paper's "+ our method": SBM (object categories) + PFAM trained on the jigsaw task;
+    /// the scorer reads PFAM's outputs.
+    Ours,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -328,10 +358,12 @@ struct FitArgs {
     /// Model file to write (atomically).
     #[arg(long)]
     out: PathBuf,
-    /// --method sbm: on which categories SBM runs.
+    /// --method sbm|ours: on which categories SBM trains the backbone (with ours, PFAM trains
+    /// everywhere; the backbone stays frozen where SBM does not apply).
     #[arg(long, value_enum, default_value = "auto")]
     sbm: SbmModeArg,
-    /// --method sbm: use this tuned backbone (from `tessera sbm train`) instead of training.
+    /// --method sbm|ours: use this tuned backbone (from `tessera sbm train [--pfam]`) instead
+    /// of training.
     #[arg(long)]
     sbm_weights: Option<PathBuf>,
     /// Use SBM weights even if their jigsaw gate failed.
@@ -397,6 +429,7 @@ fn run(cli: Cli) -> Result<()> {
                 method: match a.method {
                     MethodArg::Baseline => "baseline".into(),
                     MethodArg::Sbm => "sbm".into(),
+                    MethodArg::Ours => "ours".into(),
                 },
                 sbm: match a.sbm {
                     SbmModeArg::Auto => SbmMode::Auto,
@@ -505,7 +538,13 @@ fn run(cli: Cli) -> Result<()> {
                     random_weights: a.random_weights,
                 },
                 out: a.out,
-                config: a.sbm.config(a.seed),
+                config: {
+                    let mut c = a.sbm.config(a.seed);
+                    if a.pfam {
+                        c.pfam = Some(Default::default());
+                    }
+                    c
+                },
                 foreground: a.foreground,
                 no_synth: a.no_synth,
                 preprocess: match a.preprocess {

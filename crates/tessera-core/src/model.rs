@@ -103,7 +103,7 @@ pub struct FitMeta {
 pub struct ModelMeta {
     pub format: u32,
     pub tessera_version: String,
-    /// `baseline`, or `sbm` (the scorer on an SBM-tuned backbone).
+    /// `baseline`, `sbm` (the scorer on an SBM-tuned backbone) or `ours` (SBM + PFAM).
     pub method: String,
     pub seed: u64,
     pub preprocess: Preprocess,
@@ -117,6 +117,10 @@ pub struct ModelMeta {
     /// For `--method sbm`: the SBM run's gate and drift (from the tuned weights' report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sbm: Option<serde_json::Value>,
+    /// For `--method ours`: the PFAM configuration (its tensors are stored under `pfam.`);
+    /// features pass through PFAM before the scorer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pfam: Option<serde_json::Value>,
 }
 
 /// A model file in memory.
@@ -229,6 +233,7 @@ mod tests {
             threshold: 0.5,
             heat_range: (0.0, 1.0),
             sbm: None,
+            pfam: None,
         }
     }
 

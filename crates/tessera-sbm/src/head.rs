@@ -72,24 +72,37 @@ impl JigsawHead {
 
     /// Logits `(B, classes)` for a `(B, C, H, W)` feature map.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.channels {
+        self.forward_levels(std::slice::from_ref(x))
+    }
+
+    /// Logits for several feature maps (e.g. PFAM's three levels), each pooled to the grid
+    /// and concatenated; their channel counts must sum to the head's.
+    pub fn forward_levels(&self, xs: &[Tensor]) -> Result<Tensor> {
+        let n2 = self.grid * self.grid;
+        let mut pooled = Vec::with_capacity(xs.len());
+        let mut total = 0;
+        for x in xs {
+            let (b, c, h, w) = x.dims4()?;
+            total += c;
+            let pool = Tensor::from_vec(
+                adaptive_pool_matrix(h, w, self.grid),
+                (h * w, n2),
+                x.device(),
+            )?;
+            pooled.push(
+                x.contiguous()?
+                    .reshape((b * c, h * w))?
+                    .matmul(&pool)?
+                    .reshape((b, c * n2))?,
+            );
+        }
+        if total != self.channels {
             return Err(Error::Config(format!(
-                "jigsaw head expects {} channels, got {c}",
+                "jigsaw head expects {} channels, got {total}",
                 self.channels
             )));
         }
-        let n2 = self.grid * self.grid;
-        let pool = Tensor::from_vec(
-            adaptive_pool_matrix(h, w, self.grid),
-            (h * w, n2),
-            x.device(),
-        )?;
-        let pooled = x
-            .contiguous()?
-            .reshape((b * c, h * w))?
-            .matmul(&pool)?
-            .reshape((b, c * n2))?;
+        let pooled = Tensor::cat(&pooled, 1)?;
         Ok(pooled
             .matmul(&self.weight.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())?)

@@ -15,6 +15,7 @@ use tessera_backbone::Backbone;
 use tessera_core::model::Preprocess;
 use tessera_core::{Error, Result};
 use tessera_optim::{AdamW, AdamWConfig, Sgd, SgdConfig};
+use tessera_pfam::{Pfam, PfamConfig};
 use tessera_synth::Synthesizer;
 
 /// Metadata key of the SBM report in a tuned backbone file.
@@ -77,6 +78,17 @@ pub struct SbmConfig {
     /// significant at 5 σ).
     pub gate_factor: f64,
     pub seed: u64,
+    /// Also train PFAM in this stage (the paper's "+ our method"): the head then reads PFAM's
+    /// three outputs, each pooled to the grid. `None`: plain SBM.
+    #[serde(default)]
+    pub pfam: Option<PfamConfig>,
+    /// PFAM's learning rate.
+    #[serde(default = "default_lr_pfam")]
+    pub lr_pfam: f64,
+}
+
+fn default_lr_pfam() -> f64 {
+    1e-3
 }
 
 impl Default for SbmConfig {
@@ -102,6 +114,8 @@ impl Default for SbmConfig {
             eval_perms: 4,
             gate_factor: 4.0,
             seed: 0,
+            pfam: None,
+            lr_pfam: default_lr_pfam(),
         }
     }
 }
@@ -113,11 +127,17 @@ impl SbmConfig {
         if self.epochs == 0 || self.batch_size == 0 {
             return bad("epochs and batch size must be ≥ 1".into());
         }
-        if self.train_layers.is_empty() || self.train_layers.iter().any(|l| !(1..=3).contains(l)) {
+        if self.train_layers.iter().any(|l| !(1..=3).contains(l)) {
             return bad(format!(
-                "train layers must be a non-empty subset of 1,2,3, got {:?}",
+                "train layers must be a subset of 1,2,3, got {:?}",
                 self.train_layers
             ));
+        }
+        if self.train_layers.is_empty() && self.pfam.is_none() {
+            return bad("nothing to train: no backbone layers and no PFAM".into());
+        }
+        if self.pfam.is_some() && self.lr_pfam <= 0.0 {
+            return bad("the PFAM learning rate must be > 0".into());
         }
         if !(0.0..=1.0).contains(&self.synth_prob)
             || self
@@ -226,6 +246,8 @@ pub enum SbmEvent {
 pub struct SbmOutcome {
     /// The fine-tuned backbone (frozen again).
     pub backbone: Backbone,
+    /// The trained PFAM (detached, for inference), when the config asked for it.
+    pub pfam: Option<Pfam>,
     pub head: JigsawHead,
     pub perms: PermutationSet,
     pub report: SbmReport,
@@ -237,6 +259,9 @@ impl SbmOutcome {
     /// permutation set and the report in its metadata, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = self.backbone.export_checkpoint()?;
+        if let Some(p) = &self.pfam {
+            tensors.extend(p.tensors());
+        }
         let (w, b) = self.head.tensors();
         tensors.push(("sbm.head.weight".into(), w));
         tensors.push(("sbm.head.bias".into(), b));
@@ -297,6 +322,7 @@ pub struct SbmData<'a> {
 
 struct Optimizers {
     bb: Option<Box<dyn StatefulOpt>>,
+    pfam: Option<Box<dyn StatefulOpt>>,
     head: Box<dyn StatefulOpt>,
 }
 
@@ -377,6 +403,9 @@ struct Nets {
     net: Backbone,
     reference: Backbone,
     head: JigsawHead,
+    pfam: Option<Pfam>,
+    /// (name, var) of PFAM's parameters.
+    pfam_vars: Vec<(String, Var)>,
     /// (name, var) of the trained backbone tensors.
     vars: Vec<(String, Var)>,
     /// Their starting values (L2-SP).
@@ -391,6 +420,7 @@ impl Nets {
         let mut h = self.net.stem(x)?;
         let mut feats = Vec::new();
         let mut refs = Vec::new();
+        let mut levels = Vec::new();
         let mut r: Option<Tensor> = None;
         for l in 0..3 {
             if l + 1 == self.first && with_ref {
@@ -405,8 +435,15 @@ impl Nets {
             if l + 1 >= self.first {
                 feats.push(h.clone());
             }
+            levels.push(h.clone());
         }
-        let logits = self.head.forward(&h)?;
+        let logits = match &self.pfam {
+            Some(p) => {
+                let out = p.forward(&tessera_core::FeatureMaps::new(levels))?;
+                self.head.forward_levels(&out.levels)?
+            }
+            None => self.head.forward(&h)?,
+        };
         Ok((feats, refs, logits))
     }
 }
@@ -472,9 +509,38 @@ pub fn train(
 
     let mut net = backbone.clone();
     let vars = net.make_trainable(&config.train_layers)?;
-    let first = *config.train_layers.iter().min().unwrap_or(&3);
-    let channels = backbone.channels()[2];
-    let head = JigsawHead::new(channels, config.grid, classes, mix(&[config.seed, 2]), &dev)?;
+    // 4 = no backbone layer trains (PFAM alone, e.g. texture classes).
+    let first = config.train_layers.iter().min().copied().unwrap_or(4);
+    let ch = backbone.channels();
+    let (pfam, pfam_vars) = match &config.pfam {
+        Some(pc) => {
+            let varmap = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("pfam");
+            let p = Pfam::new(pc.clone(), [ch[0], ch[1], ch[2]], vb)?;
+            let mut v: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::Config("pfam: poisoned variable map".into()))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            (Some(p), v)
+        }
+        None => (None, Vec::new()),
+    };
+    let head_channels = if pfam.is_some() {
+        ch.iter().sum()
+    } else {
+        ch[2]
+    };
+    let head = JigsawHead::new(
+        head_channels,
+        config.grid,
+        classes,
+        mix(&[config.seed, 2]),
+        &dev,
+    )?;
     let start: Vec<Tensor> = vars
         .iter()
         .map(|(_, v)| v.as_tensor().detach().copy())
@@ -483,12 +549,23 @@ pub fn train(
         net,
         reference: backbone.clone(),
         head,
+        pfam,
+        pfam_vars,
         vars,
         start,
         first,
     };
     let mut opts = Optimizers {
-        bb: if config.lr_backbone > 0.0 {
+        pfam: if nets.pfam_vars.is_empty() {
+            None
+        } else {
+            Some(make_opt(
+                config,
+                nets.pfam_vars.iter().map(|(_, v)| v.clone()).collect(),
+                config.lr_pfam,
+            )?)
+        },
+        bb: if config.lr_backbone > 0.0 && !nets.vars.is_empty() {
             Some(make_opt(
                 config,
                 nets.vars.iter().map(|(_, v)| v.clone()).collect(),
@@ -526,8 +603,14 @@ pub fn train(
         for (k, v) in ["weight", "bias"].iter().zip(nets.head.vars()) {
             v.set(get(&format!("head.{k}"))?)?;
         }
+        for (name, v) in &nets.pfam_vars {
+            v.set(get(&format!("pfam_vars.{name}"))?)?;
+        }
         if let Some(o) = opts.bb.as_mut() {
             o.load(&strip("opt_bb", &t))?;
+        }
+        if let Some(o) = opts.pfam.as_mut() {
+            o.load(&strip("opt_pfam", &t))?;
         }
         opts.head.load(&strip("opt_head", &t))?;
         history = m.history;
@@ -597,7 +680,8 @@ pub fn train(
             let b = labels.len();
             let x = to_batch(inputs, 3, h, w, &dev)?;
             let y = Tensor::new(labels.as_slice(), &dev)?;
-            let with_ref = config.anchor == Anchor::Features && config.anchor_weight > 0.0;
+            let with_ref =
+                config.anchor == Anchor::Features && config.anchor_weight > 0.0 && first <= 3;
             let (feats, refs, logits) = nets.forward(&x, with_ref)?;
             let ce = candle_nn::loss::cross_entropy(&logits, &y)?;
             let anchor = match config.anchor {
@@ -630,6 +714,9 @@ pub fn train(
             }
             let grads = loss.backward()?;
             if let Some(o) = opts.bb.as_mut() {
+                o.step(&grads)?;
+            }
+            if let Some(o) = opts.pfam.as_mut() {
                 o.step(&grads)?;
             }
             opts.head.step(&grads)?;
@@ -712,10 +799,16 @@ pub fn train(
         seconds_per_epoch,
         synthesis: data.synth.is_some(),
     };
-    let Nets { mut net, head, .. } = nets;
+    let Nets {
+        mut net,
+        head,
+        pfam,
+        ..
+    } = nets;
     net.freeze()?;
     Ok(SbmOutcome {
         backbone: net,
+        pfam: pfam.map(|p| p.detached()),
         head,
         perms,
         report,
@@ -736,6 +829,7 @@ fn evaluate(
     net.freeze()?;
     let (hw, hb) = nets.head.tensors();
     let head = JigsawHead::from_tensors(perms.grid(), &hw.detach(), &hb.detach())?;
+    let pfam = nets.pfam.as_ref().map(|p| p.detached());
     let dev = net.device().clone();
     let mut correct = 0usize;
     for chunk in eval_set.chunks(batch) {
@@ -745,7 +839,11 @@ fn evaluate(
             .collect();
         let x = to_batch(inputs, 3, h, w, &dev)?;
         let f = net.forward(&x)?;
-        let pred: Vec<u32> = head.forward(&f.levels[2])?.argmax(D::Minus1)?.to_vec1()?;
+        let logits = match &pfam {
+            Some(p) => head.forward_levels(&p.forward(&f)?.levels)?,
+            None => head.forward(&f.levels[2])?,
+        };
+        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         correct += pred
             .iter()
             .zip(chunk)
@@ -791,6 +889,14 @@ fn save_checkpoint(
     if let Some(o) = &opts.bb {
         t.extend(prefixed("opt_bb", o.state()?));
     }
+    if let Some(o) = &opts.pfam {
+        t.extend(prefixed("opt_pfam", o.state()?));
+    }
+    t.extend(
+        nets.pfam_vars
+            .iter()
+            .map(|(k, v)| (format!("pfam_vars.{k}"), v.as_tensor().detach())),
+    );
     t.extend(prefixed("opt_head", opts.head.state()?));
     let meta = CheckpointMeta {
         resume_key: config.resume_key(),

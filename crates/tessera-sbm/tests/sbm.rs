@@ -438,3 +438,56 @@ fn bad_settings_are_refused() {
     let e = train(&small_config(), &backbone(), &few, None, &|_| {}).unwrap_err();
     assert!(e.to_string().contains("too few"), "{e}");
 }
+
+#[test]
+fn pfam_trains_on_the_jigsaw_with_a_frozen_backbone_and_is_saved() {
+    let (imgs, pre) = images(30);
+    let data = SbmData {
+        images: imgs,
+        preprocess: pre,
+        synth: None,
+        source: "random".into(),
+    };
+    let cfg = SbmConfig {
+        train_layers: vec![],
+        pfam: Some(Default::default()),
+        lr_pfam: 1e-3,
+        epochs: 6,
+        ..small_config()
+    };
+    let out = train(&cfg, &backbone(), &data, None, &|_| {}).unwrap();
+    let r = &out.report;
+    // The backbone is untouched; PFAM + head learn the task.
+    assert!(r.drift.iter().all(|d| *d == 0.0), "{:?}", r.drift);
+    assert!(r.gate.passed, "{:?} {:?}", r.gate, r.history);
+    let pfam = out.pfam.as_ref().expect("pfam trained");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ours.safetensors");
+    out.save(&p).unwrap();
+    let t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    let saved: HashMap<String, Tensor> = t
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("pfam."))
+        .collect();
+    assert_eq!(saved.len(), pfam.tensors().len());
+    let back = tessera_pfam::Pfam::load(
+        &saved,
+        "pfam",
+        Default::default(),
+        [64, 128, 256],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1., (1, 3, 64, 64), &Device::Cpu).unwrap();
+    let f = out.backbone.forward(&x).unwrap();
+    let (a, b) = (pfam.forward(&f).unwrap(), back.forward(&f).unwrap());
+    for l in 0..3 {
+        assert!(max_rel(&b.levels[l], &a.levels[l]) < 1e-6);
+    }
+    assert!(tessera_sbm::read_report(&p)
+        .unwrap()
+        .unwrap()
+        .config
+        .pfam
+        .is_some());
+}
