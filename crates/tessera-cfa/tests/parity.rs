@@ -177,3 +177,69 @@ fn bad_config() {
         assert!(cfg.fit(&mut std::iter::empty()).is_err());
     }
 }
+
+/// Per-level learned scales: the smallest transform that can train with CFA's loss.
+struct Scales(Vec<candle_core::Var>);
+
+impl tessera_cfa::FeatureTransform for Scales {
+    fn forward(&self, f: &FeatureMaps) -> tessera_core::Result<FeatureMaps> {
+        let levels = f
+            .levels
+            .iter()
+            .zip(&self.0)
+            .map(|(l, s)| l.broadcast_mul(s.as_tensor()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(FeatureMaps::new(levels))
+    }
+    fn vars(&self) -> Vec<candle_core::Var> {
+        self.0.clone()
+    }
+}
+
+#[test]
+fn end_to_end_training_updates_the_transform_and_matches_plain_fit_when_frozen() {
+    let g = golden();
+    let batches = || {
+        (0..2).map(|i| -> tessera_core::Result<FeatureMaps> {
+            Ok(FeatureMaps::new(vec![
+                g["l1"].narrow(0, i, 1)?,
+                g["l2"].narrow(0, i, 1)?,
+                g["l3"].narrow(0, i, 1)?,
+            ]))
+        })
+    };
+    let cfg = CfaConfig {
+        epochs: 6,
+        batch: 1,
+        lr: 1e-2,
+        seed: 3,
+        ..Default::default()
+    };
+    let one = || candle_core::Var::new(&[1f32], &candle_core::Device::Cpu).unwrap();
+    // A transform with no variables is the plain fit.
+    struct Frozen;
+    impl tessera_cfa::FeatureTransform for Frozen {
+        fn forward(&self, f: &FeatureMaps) -> tessera_core::Result<FeatureMaps> {
+            Ok(f.clone())
+        }
+        fn vars(&self) -> Vec<candle_core::Var> {
+            Vec::new()
+        }
+    }
+    let plain = cfg.fit(&mut batches()).unwrap();
+    let frozen = cfg
+        .fit_end_to_end(&mut batches(), &Frozen, &|_| {})
+        .unwrap();
+    let f = features(&g);
+    assert_eq!(frozen.score(&f).unwrap(), plain.score(&f).unwrap());
+    // Trainable scales move, and the loss goes down.
+    let t = Scales(vec![one(), one(), one()]);
+    let fitted = cfg.fit_end_to_end(&mut batches(), &t, &|_| {}).unwrap();
+    let moved: Vec<f32> =
+        t.0.iter()
+            .map(|v| v.as_tensor().to_vec1::<f32>().unwrap()[0])
+            .collect();
+    assert!(moved.iter().any(|s| (s - 1.0).abs() > 1e-4), "{moved:?}");
+    let h: Vec<f64> = fitted.history().iter().map(|e| e.loss).collect();
+    assert!(h.last().unwrap() < &h[0], "{h:?}");
+}

@@ -76,6 +76,8 @@ pub struct FitOptions {
     pub sbm_config: SbmConfig,
     /// Texture images for SBM's synthetic defects.
     pub textures: Option<PathBuf>,
+    /// `--pfam-train cfa`: after the jigsaw stage, train PFAM end to end with CFA's loss.
+    pub pfam_train_cfa: bool,
     pub progress: Progress,
 }
 
@@ -108,6 +110,7 @@ impl Default for FitOptions {
             sbm_force: false,
             sbm_config: SbmConfig::default(),
             textures: None,
+            pfam_train_cfa: false,
             progress: Progress::default(),
         }
     }
@@ -231,10 +234,21 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
         ScorerKind::Cfa => vec![1, 2, 3],
     };
     let backbone = Backbone::load(o.backbone, &source, 3, &device)?;
-    let pfam = match &pfam_from {
+    let mut pfam = match &pfam_from {
         Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone, &device)?),
         None => None,
     };
+    // `--pfam-train cfa`: PFAM continues training end to end with CFA's loss, so CFA sees raw
+    // backbone features and applies the trainable PFAM itself.
+    let e2e = match (o.pfam_train_cfa, &pfam_from, o.scorer) {
+        (false, _, _) => None,
+        (true, Some((p, cfg)), ScorerKind::Cfa) => {
+            Some(trainable_pfam(p, cfg, &backbone, &device)?)
+        }
+        (true, None, _) => bail!("--pfam-train cfa needs --method ours (PFAM)"),
+        (true, _, _) => bail!("--pfam-train cfa needs --scorer cfa"),
+    };
+    let features_pfam = if e2e.is_some() { None } else { pfam.clone() };
     o.progress.note(format!(
         "fit: {} training images from {}, {} ({}), scorer {:?}, device {}",
         train.len(),
@@ -251,7 +265,7 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
             .chunks(o.batch_size)
             .map(|chunk| -> tessera_core::Result<FeatureMaps> {
                 let b = load_batch(chunk, &pre, &device)?;
-                let f = extract(&backbone, pfam.as_ref(), &b.tensor)
+                let f = extract(&backbone, features_pfam.as_ref(), &b.tensor)
                     .map_err(|e| tessera_core::Error::Config(format!("{e:#}")))?;
                 pb.inc(chunk.len() as u64);
                 Ok(f)
@@ -310,7 +324,14 @@ pub fn fit(o: &FitOptions) -> Result<FitSummary> {
                 b.set_position(((p.epoch - 1) * p.batches + p.batch) as u64);
                 b.set_message(format!("epoch {}/{} loss {:.3}", p.epoch, p.epochs, p.loss));
             };
-            let fitted = cfg.fit_with_progress(&mut batches, &progress)?;
+            let fitted = match &e2e {
+                None => cfg.fit_with_progress(&mut batches, &progress)?,
+                Some(t) => {
+                    let f = cfg.fit_end_to_end(&mut batches, t, &progress)?;
+                    pfam = Some(t.pfam.detached());
+                    f
+                }
+            };
             if let Some(b) = bar.get() {
                 b.finish_and_clear();
             }
@@ -408,6 +429,51 @@ pub fn sbm_output_path(out: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     out.with_file_name(format!("{stem}.sbm.safetensors"))
+}
+
+/// PFAM with trainable variables (initialised from an SBM output file), for CFA end to end.
+struct TrainablePfam {
+    pfam: Pfam,
+    vars: Vec<candle_core::Var>,
+}
+
+impl tessera_cfa::FeatureTransform for TrainablePfam {
+    fn forward(&self, f: &FeatureMaps) -> tessera_core::Result<FeatureMaps> {
+        self.pfam.forward(f)
+    }
+    fn vars(&self) -> Vec<candle_core::Var> {
+        self.vars.clone()
+    }
+}
+
+fn trainable_pfam(
+    path: &Path,
+    cfg: &PfamConfig,
+    backbone: &Backbone,
+    device: &Device,
+) -> Result<TrainablePfam> {
+    let ch = backbone.channels();
+    let t = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{}: unreadable", path.display()))?;
+    let varmap = candle_nn::VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned variable map"))?;
+        for (k, v) in t.into_iter().filter(|(k, _)| k.starts_with("pfam.")) {
+            data.insert(k, candle_core::Var::from_tensor(&v)?);
+        }
+    }
+    // Variables already in the map are used as they are (the trained values).
+    let vb =
+        candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device).pp("pfam");
+    let pfam = Pfam::new(cfg.clone(), [ch[0], ch[1], ch[2]], vb)
+        .with_context(|| path.display().to_string())?;
+    Ok(TrainablePfam {
+        pfam,
+        vars: varmap.all_vars(),
+    })
 }
 
 /// PFAM as trained by SBM, from its output file.

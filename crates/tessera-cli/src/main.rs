@@ -85,6 +85,12 @@ enum SbmModeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum PfamTrainArg {
+    Jigsaw,
+    Cfa,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum AnchorArg {
     Features,
     L2sp,
@@ -369,6 +375,10 @@ struct FitArgs {
     /// Use SBM weights even if their jigsaw gate failed.
     #[arg(long)]
     sbm_force: bool,
+    /// --method ours with --scorer cfa: how PFAM trains. `jigsaw` (default): in the SBM
+    /// stage only; `cfa`: then also end to end with CFA's loss (PFAM is stored as trained).
+    #[arg(long, value_enum, default_value = "jigsaw")]
+    pfam_train: PfamTrainArg,
     #[command(flatten)]
     sbm_args: SbmArgs,
     #[command(flatten)]
@@ -440,6 +450,7 @@ fn run(cli: Cli) -> Result<()> {
                 sbm_force: a.sbm_force,
                 sbm_config: a.sbm_args.config(a.seed),
                 textures: a.sbm_args.textures.clone(),
+                pfam_train_cfa: matches!(a.pfam_train, PfamTrainArg::Cfa),
                 seed: a.seed,
                 device: a.common.device,
                 out: a.out,

@@ -189,3 +189,135 @@ fn synth_writes_images_and_masks_in_mvtec_layout() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("nope"), "{}", stderr(&bad));
 }
+
+/// An SBM + PFAM weights file made with the library at 64 px (fast; PFAM's weights do not
+/// depend on the input size), for the CLI's `--method ours` path.
+fn ours_weights(data: &Path, out: &Path) {
+    use tessera_core::model::Preprocess;
+    let pre = Preprocess {
+        resize: 64,
+        crop: 64,
+        ..Preprocess::paper()
+    };
+    let ds = tessera_data::Dataset::open(data).unwrap();
+    let images = ds
+        .train()
+        .unwrap()
+        .iter()
+        .map(|s| tessera_data::load_image(&s.path, &pre).unwrap().display)
+        .collect();
+    let bb = tessera_backbone::Backbone::load(
+        tessera_backbone::Arch::ResNet18,
+        &tessera_backbone::WeightsSource::Random { seed: 1 },
+        3,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let cfg = tessera_sbm::SbmConfig {
+        grid: 2,
+        permutations: 5,
+        eval_perms: 5,
+        epochs: 1,
+        holdout: 0.2,
+        train_layers: vec![],
+        pfam: Some(Default::default()),
+        ..Default::default()
+    };
+    let data = tessera_sbm::SbmData {
+        images,
+        preprocess: pre,
+        synth: None,
+        source: "random".into(),
+    };
+    let o = tessera_sbm::train(&cfg, &bb, &data, None, &|_| {}).unwrap();
+    o.save(out).unwrap();
+}
+
+#[test]
+fn method_ours_applies_pfam_from_the_model_and_cfa_can_train_it_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let w = dir.path().join("ours.safetensors");
+    ours_weights(&data, &w);
+    let fit = |scorer: &str, extra: &[&str], model: &Path| {
+        let mut a = vec![
+            "--quiet",
+            "fit",
+            "--data",
+            &s(&data),
+            "--preprocess",
+            "anomalib",
+            "--method",
+            "ours",
+            "--sbm-weights",
+            &s(&w),
+            "--sbm-force",
+            "--scorer",
+            scorer,
+            "--out",
+            &s(model),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let out = tessera(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let load =
+        |p: &Path| tessera_core::model::ModelFile::load(p, &candle_core::Device::Cpu).unwrap();
+    let m1 = dir.path().join("padim.safetensors");
+    fit("padim", &[], &m1);
+    let f1 = load(&m1);
+    assert_eq!(f1.meta.method, "ours");
+    assert!(f1.meta.pfam.is_some());
+    let stored = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
+    let key = "pfam.x1_conv.weight";
+    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert!(
+        same(&f1.tensors[key], &stored[key]),
+        "PFAM stored as trained by SBM"
+    );
+    // test loads PFAM from the model file and scores through it.
+    let report = dir.path().join("r.json");
+    let out = tessera(&[
+        "--quiet",
+        "test",
+        "--model",
+        &s(&m1),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // CFA end to end: PFAM keeps training with CFA's loss and the model stores the new PFAM.
+    let m2 = dir.path().join("cfa.safetensors");
+    fit("cfa", &["--pfam-train", "cfa", "--epochs", "2"], &m2);
+    let f2 = load(&m2);
+    assert!(
+        !same(&f2.tensors[key], &stored[key]),
+        "PFAM trained further by CFA"
+    );
+    // --pfam-train cfa is refused with another scorer.
+    let bad = tessera(&[
+        "fit",
+        "--data",
+        &s(&data),
+        "--preprocess",
+        "anomalib",
+        "--method",
+        "ours",
+        "--sbm-weights",
+        &s(&w),
+        "--sbm-force",
+        "--pfam-train",
+        "cfa",
+        "--out",
+        &s(&m2),
+    ]);
+    assert!(stderr(&bad).contains("--scorer cfa"), "{}", stderr(&bad));
+}
