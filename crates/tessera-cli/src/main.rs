@@ -599,7 +599,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 progress.note(format!(
-                    "wrote {} synthetic images ({} texture, {} structure sources) in {:.1} s                      ({:.1} images/s) → {}",
+                    "wrote {} synthetic images ({} texture, {} structure sources) in {:.1} s \
+                     ({:.1} images/s) → {}",
                     s.count,
                     s.texture_sources,
                     s.structure_sources,

@@ -7,7 +7,21 @@ use tessera_core::{Error, Result};
 /// The file a plain folder dataset uses to describe itself.
 pub const FOLDER_SPEC_FILE: &str = "tessera-dataset.json";
 
-const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+/// File extensions read as images (case-insensitive).
+pub const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+/// Whether a path names an image by its extension and is not hidden (`.` files are skipped).
+pub fn is_image_path(p: &Path) -> bool {
+    let hidden = p
+        .file_name()
+        .map(|n| n.to_string_lossy().starts_with('.'))
+        .unwrap_or(true);
+    let ext_ok = p
+        .extension()
+        .map(|x| IMAGE_EXTS.contains(&x.to_string_lossy().to_ascii_lowercase().as_str()))
+        .unwrap_or(false);
+    !hidden && ext_ok
+}
 
 /// Texture-like or object-like category: drives `--sbm auto` (the paper applies SBM to objects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,15 +375,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v = Vec::new();
     for e in rd {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
-        let hidden = p
-            .file_name()
-            .map(|n| n.to_string_lossy().starts_with('.'))
-            .unwrap_or(true);
-        let ext_ok = p
-            .extension()
-            .map(|x| IMAGE_EXTS.contains(&x.to_string_lossy().to_ascii_lowercase().as_str()))
-            .unwrap_or(false);
-        if !hidden && ext_ok && p.is_file() {
+        if is_image_path(&p) && p.is_file() {
             v.push(p);
         }
     }

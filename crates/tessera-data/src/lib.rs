@@ -29,8 +29,8 @@ pub mod synthetic;
 pub mod verify;
 
 pub use layout::{
-    list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout, Sample,
-    FOLDER_SPEC_FILE,
+    is_image_path, list_images, mvtec_category_kind, CategoryKind, Dataset, FolderSpec, Layout,
+    Sample, FOLDER_SPEC_FILE, IMAGE_EXTS,
 };
 pub use preprocess::{load_batch, load_image, load_mask, normalize, Batch, LoadedImage};
 pub use synthetic::{generate_category, SyntheticSpec};

@@ -237,6 +237,17 @@ fn images(n: usize) -> (Vec<image::RgbImage>, Preprocess) {
     (imgs, pre)
 }
 
+/// Normal images only (no synthesis), from a random-weights source.
+fn plain_data(n: usize) -> SbmData<'static> {
+    let (images, preprocess) = images(n);
+    SbmData {
+        images,
+        preprocess,
+        synth: None,
+        source: "random".into(),
+    }
+}
+
 fn small_config() -> SbmConfig {
     SbmConfig {
         grid: 2,
@@ -251,6 +262,7 @@ fn small_config() -> SbmConfig {
         lr_backbone: 1e-4,
         lr_head: 1e-3,
         train_layers: vec![3],
+        anchor_weight: 10.0,
         seed: 11,
         ..Default::default()
     }
@@ -309,13 +321,7 @@ fn learns_the_jigsaw_passes_the_gate_and_saves_a_loadable_backbone() {
 
 #[test]
 fn an_untrained_head_fails_the_gate() {
-    let (imgs, pre) = images(30);
-    let data = SbmData {
-        images: imgs,
-        preprocess: pre,
-        synth: None,
-        source: "random".into(),
-    };
+    let data = plain_data(30);
     let cfg = SbmConfig {
         epochs: 1,
         lr_backbone: 0.0,
@@ -329,13 +335,7 @@ fn an_untrained_head_fails_the_gate() {
 
 #[test]
 fn anchoring_limits_feature_drift() {
-    let (imgs, pre) = images(30);
-    let data = SbmData {
-        images: imgs,
-        preprocess: pre,
-        synth: None,
-        source: "random".into(),
-    };
+    let data = plain_data(30);
     let run = |anchor, w| {
         let cfg = SbmConfig {
             epochs: 2,
@@ -365,13 +365,7 @@ fn anchoring_limits_feature_drift() {
 
 #[test]
 fn resumes_from_a_checkpoint_exactly() {
-    let (imgs, pre) = images(30);
-    let data = SbmData {
-        images: imgs,
-        preprocess: pre,
-        synth: None,
-        source: "random".into(),
-    };
+    let data = plain_data(30);
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("run.ckpt");
     let cfg = SbmConfig {
@@ -408,13 +402,7 @@ fn resumes_from_a_checkpoint_exactly() {
 
 #[test]
 fn bad_settings_are_refused() {
-    let (imgs, pre) = images(12);
-    let data = SbmData {
-        images: imgs,
-        preprocess: pre,
-        synth: None,
-        source: "random".into(),
-    };
+    let data = plain_data(12);
     for cfg in [
         SbmConfig {
             train_layers: vec![4],
@@ -441,13 +429,7 @@ fn bad_settings_are_refused() {
 
 #[test]
 fn pfam_trains_on_the_jigsaw_with_a_frozen_backbone_and_is_saved() {
-    let (imgs, pre) = images(30);
-    let data = SbmData {
-        images: imgs,
-        preprocess: pre,
-        synth: None,
-        source: "random".into(),
-    };
+    let data = plain_data(30);
     let cfg = SbmConfig {
         train_layers: vec![],
         pfam: Some(Default::default()),

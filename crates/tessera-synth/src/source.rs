@@ -9,20 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tessera_core::{Error, Result};
 
-/// File extensions read as images (as tessera-data).
-pub(crate) const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
-
-pub(crate) fn is_image(p: &Path) -> bool {
-    let hidden = p
-        .file_name()
-        .map(|n| n.to_string_lossy().starts_with('.'))
-        .unwrap_or(true);
-    let ext_ok = p
-        .extension()
-        .map(|x| IMAGE_EXTS.contains(&x.to_string_lossy().to_ascii_lowercase().as_str()))
-        .unwrap_or(false);
-    !hidden && ext_ok
-}
+pub(crate) use tessera_data::{is_image_path as is_image, IMAGE_EXTS};
 
 /// Decode any supported image file to 8-bit RGB; errors name the file.
 pub(crate) fn decode_rgb(path: &Path) -> Result<RgbImage> {
