@@ -536,6 +536,9 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let fast = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !fast {
+        if p.groups > 1 && (x.track_op() || w.track_op()) {
+            return split_groups_conv2d(x, w, bias, p, relu);
+        }
         return stock_conv2d(x, w, bias, p, relu);
     }
     let c_out = w.dims4()?.0;
@@ -545,6 +548,34 @@ pub fn conv2d(
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b, ConvFwd { p, relu })
+}
+
+/// A grouped convolution as one candle `conv2d` per group, concatenated: candle 0.11's conv2d
+/// backward ignores `groups`, so on devices where our kernels do not run, training a grouped
+/// convolution (PFAM's MFCSAM) takes this path to get correct gradients.
+pub fn split_groups_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+    relu: bool,
+) -> Result<Tensor> {
+    let g = p.groups.max(1);
+    let (cin, cout) = (x.dim(1)? / g, w.dim(0)? / g);
+    let one = ConvParams { groups: 1, ..p };
+    let parts = (0..g)
+        .map(|i| {
+            let b = bias.map(|b| b.narrow(0, i * cout, cout)).transpose()?;
+            stock_conv2d(
+                &x.narrow(1, i * cin, cin)?,
+                &w.narrow(0, i * cout, cout)?,
+                b.as_ref(),
+                one,
+                relu,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
 }
 
 /// candle's own convolution with the same signature (the reference and the non-CPU path).

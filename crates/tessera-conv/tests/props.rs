@@ -219,3 +219,45 @@ fn bad_shapes_are_errors() {
     let w = Tensor::zeros((2, 4, 7, 7), candle_core::DType::F32, &dev).unwrap();
     assert!(conv2d(&x, &w, None, ConvParams::default(), false).is_err());
 }
+
+/// The path grouped convolutions take off the CPU when training (one candle conv per group)
+/// has the same values and gradients as ours (run here on the CPU).
+#[test]
+fn split_groups_path_matches_forward_and_backward() {
+    let dev = Device::Cpu;
+    for (cin, cout, k, groups, relu) in [
+        (16, 8, 3, 4, false),
+        (8, 8, 5, 2, true),
+        (12, 6, 3, 3, false),
+    ] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, cin, 9, 7), &dev).unwrap()).unwrap();
+        let w =
+            Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin / groups, k, k), &dev).unwrap())
+                .unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, cout, &dev).unwrap()).unwrap();
+        let p = ConvParams {
+            padding: k / 2,
+            groups,
+            ..Default::default()
+        };
+        let r = Tensor::randn(0f32, 1., (2, cout, 9, 7), &dev).unwrap();
+        let run = |f: fn(
+            &Tensor,
+            &Tensor,
+            Option<&Tensor>,
+            ConvParams,
+            bool,
+        ) -> candle_core::Result<Tensor>| {
+            let y = f(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), p, relu).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = [&x, &w, &b].map(|v| g.get(v).unwrap().clone());
+            (y, gs)
+        };
+        let (ya, ga) = run(conv2d);
+        let (yb, gb) = run(tessera_conv::split_groups_conv2d);
+        close(&yb, &ya, "split forward");
+        for (a, b) in ga.iter().zip(&gb) {
+            close(b, a, "split gradient");
+        }
+    }
+}
