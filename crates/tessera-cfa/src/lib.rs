@@ -171,6 +171,9 @@ pub fn nearest_centres(
     centres_sq: &[f32],
     n: usize,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
+    if !phi.device().is_cpu() {
+        return nearest_centres_tensor_ops(phi, centres, centres_sq, n);
+    }
     let (rows, _) = phi.dims2()?;
     let m = centres.dims()[0];
     let n = n.min(m);
@@ -203,6 +206,31 @@ pub fn nearest_centres(
             })
     })?;
     Ok((idx, dist))
+}
+
+/// [`nearest_centres`] with tensor ops only — the accelerator path (any device works): the
+/// distance matrix is built and sorted on the device (`arg_sort`), and only the `N × n`
+/// selected indices and distances cross to the host.
+pub fn nearest_centres_tensor_ops(
+    phi: &Tensor,
+    centres: &Tensor,
+    centres_sq: &[f32],
+    n: usize,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let m = centres.dims()[0];
+    let n = n.min(m);
+    let phi = phi.detach();
+    let cs = Tensor::from_slice(centres_sq, (1, m), phi.device())?;
+    let d = (phi.matmul(&centres.t()?)? * -2.0)?
+        .broadcast_add(&phi.sqr()?.sum_keepdim(D::Minus1)?)?
+        .broadcast_add(&cs)?
+        .contiguous()?;
+    let order = d.arg_sort_last_dim(true)?.narrow(1, 0, n)?.contiguous()?;
+    let dist = d.gather(&order, 1)?;
+    Ok((
+        order.flatten_all()?.to_vec1::<u32>()?,
+        dist.flatten_all()?.to_vec1::<f32>()?,
+    ))
 }
 
 /// The loss's contact with the selected centres, as a custom op on CPU:

@@ -243,3 +243,17 @@ fn end_to_end_training_updates_the_transform_and_matches_plain_fit_when_frozen()
     let h: Vec<f64> = fitted.history().iter().map(|e| e.loss).collect();
     assert!(h.last().unwrap() < &h[0], "{h:?}");
 }
+
+#[test]
+fn device_path_nearest_centres_equals_the_cpu_path() {
+    let dev = candle_core::Device::Cpu;
+    let phi = Tensor::randn(0f32, 1., (50, 8), &dev).unwrap();
+    let centres = Tensor::randn(0f32, 1., (30, 8), &dev).unwrap();
+    let sq: Vec<f32> = centres.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    let (ia, da) = tessera_cfa::nearest_centres(&phi, &centres, &sq, 6).unwrap();
+    let (ib, db) = tessera_cfa::nearest_centres_tensor_ops(&phi, &centres, &sq, 6).unwrap();
+    assert_eq!(ia, ib);
+    for (a, b) in da.iter().zip(&db) {
+        assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+}
