@@ -66,13 +66,14 @@ pub struct FitOptions {
     pub cfa_gamma_d: usize,
     /// CFA: memory compression γ_c.
     pub cfa_gamma_c: usize,
-    /// `--method sbm`: whether SBM applies to this category.
+    /// `--method sbm|ours`: whether SBM fine-tunes the backbone on this category.
     pub sbm: SbmMode,
-    /// `--method sbm`: use this SBM-tuned backbone instead of training one.
+    /// `--method sbm|ours`: use this SBM output (tuned backbone, with PFAM for `ours`) instead
+    /// of training one.
     pub sbm_weights: Option<PathBuf>,
     /// Use SBM weights even when their gate failed.
     pub sbm_force: bool,
-    /// `--method sbm`: the SBM settings when it trains.
+    /// `--method sbm|ours`: the SBM settings when it trains.
     pub sbm_config: SbmConfig,
     /// Texture images for SBM's synthetic defects.
     pub textures: Option<PathBuf>,
