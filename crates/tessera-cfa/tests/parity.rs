@@ -106,18 +106,23 @@ fn score_matches_reference() {
     }
 }
 
+/// The golden features as two one-image batches, as `fit` receives them.
+fn one_image_batches(
+    g: &HashMap<String, Tensor>,
+) -> impl Iterator<Item = tessera_core::Result<FeatureMaps>> + '_ {
+    (0..2).map(|i| -> tessera_core::Result<FeatureMaps> {
+        Ok(FeatureMaps::new(vec![
+            g["l1"].narrow(0, i, 1)?,
+            g["l2"].narrow(0, i, 1)?,
+            g["l3"].narrow(0, i, 1)?,
+        ]))
+    })
+}
+
 #[test]
 fn training_is_seeded_lowers_the_loss_and_round_trips() {
     let g = golden();
-    let batches = || {
-        (0..2).map(|i| -> tessera_core::Result<FeatureMaps> {
-            Ok(FeatureMaps::new(vec![
-                g["l1"].narrow(0, i, 1)?,
-                g["l2"].narrow(0, i, 1)?,
-                g["l3"].narrow(0, i, 1)?,
-            ]))
-        })
-    };
+    let batches = || one_image_batches(&g);
     let cfg = CfaConfig {
         epochs: 8,
         batch: 1,
@@ -199,15 +204,7 @@ impl tessera_cfa::FeatureTransform for Scales {
 #[test]
 fn end_to_end_training_updates_the_transform_and_matches_plain_fit_when_frozen() {
     let g = golden();
-    let batches = || {
-        (0..2).map(|i| -> tessera_core::Result<FeatureMaps> {
-            Ok(FeatureMaps::new(vec![
-                g["l1"].narrow(0, i, 1)?,
-                g["l2"].narrow(0, i, 1)?,
-                g["l3"].narrow(0, i, 1)?,
-            ]))
-        })
-    };
+    let batches = || one_image_batches(&g);
     let cfg = CfaConfig {
         epochs: 6,
         batch: 1,

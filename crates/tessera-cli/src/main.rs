@@ -297,6 +297,15 @@ enum PreprocessArg {
     Anomalib,
 }
 
+impl PreprocessArg {
+    fn preprocess(self) -> Preprocess {
+        match self {
+            PreprocessArg::Paper => Preprocess::paper(),
+            PreprocessArg::Anomalib => Preprocess::anomalib(),
+        }
+    }
+}
+
 #[derive(Args)]
 struct Common {
     /// Device: cpu, cuda or cuda:N.
@@ -454,10 +463,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 device: a.common.device,
                 out: a.out,
-                preprocess: match a.preprocess {
-                    PreprocessArg::Paper => Preprocess::paper(),
-                    PreprocessArg::Anomalib => Preprocess::anomalib(),
-                },
+                preprocess: a.preprocess.preprocess(),
                 batch_size: a.common.batch_size,
                 padim_dims: a.padim_dims,
                 coreset_ratio: a.coreset_ratio,
@@ -474,17 +480,15 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
             };
             let s = tessera_cli::fit(&opts)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                progress.note(format!(
+            summary(cli.json, progress, &s, |s| {
+                format!(
                     "wrote {} ({} images, {:.1} s, default pixel threshold {:.3})",
                     s.model.display(),
                     s.images,
                     s.seconds,
                     s.threshold
-                ));
-            }
+                )
+            })?;
         }
         Cmd::Test(a) => {
             let opts = TestOptions {
@@ -497,14 +501,12 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
             };
             let r = tessera_cli::test(&opts)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
+            summary(cli.json, progress, &r, |r| {
                 let pct = |v: Option<f64>| {
                     v.map(|v| format!("{:.2}%", v * 100.0))
                         .unwrap_or_else(|| "n/a".into())
                 };
-                progress.note(format!(
+                format!(
                     "image AUROC {}  pixel AUROC {}  pixel AUPRO {}  ({} images, {:.1} ms/image) → {}",
                     pct(r.image_auroc),
                     pct(r.pixel_auroc),
@@ -512,8 +514,8 @@ fn run(cli: Cli) -> Result<()> {
                     r.counts.images,
                     r.ms_per_image,
                     opts.report.display()
-                ));
-            }
+                )
+            })?;
         }
         Cmd::Predict(a) => {
             let opts = PredictOptions {
@@ -526,17 +528,15 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
             };
             let s = tessera_cli::predict(&opts)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                progress.note(format!(
+            summary(cli.json, progress, &s, |s| {
+                format!(
                     "{} images, {} at or above threshold {:.3} → {}",
                     s.images,
                     s.anomalous,
                     s.threshold,
                     s.scores_csv.display()
-                ));
-            }
+                )
+            })?;
         }
         Cmd::Sbm(SbmCmd::Train(a)) => {
             let opts = SbmOptions {
@@ -558,19 +558,14 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 foreground: a.foreground,
                 no_synth: a.no_synth,
-                preprocess: match a.preprocess {
-                    PreprocessArg::Paper => Preprocess::paper(),
-                    PreprocessArg::Anomalib => Preprocess::anomalib(),
-                },
+                preprocess: a.preprocess.preprocess(),
                 device: a.device,
                 restart: a.restart,
                 progress,
             };
             let s = tessera_cli::sbm_train(&opts)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                progress.note(format!(
+            summary(cli.json, progress, &s, |s| {
+                format!(
                     "sbm: {:.1} s ({:.1} s/epoch); final drift l1/l2/l3 {:.3}/{:.3}/{:.3} → {}",
                     s.seconds,
                     s.report.seconds_per_epoch,
@@ -578,8 +573,8 @@ fn run(cli: Cli) -> Result<()> {
                     s.report.drift[1],
                     s.report.drift[2],
                     s.out.display()
-                ));
-            }
+                )
+            })?;
             if !s.report.gate.passed {
                 anyhow::bail!("SBM did not pass the jigsaw gate (see the warning above)");
             }
@@ -595,10 +590,8 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
             };
             let s = tessera_cli::synth(&opts)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                progress.note(format!(
+            summary(cli.json, progress, &s, |s| {
+                format!(
                     "wrote {} synthetic images ({} texture, {} structure sources) in {:.1} s \
                      ({:.1} images/s) → {}",
                     s.count,
@@ -607,8 +600,8 @@ fn run(cli: Cli) -> Result<()> {
                     s.seconds,
                     s.images_per_second,
                     opts.out.display()
-                ));
-            }
+                )
+            })?;
         }
         Cmd::Data(DataCmd::Verify(a)) => {
             let opts = DataVerifyOptions {
@@ -636,6 +629,22 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// A command's result: the JSON summary on stdout with `--json`, else the human line on stderr
+/// (unless quiet).
+fn summary<T: serde::Serialize>(
+    json: bool,
+    progress: Progress,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        progress.note(human(value));
     }
     Ok(())
 }
