@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tessera_conv::ConvParams;
+use std::sync::{Arc, OnceLock};
+use tessera_conv::{ConvParams, Nhwc, PackedConv};
 use tessera_core::{Error, FeatureMaps, Result};
 
 const BN_EPS: f64 = 1e-5;
@@ -110,6 +111,13 @@ impl ConvBn {
         ));
         Ok(())
     }
+    fn pack(&self) -> Result<PackedConv> {
+        Ok(PackedConv::from_tensors(
+            &self.weight,
+            Some(&self.bias),
+            self.params,
+        )?)
+    }
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let f = if self.stock {
             tessera_conv::stock_conv2d
@@ -177,6 +185,18 @@ pub struct Backbone {
     /// The checkpoint tensors that were read, unfolded, to store in model files.
     raw: Vec<(String, Tensor)>,
     device: Device,
+    /// Some weights are variables (being trained): the packed NHWC path is off.
+    trainable: bool,
+    /// The weights packed for the channels-last CPU path, built on first use.
+    packed: OnceLock<Arc<PackedNet>>,
+}
+
+/// The backbone's convolutions packed for NHWC inference (`tessera_conv::nhwc`).
+#[derive(Debug)]
+struct PackedNet {
+    stem: PackedConv,
+    /// Per layer, per block: the convolutions in order and the downsample.
+    layers: Vec<Vec<(Vec<PackedConv>, Option<PackedConv>)>>,
 }
 
 impl Backbone {
@@ -335,6 +355,8 @@ impl Backbone {
             layers,
             raw,
             device: device.clone(),
+            trainable: false,
+            packed: OnceLock::new(),
         })
     }
 
@@ -363,6 +385,7 @@ impl Backbone {
     /// Run every convolution through candle's stock `conv2d` instead of `tessera-conv` (for
     /// benchmarks and A/B checks; results agree to float rounding).
     pub fn set_stock_conv(&mut self, stock: bool) {
+        self.packed = OnceLock::new();
         self.stem.stock = stock;
         for b in self.layers.iter_mut().flatten() {
             for c in b.convs.iter_mut().chain(b.downsample.as_mut()) {
@@ -378,6 +401,8 @@ impl Backbone {
     pub fn make_trainable(&mut self, layers: &[usize]) -> Result<Vec<(String, Var)>> {
         let mut vars = Vec::new();
         let depth = self.layers.len();
+        self.packed = OnceLock::new();
+        self.trainable = !layers.is_empty();
         for &l in layers {
             let blocks = self.layers.get_mut(l.wrapping_sub(1)).ok_or_else(|| {
                 Error::Config(format!(
@@ -398,6 +423,8 @@ impl Backbone {
     /// Detach every weight from its variable (after training), so later forward passes build
     /// no autograd graph.
     pub fn freeze(&mut self) -> Result<()> {
+        self.packed = OnceLock::new();
+        self.trainable = false;
         self.stem.freeze()?;
         for b in self.layers.iter_mut().flatten() {
             for c in b.convs.iter_mut().chain(b.downsample.as_mut()) {
@@ -421,12 +448,109 @@ impl Backbone {
     }
 
     /// layer1..layer`depth` outputs for an NCHW batch.
+    ///
+    /// Frozen f32 weights on the CPU take the channels-last path (`tessera_conv::nhwc`: packed
+    /// weights, fused bias + residual + ReLU, parallel max-pool); trainable weights, other
+    /// devices and the stock-conv switch take the tensor path below (same values to float
+    /// rounding).
     pub fn forward(&self, x: &Tensor) -> Result<FeatureMaps> {
+        if self.device.is_cpu() && !self.trainable && !self.stem.stock {
+            return self.forward_nhwc(x);
+        }
         let mut h = self.stem(x)?;
         let mut out = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
             h = self.layer(i, &h)?;
             out.push(h.clone());
+        }
+        Ok(FeatureMaps::new(out))
+    }
+
+    fn packed(&self) -> Result<Arc<PackedNet>> {
+        if let Some(p) = self.packed.get() {
+            return Ok(p.clone());
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|blocks| {
+                blocks
+                    .iter()
+                    .map(|b| {
+                        let convs = b.convs.iter().map(ConvBn::pack).collect::<Result<_>>()?;
+                        let ds = b.downsample.as_ref().map(ConvBn::pack).transpose()?;
+                        Ok((convs, ds))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let net = Arc::new(PackedNet {
+            stem: self.stem.pack()?,
+            layers,
+        });
+        // A concurrent first call may have won; either copy is identical.
+        Ok(self.packed.get_or_init(|| net).clone())
+    }
+
+    fn forward_nhwc(&self, x: &Tensor) -> Result<FeatureMaps> {
+        let net = self.packed()?;
+        let x = Nhwc::from_tensor(&x.to_dtype(DType::F32)?)?;
+        let t0 = std::time::Instant::now();
+        let h = net.stem.forward(&x, None, true)?;
+        if std::env::var("TPROF").is_ok() {
+            eprintln!("stem {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let t0 = std::time::Instant::now();
+        let mut h = tessera_conv::max_pool(&h, 3, 2, 1)?;
+        if std::env::var("TPROF").is_ok() {
+            eprintln!("pool {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut out = Vec::with_capacity(net.layers.len());
+        for blocks in &net.layers {
+            for (convs, ds) in blocks {
+                let t0 = std::time::Instant::now();
+                let skip = ds
+                    .as_ref()
+                    .map(|d| d.forward(&h, None, false))
+                    .transpose()?;
+                if std::env::var("TPROF").is_ok() && ds.is_some() {
+                    eprintln!(
+                        "ds {:?} {:.2} ms",
+                        (h.c, h.h),
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                let last = convs.len() - 1;
+                let mut t = convs[0].forward(
+                    &h,
+                    if last == 0 {
+                        skip.as_ref().or(Some(&h))
+                    } else {
+                        None
+                    },
+                    true,
+                )?;
+                for (i, c) in convs.iter().enumerate().skip(1) {
+                    let res = (i == last).then(|| skip.as_ref().unwrap_or(&h));
+                    let t0 = std::time::Instant::now();
+                    let cin = (t.c, t.h);
+                    t = c.forward(&t, res, true)?;
+                    if std::env::var("TPROF").is_ok() {
+                        eprintln!(
+                            "conv{i} {:?} -> {} {:.2} ms",
+                            cin,
+                            t.c,
+                            t0.elapsed().as_secs_f64() * 1e3
+                        );
+                    }
+                }
+                h = t;
+            }
+            let t0 = std::time::Instant::now();
+            out.push(h.to_tensor(&self.device)?);
+            if std::env::var("TPROF").is_ok() {
+                eprintln!("to_tensor {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+            }
         }
         Ok(FeatureMaps::new(out))
     }

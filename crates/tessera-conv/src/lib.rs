@@ -35,6 +35,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+pub mod nhwc;
+pub use nhwc::{max_pool, Nhwc, PackedConv};
+
 /// Convolution hyper-parameters (square kernels' stride/padding/dilation, as candle's `conv2d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {

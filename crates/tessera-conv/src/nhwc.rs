@@ -1,0 +1,472 @@
+//! Channels-last (NHWC) inference kernels: the fast path of frozen feature extraction.
+//!
+//! In NHWC a convolution is one GEMM `Y (B·H_out·W_out × C_out) = cols (… × k_h·k_w·C_in) · W`
+//! whose rows are output pixels, so:
+//!
+//! - a 1×1 stride-1 convolution reads the input itself as its left operand (no copy at all);
+//! - the im2col rows of any other convolution are runs of `C_in` contiguous floats (one
+//!   `memcpy` per tap, one per kernel row at stride 1), gathered per tile of rows into a
+//!   per-thread buffer that stays in cache;
+//! - every tile (rows × output channels) is an independent single-threaded GEMM, so two threads
+//!   never share a cache line and small layers still split into enough jobs;
+//! - bias, the residual add and ReLU are applied to the tile right after its GEMM, while it is
+//!   still in cache (one pass instead of three over the whole tensor).
+//!
+//! Activations stay NHWC from the stem to the last layer; only the layer outputs that leave the
+//! backbone are turned back into NCHW tensors.
+
+use crate::ConvParams;
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A batch of activations, channels-last: `data[((n·H + y)·W + x)·C + c]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nhwc {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub data: Vec<f32>,
+}
+
+/// Rows per block when transposing (keeps both sides of a block in L1/L2).
+const T_BLOCK: usize = 64;
+
+impl Nhwc {
+    /// From an NCHW slice (parallel blocked transpose per image).
+    pub fn from_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
+        assert_eq!(
+            x.len(),
+            n * c * h * w,
+            "NCHW buffer does not match its shape"
+        );
+        let mut data = vec![0f32; x.len()];
+        transpose_batch(x, c, h * w, &mut data);
+        Self { n, h, w, c, data }
+    }
+
+    /// From a 4-D NCHW f32 tensor (any device; read through the host).
+    pub fn from_tensor(x: &Tensor) -> Result<Self> {
+        let (n, c, h, w) = x.dims4()?;
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self::from_nchw(&v, n, c, h, w))
+    }
+
+    /// To an NCHW buffer (parallel blocked transpose per image).
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.data.len()];
+        transpose_batch(&self.data, self.h * self.w, self.c, &mut out);
+        out
+    }
+
+    /// To a 4-D NCHW tensor on `device`.
+    pub fn to_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        Tensor::from_vec(self.to_nchw(), (self.n, self.c, self.h, self.w), device)
+    }
+}
+
+/// Transpose every `rows × cols` matrix of a batch (`src`) into `cols × rows` (`dst`): in
+/// parallel over blocks of destination rows, in 16 × `T_BLOCK` tiles so that reads and writes
+/// both touch whole cache lines.
+pub fn transpose_batch(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    let per = rows * cols;
+    assert_eq!(src.len(), dst.len(), "transpose: buffers differ in length");
+    if per == 0 {
+        return;
+    }
+    dst.par_chunks_mut(per)
+        .zip(src.par_chunks(per))
+        .for_each(|(d, s)| {
+            d.par_chunks_mut(T_BLOCK * rows)
+                .enumerate()
+                .for_each(|(jb, dblk)| {
+                    let j0 = jb * T_BLOCK;
+                    let nj = dblk.len() / rows;
+                    for i0 in (0..rows).step_by(16) {
+                        let ni = 16.min(rows - i0);
+                        for jj in 0..nj {
+                            let drow = &mut dblk[jj * rows + i0..jj * rows + i0 + ni];
+                            for (ii, v) in drow.iter_mut().enumerate() {
+                                *v = s[(i0 + ii) * cols + j0 + jj];
+                            }
+                        }
+                    }
+                });
+        });
+}
+
+/// A convolution (weights + bias) packed once for NHWC inference.
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    cin: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    p: ConvParams,
+    /// Per group `g`: a `(k_h·k_w·C_in/g) × (C_out/g)` row-major block, rows ordered
+    /// `(ki, kj, ci)` — the order in which im2col gathers an NHWC pixel's taps.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// A raw pointer that may cross threads (each job writes a disjoint block through it).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint output blocks to rayon jobs (see `PackedConv::forward`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+thread_local! {
+    /// Per-thread im2col tile, reused across convolutions.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Floats of im2col tile that a job aims for (half of this machine class's 2 MiB L2).
+const TILE_FLOATS: usize = 256 * 1024 / 4;
+
+impl PackedConv {
+    /// Pack an OIHW weight (`C_out × C_in/groups × k_h × k_w`, row-major) and an optional bias.
+    pub fn new(
+        weight: &[f32],
+        dims: (usize, usize, usize, usize),
+        bias: Option<&[f32]>,
+        p: ConvParams,
+    ) -> Result<Self> {
+        let (cout, cpg, kh, kw) = dims;
+        let groups = p.groups;
+        if groups == 0 || cout % groups != 0 || weight.len() != cout * cpg * kh * kw {
+            candle_core::bail!("packed conv: weight {dims:?} does not fit groups {groups}");
+        }
+        if p.stride == 0 || p.dilation == 0 {
+            candle_core::bail!("packed conv: stride and dilation must be ≥ 1");
+        }
+        if let Some(b) = bias {
+            if b.len() != cout {
+                candle_core::bail!(
+                    "packed conv: bias has {} values for {cout} outputs",
+                    b.len()
+                );
+            }
+        }
+        let og = cout / groups;
+        let kg = kh * kw * cpg;
+        let mut w = vec![0f32; groups * kg * og];
+        for g in 0..groups {
+            let blk = &mut w[g * kg * og..(g + 1) * kg * og];
+            for o in 0..og {
+                let src = &weight[(g * og + o) * cpg * kh * kw..(g * og + o + 1) * cpg * kh * kw];
+                for ci in 0..cpg {
+                    for ki in 0..kh {
+                        for kj in 0..kw {
+                            let row = (ki * kw + kj) * cpg + ci;
+                            blk[row * og + o] = src[(ci * kh + ki) * kw + kj];
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            cin: cpg * groups,
+            cout,
+            kh,
+            kw,
+            p,
+            w,
+            bias: bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; cout]),
+        })
+    }
+
+    /// Pack candle tensors (OIHW weight, optional bias), read through the host.
+    pub fn from_tensors(weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Self> {
+        let dims = weight.dims4()?;
+        let w = weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = bias
+            .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        Self::new(&w, dims, b.as_deref(), p)
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.cout
+    }
+
+    /// Output height and width for an `h × w` input.
+    pub fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let p = self.p;
+        let eh = p.dilation * (self.kh - 1) + 1;
+        let ew = p.dilation * (self.kw - 1) + 1;
+        if h + 2 * p.padding < eh || w + 2 * p.padding < ew {
+            candle_core::bail!("packed conv: kernel larger than the padded {h}×{w} input");
+        }
+        Ok((
+            (h + 2 * p.padding - eh) / p.stride + 1,
+            (w + 2 * p.padding - ew) / p.stride + 1,
+        ))
+    }
+
+    /// `act(conv(x) + bias [+ residual])`, where `act` is ReLU when `relu`.
+    pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>, relu: bool) -> Result<Nhwc> {
+        if x.c != self.cin {
+            candle_core::bail!(
+                "packed conv: input has {} channels, the weight expects {}",
+                x.c,
+                self.cin
+            );
+        }
+        let (ho, wo) = self.out_size(x.h, x.w)?;
+        let (cout, groups) = (self.cout, self.p.groups);
+        let (cg, og) = (self.cin / groups, cout / groups);
+        let kg = self.kh * self.kw * cg;
+        let m = x.n * ho * wo;
+        if let Some(r) = residual {
+            if (r.n, r.h, r.w, r.c) != (x.n, ho, wo, cout) {
+                candle_core::bail!(
+                    "packed conv: residual {:?} does not match the output {:?}",
+                    (r.n, r.h, r.w, r.c),
+                    (x.n, ho, wo, cout)
+                );
+            }
+        }
+        let mut y = vec![0f32; m * cout];
+        if m == 0 || cout == 0 {
+            return Ok(Nhwc {
+                n: x.n,
+                h: ho,
+                w: wo,
+                c: cout,
+                data: y,
+            });
+        }
+        let pointwise = self.kh == 1
+            && self.kw == 1
+            && self.p.stride == 1
+            && self.p.padding == 0
+            && groups == 1;
+        // Rows per job: each GEMM call re-packs its slice of W, so the pack is amortised over the
+        // rows (≥ 128 when the layer has them); at most one tile per thread's share of the rows.
+        // Small layers (batch 1, late layers) then split the output channels instead (≥ 64 per
+        // job) until every thread has two jobs.
+        let threads = rayon::current_num_threads().max(1);
+        let tm = (TILE_FLOATS / kg.max(1))
+            .clamp(128, 512)
+            .min(m.div_ceil(threads).max(64))
+            .div_ceil(16)
+            * 16;
+        let row_tiles = m.div_ceil(tm);
+        let mut col_split = 1;
+        while row_tiles * groups * col_split < 2 * threads
+            && og % (col_split * 2) == 0
+            && og / (col_split * 2) >= 64
+            && (og / (col_split * 2)) % 16 == 0
+        {
+            col_split *= 2;
+        }
+        let oc = og / col_split;
+        let jobs = row_tiles * groups * col_split;
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..jobs).into_par_iter().for_each(|job| {
+            let yp = yp;
+            let (t, gc) = (job / (groups * col_split), job % (groups * col_split));
+            let (g, cs) = (gc / col_split, gc % col_split);
+            let r0 = t * tm;
+            let rows = tm.min(m - r0);
+            let n0 = g * og + cs * oc;
+            // SAFETY: job (t, g, cs) writes rows r0..r0+rows, columns n0..n0+oc of y only;
+            // these blocks are disjoint across jobs and lie inside y (m × cout).
+            let dst = unsafe { yp.0.add(r0 * cout + n0) };
+            let b = &self.w[g * kg * og + cs * oc..];
+            COLS.with(|cols| {
+                let mut cols = cols.borrow_mut();
+                let (a, a_rs): (&[f32], usize) = if pointwise {
+                    (&x.data[r0 * cg..], cg)
+                } else {
+                    if cols.len() < rows * kg {
+                        cols.resize(rows * kg, 0.0);
+                    }
+                    self.gather(x, ho, wo, r0, rows, g, &mut cols[..rows * kg]);
+                    (&cols[..rows * kg], kg)
+                };
+                // SAFETY: a is rows × kg (row stride a_rs), b is kg × oc inside the packed
+                // group block (row stride og), dst is rows × oc with row stride cout.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        oc,
+                        kg,
+                        dst,
+                        1,
+                        cout as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        a_rs as isize,
+                        b.as_ptr(),
+                        1,
+                        og as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            let bias = &self.bias[n0..n0 + oc];
+            for r in 0..rows {
+                // SAFETY: the same block as above, one row at a time.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * cout), oc) };
+                match residual {
+                    Some(res) => {
+                        let rr = &res.data[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc];
+                        if relu {
+                            for ((v, &b), &s) in out.iter_mut().zip(bias).zip(rr) {
+                                *v = (*v + b + s).max(0.0);
+                            }
+                        } else {
+                            for ((v, &b), &s) in out.iter_mut().zip(bias).zip(rr) {
+                                *v += b + s;
+                            }
+                        }
+                    }
+                    None => {
+                        if relu {
+                            for (v, &b) in out.iter_mut().zip(bias) {
+                                *v = (*v + b).max(0.0);
+                            }
+                        } else {
+                            for (v, &b) in out.iter_mut().zip(bias) {
+                                *v += b;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Nhwc {
+            n: x.n,
+            h: ho,
+            w: wo,
+            c: cout,
+            data: y,
+        })
+    }
+
+    /// im2col of output rows `r0..r0+rows` (flattened over n·H_out·W_out), group `g`, into
+    /// `cols` (`rows × k_h·k_w·C_in/g`, taps in `(ki, kj, ci)` order).
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        x: &Nhwc,
+        ho: usize,
+        wo: usize,
+        r0: usize,
+        rows: usize,
+        g: usize,
+        cols: &mut [f32],
+    ) {
+        let (cin, groups) = (self.cin, self.p.groups);
+        let cg = cin / groups;
+        let kg = self.kh * self.kw * cg;
+        let (s, pad, d) = (
+            self.p.stride as isize,
+            self.p.padding as isize,
+            self.p.dilation as isize,
+        );
+        let (h, w) = (x.h as isize, x.w as isize);
+        // At dilation 1 without groups the kw taps of a kernel row are one contiguous run.
+        let runs = d == 1 && groups == 1;
+        for (rr, dst) in cols.chunks_mut(kg).take(rows).enumerate() {
+            let r = r0 + rr;
+            let (img, rem) = (r / (ho * wo), r % (ho * wo));
+            let (oh, ow) = ((rem / wo) as isize, (rem % wo) as isize);
+            let iw0 = ow * s - pad;
+            for ki in 0..self.kh {
+                let ih = oh * s - pad + ki as isize * d;
+                let drow = &mut dst[ki * self.kw * cg..(ki + 1) * self.kw * cg];
+                if ih < 0 || ih >= h {
+                    drow.fill(0.0);
+                    continue;
+                }
+                let line = (img * x.h + ih as usize) * x.w;
+                if runs && iw0 >= 0 && iw0 + self.kw as isize <= w {
+                    let a = (line + iw0 as usize) * cin;
+                    drow.copy_from_slice(&x.data[a..a + self.kw * cin]);
+                    continue;
+                }
+                for kj in 0..self.kw {
+                    let iw = iw0 + kj as isize * d;
+                    let tap = &mut drow[kj * cg..(kj + 1) * cg];
+                    if iw < 0 || iw >= w {
+                        tap.fill(0.0);
+                    } else {
+                        let a = (line + iw as usize) * cin + g * cg;
+                        tap.copy_from_slice(&x.data[a..a + cg]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Max-pooling with a `k × k` window, `stride` and implicit −∞ `padding` (PyTorch semantics).
+pub fn max_pool(x: &Nhwc, k: usize, stride: usize, padding: usize) -> Result<Nhwc> {
+    if k == 0 || stride == 0 || x.h + 2 * padding < k || x.w + 2 * padding < k || padding > k / 2 {
+        candle_core::bail!(
+            "max-pool: window {k}, stride {stride}, padding {padding} do not fit a {}×{} input",
+            x.h,
+            x.w
+        );
+    }
+    let ho = (x.h + 2 * padding - k) / stride + 1;
+    let wo = (x.w + 2 * padding - k) / stride + 1;
+    let c = x.c;
+    let mut data = vec![0f32; x.n * ho * wo * c];
+    if c == 0 {
+        return Ok(Nhwc {
+            n: x.n,
+            h: ho,
+            w: wo,
+            c,
+            data,
+        });
+    }
+    data.par_chunks_mut(wo * c)
+        .enumerate()
+        .for_each(|(line, out)| {
+            let (img, oh) = (line / ho, line % ho);
+            let y0 = (oh * stride) as isize - padding as isize;
+            for (ow, px) in out.chunks_mut(c).enumerate() {
+                px.fill(f32::NEG_INFINITY);
+                let x0 = (ow * stride) as isize - padding as isize;
+                for dy in 0..k as isize {
+                    let yy = y0 + dy;
+                    if yy < 0 || yy >= x.h as isize {
+                        continue;
+                    }
+                    for dx in 0..k as isize {
+                        let xx = x0 + dx;
+                        if xx < 0 || xx >= x.w as isize {
+                            continue;
+                        }
+                        let a = ((img * x.h + yy as usize) * x.w + xx as usize) * c;
+                        for (v, &s) in px.iter_mut().zip(&x.data[a..a + c]) {
+                            *v = v.max(s);
+                        }
+                    }
+                }
+            }
+        });
+    Ok(Nhwc {
+        n: x.n,
+        h: ho,
+        w: wo,
+        c,
+        data,
+    })
+}
