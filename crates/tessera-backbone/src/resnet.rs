@@ -173,6 +173,20 @@ impl Block {
         };
         Ok((h + skip)?.relu()?)
     }
+
+    /// The same block on an NHWC tensor with Tessera's trainable channels-last ops.
+    fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            h = tessera_conv::conv2d_nhwc(&h, &c.weight, Some(&c.bias), c.params, i < last)?;
+        }
+        let skip = match &self.downsample {
+            Some(d) => tessera_conv::conv2d_nhwc(x, &d.weight, Some(&d.bias), d.params, false)?,
+            None => x.clone(),
+        };
+        Ok(tessera_conv::add_relu(&h, &skip)?)
+    }
 }
 
 /// A ResNet truncated after layer `depth` (≤ 3), returning layer1..layer`depth` outputs.
@@ -495,68 +509,27 @@ impl Backbone {
     fn forward_nhwc(&self, x: &Tensor) -> Result<FeatureMaps> {
         let net = self.packed()?;
         let x = Nhwc::from_tensor(&x.to_dtype(DType::F32)?)?;
-        let t0 = std::time::Instant::now();
         let h = net.stem.forward(&x, None, true)?;
-        if std::env::var("TPROF").is_ok() {
-            eprintln!("stem {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-        }
-        let t0 = std::time::Instant::now();
         let mut h = tessera_conv::max_pool(&h, 3, 2, 1)?;
-        if std::env::var("TPROF").is_ok() {
-            eprintln!("pool {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-        }
         let mut out = Vec::with_capacity(net.layers.len());
         for blocks in &net.layers {
             for (convs, ds) in blocks {
-                let t0 = std::time::Instant::now();
-                let skip = ds
-                    .as_ref()
-                    .map(|d| d.forward(&h, None, false))
-                    .transpose()?;
-                if std::env::var("TPROF").is_ok() && ds.is_some() {
-                    eprintln!(
-                        "ds {:?} {:.2} ms",
-                        (h.c, h.h),
-                        t0.elapsed().as_secs_f64() * 1e3
-                    );
-                }
-                let last = convs.len() - 1;
-                let mut t = convs[0].forward(
-                    &h,
-                    if last == 0 {
-                        skip.as_ref().or(Some(&h))
-                    } else {
-                        None
-                    },
-                    true,
-                )?;
-                for (i, c) in convs.iter().enumerate().skip(1) {
-                    let res = (i == last).then(|| skip.as_ref().unwrap_or(&h));
-                    let t0 = std::time::Instant::now();
-                    let cin = (t.c, t.h);
-                    t = c.forward(&t, res, true)?;
-                    if std::env::var("TPROF").is_ok() {
-                        eprintln!(
-                            "conv{i} {:?} -> {} {:.2} ms",
-                            cin,
-                            t.c,
-                            t0.elapsed().as_secs_f64() * 1e3
-                        );
-                    }
-                }
-                h = t;
+                h = run_block(convs, ds.as_ref(), &h)?;
             }
-            let t0 = std::time::Instant::now();
             out.push(h.to_tensor(&self.device)?);
-            if std::env::var("TPROF").is_ok() {
-                eprintln!("to_tensor {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-            }
         }
         Ok(FeatureMaps::new(out))
     }
 
     /// The stem: conv1 + bn1 + ReLU + 3×3/2 max-pool (the input of layer1).
     pub fn stem(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fast_cpu() {
+            // The stem never trains: the packed path, whatever the layers do.
+            let net = self.packed()?;
+            let x = Nhwc::from_tensor(&x.to_dtype(DType::F32)?)?;
+            let h = net.stem.forward(&x, None, true)?;
+            return Ok(tessera_conv::max_pool(&h, 3, 2, 1)?.to_tensor(&self.device)?);
+        }
         let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
         let h = self.stem.forward(&x, true)?;
         // Max-pool 3×3/2 with padding 1: after ReLU every value is ≥ 0, so zero padding is
@@ -575,12 +548,47 @@ impl Backbone {
                 self.layers.len()
             ))
         })?;
+        if self.fast_cpu() {
+            if !self.trainable && !h.track_op() {
+                let net = self.packed()?;
+                let mut x = Nhwc::from_tensor(&h.to_dtype(DType::F32)?)?;
+                for (convs, ds) in &net.layers[index] {
+                    x = run_block(convs, ds.as_ref(), &x)?;
+                }
+                return Ok(x.to_tensor(&self.device)?);
+            }
+            // Training: channels-last tensors through Tessera's differentiable NHWC ops.
+            let mut x = tessera_conv::to_nhwc(h)?;
+            for b in blocks {
+                x = b.forward_nhwc(&x)?;
+            }
+            return Ok(tessera_conv::to_nchw(&x)?);
+        }
         let mut h = h.clone();
         for b in blocks {
             h = b.forward(&h)?;
         }
         Ok(h)
     }
+
+    /// f32 on the CPU with Tessera's kernels (not the stock-conv switch).
+    fn fast_cpu(&self) -> bool {
+        self.device.is_cpu() && !self.stem.stock
+    }
+}
+
+/// One residual block on the packed path: the convolutions (ReLU after each; the last one adds
+/// the shortcut first) and the optional downsample.
+fn run_block(convs: &[PackedConv], ds: Option<&PackedConv>, h: &Nhwc) -> Result<Nhwc> {
+    let skip = ds.map(|d| d.forward(h, None, false)).transpose()?;
+    let last = convs.len() - 1;
+    let mut t: Option<Nhwc> = None;
+    for (i, c) in convs.iter().enumerate() {
+        let input = t.as_ref().unwrap_or(h);
+        let res = (i == last).then(|| skip.as_ref().unwrap_or(h));
+        t = Some(c.forward(input, res, true)?);
+    }
+    Ok(t.expect("a block has at least one convolution"))
 }
 
 /// Seeded random checkpoint tensors (Kaiming-normal convs, identity batch norm) in torchvision

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion};
-use tessera_conv::{conv2d, stock_conv2d, ConvParams};
+use tessera_conv::{add_relu, conv2d, conv2d_nhwc, stock_conv2d, to_nchw, to_nhwc, ConvParams};
 use tessera_optim::{Sgd, SgdConfig};
 
 type ConvFn =
@@ -75,6 +75,21 @@ fn forward(net: &[(Conv, Conv, Option<Conv>)], f: ConvFn, x: &Tensor) -> Tensor 
     h
 }
 
+/// The same blocks channels-last (how the backbone trains on the CPU): one layout change in,
+/// NHWC convolutions with the fused residual join, one layout change out.
+fn forward_nhwc(net: &[(Conv, Conv, Option<Conv>)], x: &Tensor) -> Tensor {
+    let conv = |c: &Conv, h: &Tensor, relu: bool| {
+        conv2d_nhwc(h, c.w.as_tensor(), Some(c.b.as_tensor()), c.p, relu).unwrap()
+    };
+    let mut h = to_nhwc(x).unwrap();
+    for (c1, c2, ds) in net {
+        let y = conv(c2, &conv(c1, &h, true), false);
+        let skip = ds.as_ref().map(|d| conv(d, &h, false)).unwrap_or(h.clone());
+        h = add_relu(&y, &skip).unwrap();
+    }
+    to_nchw(&h).unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("conv_r18_shapes_b8");
@@ -120,8 +135,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("train_step_r18_b8");
     g.sample_size(10);
     for (name, f) in [
-        ("tessera", conv2d as ConvFn),
-        ("candle", stock_conv2d as ConvFn),
+        ("tessera", None),
+        ("tessera_nchw", Some(conv2d as ConvFn)),
+        ("candle", Some(stock_conv2d as ConvFn)),
     ] {
         let mut opt = Sgd::new(
             vars.clone(),
@@ -135,7 +151,11 @@ fn bench(c: &mut Criterion) {
         .unwrap();
         g.bench_function(name, |b| {
             b.iter(|| {
-                let loss = (forward(&net, f, &stem) * &r).unwrap().sum_all().unwrap();
+                let out = match f {
+                    Some(f) => forward(&net, f, &stem),
+                    None => forward_nhwc(&net, &stem),
+                };
+                let loss = (out * &r).unwrap().sum_all().unwrap();
                 opt.backward_step(&loss).unwrap();
             })
         });

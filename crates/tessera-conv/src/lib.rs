@@ -36,7 +36,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 pub mod nhwc;
-pub use nhwc::{max_pool, Nhwc, PackedConv};
+pub mod nhwc_train;
+pub use nhwc::{max_pool, Nhwc, NhwcView, PackedConv};
+pub use nhwc_train::{add_relu, conv2d_nhwc, to_nchw, to_nhwc};
 
 /// Convolution hyper-parameters (square kernels' stride/padding/dilation, as candle's `conv2d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +280,7 @@ fn gemm_f32(
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

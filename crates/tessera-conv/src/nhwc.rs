@@ -30,6 +30,16 @@ pub struct Nhwc {
     pub data: Vec<f32>,
 }
 
+/// A borrowed NHWC batch (e.g. the storage of a candle tensor).
+#[derive(Debug, Clone, Copy)]
+pub struct NhwcView<'a> {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub data: &'a [f32],
+}
+
 /// Rows per block when transposing (keeps both sides of a block in L1/L2).
 const T_BLOCK: usize = 64;
 
@@ -51,6 +61,17 @@ impl Nhwc {
         let (n, c, h, w) = x.dims4()?;
         let v = x.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self::from_nchw(&v, n, c, h, w))
+    }
+
+    /// Borrow as a view.
+    pub fn view(&self) -> NhwcView<'_> {
+        NhwcView {
+            n: self.n,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+            data: &self.data,
+        }
     }
 
     /// To an NCHW buffer (parallel blocked transpose per image).
@@ -99,15 +120,15 @@ pub fn transpose_batch(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 /// A convolution (weights + bias) packed once for NHWC inference.
 #[derive(Debug, Clone)]
 pub struct PackedConv {
-    cin: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    p: ConvParams,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) p: ConvParams,
     /// Per group `g`: a `(k_h·k_w·C_in/g) × (C_out/g)` row-major block, rows ordered
     /// `(ki, kj, ci)` — the order in which im2col gathers an NHWC pixel's taps.
-    w: Vec<f32>,
-    bias: Vec<f32>,
+    pub(crate) w: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
 }
 
 /// A raw pointer that may cross threads (each job writes a disjoint block through it).
@@ -119,11 +140,59 @@ unsafe impl Sync for SendPtr {}
 
 thread_local! {
     /// Per-thread im2col tile, reused across convolutions.
-    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Floats of im2col tile that a job aims for (half of this machine class's 2 MiB L2).
-const TILE_FLOATS: usize = 256 * 1024 / 4;
+pub(crate) const TILE_FLOATS: usize = 256 * 1024 / 4;
+
+/// Single-threaded `dst (m × n) [+]= a (m × k) · b (k × n)` with element strides (row, column)
+/// for each operand.
+///
+/// # Safety
+/// Every element addressed by the shapes and strides must lie inside the pointed-to buffers, and
+/// `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
 
 impl PackedConv {
     /// Pack an OIHW weight (`C_out × C_in/groups × k_h × k_w`, row-major) and an optional bias.
@@ -211,7 +280,28 @@ impl PackedConv {
 
     /// `act(conv(x) + bias [+ residual])`, where `act` is ReLU when `relu`.
     pub fn forward(&self, x: &Nhwc, residual: Option<&Nhwc>, relu: bool) -> Result<Nhwc> {
-        if x.c != self.cin {
+        if let Some(r) = residual {
+            let (ho, wo) = self.out_size(x.h, x.w)?;
+            if (r.n, r.h, r.w, r.c) != (x.n, ho, wo, self.cout) {
+                candle_core::bail!(
+                    "packed conv: residual {:?} does not match the output {:?}",
+                    (r.n, r.h, r.w, r.c),
+                    (x.n, ho, wo, self.cout)
+                );
+            }
+        }
+        self.forward_view(x.view(), residual.map(|r| r.data.as_slice()), relu)
+    }
+
+    /// [`PackedConv::forward`] on a borrowed input; `residual` is an NHWC buffer of the
+    /// output's shape.
+    pub fn forward_view(
+        &self,
+        x: NhwcView<'_>,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> Result<Nhwc> {
+        if x.c != self.cin || x.data.len() != x.n * x.h * x.w * x.c {
             candle_core::bail!(
                 "packed conv: input has {} channels, the weight expects {}",
                 x.c,
@@ -223,14 +313,8 @@ impl PackedConv {
         let (cg, og) = (self.cin / groups, cout / groups);
         let kg = self.kh * self.kw * cg;
         let m = x.n * ho * wo;
-        if let Some(r) = residual {
-            if (r.n, r.h, r.w, r.c) != (x.n, ho, wo, cout) {
-                candle_core::bail!(
-                    "packed conv: residual {:?} does not match the output {:?}",
-                    (r.n, r.h, r.w, r.c),
-                    (x.n, ho, wo, cout)
-                );
-            }
+        if residual.is_some_and(|r| r.len() != m * cout) {
+            candle_core::bail!("packed conv: the residual does not match the output's shape");
         }
         let mut y = vec![0f32; m * cout];
         if m == 0 || cout == 0 {
@@ -288,34 +372,28 @@ impl PackedConv {
                     if cols.len() < rows * kg {
                         cols.resize(rows * kg, 0.0);
                     }
-                    self.gather(x, ho, wo, r0, rows, g, &mut cols[..rows * kg]);
+                    self.gather(&x, ho, wo, r0, rows, g, &mut cols[..rows * kg]);
                     (&cols[..rows * kg], kg)
                 };
                 // SAFETY: a is rows × kg (row stride a_rs), b is kg × oc inside the packed
                 // group block (row stride og), dst is rows × oc with row stride cout.
                 unsafe {
-                    gemm::gemm(
+                    mm(
                         rows,
                         oc,
                         kg,
                         dst,
+                        cout,
                         1,
-                        cout as isize,
                         false,
                         a.as_ptr(),
+                        a_rs,
                         1,
-                        a_rs as isize,
                         b.as_ptr(),
+                        og,
                         1,
-                        og as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                    )
+                };
             });
             let bias = &self.bias[n0..n0 + oc];
             for r in 0..rows {
@@ -323,7 +401,7 @@ impl PackedConv {
                 let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * cout), oc) };
                 match residual {
                     Some(res) => {
-                        let rr = &res.data[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc];
+                        let rr = &res[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc];
                         if relu {
                             for ((v, &b), &s) in out.iter_mut().zip(bias).zip(rr) {
                                 *v = (*v + b + s).max(0.0);
@@ -360,9 +438,9 @@ impl PackedConv {
     /// im2col of output rows `r0..r0+rows` (flattened over n·H_out·W_out), group `g`, into
     /// `cols` (`rows × k_h·k_w·C_in/g`, taps in `(ki, kj, ci)` order).
     #[allow(clippy::too_many_arguments)]
-    fn gather(
+    pub(crate) fn gather(
         &self,
-        x: &Nhwc,
+        x: &NhwcView<'_>,
         ho: usize,
         wo: usize,
         r0: usize,

@@ -1,11 +1,16 @@
 //! Property tests: Tessera's convolution against candle's `conv2d` (forward) and against a
 //! tap-by-tap convolution built from differentiable candle ops (backward: candle's own conv2d
 //! backward ignores groups and breaks on some strides), over random shapes, strides, paddings,
-//! dilations, groups and fused ReLU. Tolerance: max abs error ≤ 1e-4 × (1 + max |reference|).
+//! dilations, groups and fused ReLU — for both the NCHW ops and the channels-last ones (inference
+//! kernel with residual, trainable NHWC op). Tolerance: max abs error ≤ 1e-4 × (1 + max
+//! |reference|).
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
-use tessera_conv::{conv2d, stock_conv2d, ConvParams};
+use tessera_conv::{
+    add_relu, conv2d, conv2d_nhwc, max_pool, stock_conv2d, to_nchw, to_nhwc, ConvParams, Nhwc,
+    PackedConv,
+};
 
 /// A convolution written with basic differentiable candle ops (zero padding, index_select of the
 /// strided/dilated taps, one matrix product per tap and group): the gradient reference, because
@@ -260,4 +265,220 @@ fn split_groups_path_matches_forward_and_backward() {
             close(b, a, "split gradient");
         }
     }
+}
+
+/// A random convolution case (shapes, parameters, relu) from `rng`.
+fn random_case(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    dev: &Device,
+) -> (Var, Var, Var, ConvParams, bool) {
+    let groups = [1, 1, 2, 3][rng.random_range(0..4)];
+    let cg = rng.random_range(1..6);
+    let og = rng.random_range(1..6);
+    let (kh, kw) = (rng.random_range(1..4), rng.random_range(1..4));
+    let p = ConvParams {
+        stride: rng.random_range(1..4),
+        padding: rng.random_range(0..3),
+        dilation: rng.random_range(1..3),
+        groups,
+    };
+    let h = rng.random_range(((kh - 1) * p.dilation + 1).max(1)..12);
+    let w_ = rng.random_range(((kw - 1) * p.dilation + 1).max(1)..12);
+    let b = rng.random_range(1..4);
+    let relu = rng.random_bool(0.5);
+    (
+        Var::randn(0f32, 1., (b, cg * groups, h, w_), dev).unwrap(),
+        Var::randn(0f32, 1., (og * groups, cg, kh, kw), dev).unwrap(),
+        Var::randn(0f32, 1., og * groups, dev).unwrap(),
+        p,
+        relu,
+    )
+}
+
+/// The packed inference kernel (with and without a residual) and the trainable NHWC op, forward
+/// and backward, against the references on random shapes.
+#[test]
+fn channels_last_matches_on_random_shapes() {
+    let dev = Device::Cpu;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for case in 0..60 {
+        let (x, w, bias, p, relu) = random_case(&mut rng, &dev);
+        let what = format!(
+            "case {case}: x {:?} w {:?} {p:?} relu={relu}",
+            x.dims(),
+            w.dims()
+        );
+        let theirs = reference(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, relu);
+
+        // Inference kernel, plain and with a residual added before the ReLU.
+        let packed = PackedConv::from_tensors(w.as_tensor(), Some(bias.as_tensor()), p).unwrap();
+        let xn = Nhwc::from_tensor(x.as_tensor()).unwrap();
+        let y = packed
+            .forward(&xn, None, relu)
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        close(&y, &theirs, &format!("{what} packed"));
+        let res = Tensor::randn(0f32, 1., theirs.dims(), &dev).unwrap();
+        let y = packed
+            .forward(&xn, Some(&Nhwc::from_tensor(&res).unwrap()), relu)
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        let lin = reference(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, false);
+        let want = (lin + &res).unwrap();
+        let want = if relu { want.relu().unwrap() } else { want };
+        close(&y, &want, &format!("{what} packed + residual"));
+
+        // Trainable op: forward and the three gradients.
+        let ours = to_nchw(
+            &conv2d_nhwc(
+                &to_nhwc(x.as_tensor()).unwrap(),
+                w.as_tensor(),
+                Some(bias.as_tensor()),
+                p,
+                relu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        close(&ours, &theirs, &format!("{what} nhwc forward"));
+        let taps = reference_by_taps(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, relu);
+        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (taps * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, name) in [(&x, "dx"), (&w, "dw"), (&bias, "db")] {
+            close(
+                g1.get(v).unwrap(),
+                g2.get(v).unwrap(),
+                &format!("{what} nhwc {name}"),
+            );
+        }
+    }
+}
+
+/// ResNet-sized layers (tiling, channel splits at batch 1, 1×1 GEMM paths)
+/// against the NCHW op, forward and backward.
+#[test]
+fn channels_last_resnet_shapes_forward_and_backward() {
+    let dev = Device::Cpu;
+    for (b, c, o, k, s, hw) in [
+        (2, 3, 64, 7, 2, 40),
+        (2, 64, 64, 3, 1, 28),
+        (1, 256, 256, 3, 1, 14),
+        (2, 64, 128, 3, 2, 28),
+        (2, 64, 128, 1, 2, 28),
+        (1, 256, 512, 1, 1, 14),
+    ] {
+        let x = Var::randn(0f32, 1., (b, c, hw, hw), &dev).unwrap();
+        let w = Var::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap();
+        let bias = Var::randn(0f32, 1., o, &dev).unwrap();
+        let p = ConvParams {
+            stride: s,
+            padding: k / 2,
+            ..Default::default()
+        };
+        let what = format!("b{b} {c}->{o} k{k} s{s} {hw}px");
+        let theirs = conv2d(
+            x.as_tensor(),
+            w.as_tensor(),
+            Some(bias.as_tensor()),
+            p,
+            false,
+        )
+        .unwrap();
+        let skip = Tensor::randn(0f32, 1., theirs.dims(), &dev).unwrap();
+        let theirs = (theirs + &skip).unwrap().relu().unwrap();
+        let ours = conv2d_nhwc(
+            &to_nhwc(x.as_tensor()).unwrap(),
+            w.as_tensor(),
+            Some(bias.as_tensor()),
+            p,
+            false,
+        )
+        .unwrap();
+        let ours = to_nchw(&add_relu(&ours, &to_nhwc(&skip).unwrap()).unwrap()).unwrap();
+        close(&ours, &theirs, &format!("{what} forward"));
+        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [(&x, "dx"), (&w, "dw"), (&bias, "db")] {
+            close(
+                g1.get(v).unwrap(),
+                g2.get(v).unwrap(),
+                &format!("{what} {name}"),
+            );
+        }
+    }
+}
+
+/// Max-pooling with −∞ padding against a direct loop; the layout round trip is exact.
+#[test]
+fn max_pool_and_relayout() {
+    let dev = Device::Cpu;
+    let (n, c, h, w) = (2, 5, 9, 8);
+    let x = Tensor::randn(0f32, 1., (n, c, h, w), &dev).unwrap();
+    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (k, s, pad) in [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0)] {
+        let ho = (h + 2 * pad - k) / s + 1;
+        let wo = (w + 2 * pad - k) / s + 1;
+        let mut want = vec![f32::NEG_INFINITY; n * c * ho * wo];
+        for i in 0..n * c {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    for dy in 0..k {
+                        for dx in 0..k {
+                            let (yy, xx) = (
+                                (oy * s + dy) as isize - pad as isize,
+                                (ox * s + dx) as isize - pad as isize,
+                            );
+                            if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
+                                let o = &mut want[(i * ho + oy) * wo + ox];
+                                *o = o.max(v[(i * h + yy as usize) * w + xx as usize]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let got = max_pool(&Nhwc::from_tensor(&x).unwrap(), k, s, pad)
+            .unwrap()
+            .to_nchw();
+        assert_eq!(got, want, "max-pool k{k} s{s} p{pad}");
+    }
+    let back = to_nchw(&to_nhwc(&x).unwrap()).unwrap();
+    assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+    assert_eq!(Nhwc::from_tensor(&x).unwrap().to_nchw(), v);
+    assert!(max_pool(&Nhwc::from_tensor(&x).unwrap(), 0, 1, 0).is_err());
+}
+
+/// The residual join and the layout changes: exact, forward and backward.
+#[test]
+fn add_relu_and_relayout_gradients() {
+    let dev = Device::Cpu;
+    let a = Var::randn(0f32, 1., (2, 64, 28, 28), &dev).unwrap();
+    let skip = Tensor::randn(0f32, 1., (2, 64, 28, 28), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1., (2, 64, 28, 28), &dev).unwrap();
+    let ours =
+        to_nchw(&add_relu(&to_nhwc(a.as_tensor()).unwrap(), &to_nhwc(&skip).unwrap()).unwrap())
+            .unwrap();
+    let theirs = (a.as_tensor() + &skip).unwrap().relu().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(&ours), flat(&theirs));
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(flat(g1.get(&a).unwrap()), flat(g2.get(&a).unwrap()));
+    let round = to_nchw(&to_nhwc(a.as_tensor()).unwrap()).unwrap();
+    let g = (round * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(flat(g.get(&a).unwrap()), flat(&r));
 }
