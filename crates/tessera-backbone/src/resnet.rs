@@ -112,11 +112,15 @@ impl ConvBn {
         Ok(())
     }
     fn pack(&self) -> Result<PackedConv> {
-        Ok(PackedConv::from_tensors(
-            &self.weight,
-            Some(&self.bias),
-            self.params,
-        )?)
+        let p = PackedConv::from_tensors(&self.weight, Some(&self.bias), self.params)?;
+        // `TESSERA_CONV=direct` keeps every convolution on im2col-GEMM (A/B checks).
+        Ok(
+            if std::env::var("TESSERA_CONV").is_ok_and(|v| v == "direct") {
+                p
+            } else {
+                p.with_winograd()
+            },
+        )
     }
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let f = if self.stock {
@@ -362,7 +366,7 @@ impl Backbone {
             layers.push(blocks);
         }
         let raw = vb.used.into_inner();
-        Ok(Self {
+        let mut net = Self {
             arch_name: name.to_string(),
             spec: spec.clone(),
             stem,
@@ -371,7 +375,12 @@ impl Backbone {
             device: device.clone(),
             trainable: false,
             packed: OnceLock::new(),
-        })
+        };
+        // A/B switch for numerics and benchmarks: `TESSERA_CONV=stock` runs candle's own conv2d.
+        if std::env::var("TESSERA_CONV").is_ok_and(|v| v == "stock") {
+            net.set_stock_conv(true);
+        }
+        Ok(net)
     }
 
     /// Architecture name.

@@ -240,7 +240,7 @@ impl CustomOp3 for NhwcConv {
             contiguous(bs, bl, "bias")?,
         );
         let packed = PackedConv::new(wt, wd, Some(b), self.p)?;
-        let y = packed.forward_view(
+        let mut y = packed.forward_view(
             NhwcView {
                 n,
                 h,
@@ -251,7 +251,8 @@ impl CustomOp3 for NhwcConv {
             None,
             self.relu,
         )?;
-        Ok((CpuStorage::F32(y.data), Shape::from((y.n, y.h, y.w, y.c))))
+        let shape = Shape::from((y.n, y.h, y.w, y.c));
+        Ok((CpuStorage::F32(std::mem::take(&mut y.data)), shape))
     }
 
     fn bwd(
@@ -309,6 +310,7 @@ fn geometry(w_dims: (usize, usize, usize, usize), p: ConvParams) -> PackedConv {
         p,
         w: Vec::new(),
         bias: Vec::new(),
+        wino: None,
     }
 }
 

@@ -482,3 +482,64 @@ fn add_relu_and_relayout_gradients() {
     let g = (round * &r).unwrap().sum_all().unwrap().backward().unwrap();
     assert_eq!(flat(g.get(&a).unwrap()), flat(&r));
 }
+
+/// Winograd F(2×2, 3×3) against candle: odd and even sizes, paddings 0–2, batch 1–2, residual
+/// and ReLU, and ResNet-sized channel counts.
+#[test]
+fn winograd_matches() {
+    let dev = Device::Cpu;
+    for (b, c, o, hw, pad, relu) in [
+        (1, 3, 5, 5, 1, false),
+        (2, 4, 6, 7, 0, true),
+        (1, 5, 3, 6, 2, false),
+        (2, 16, 32, 9, 1, true),
+        (1, 64, 64, 14, 1, true),
+        (2, 128, 64, 11, 1, false),
+    ] {
+        let x = Tensor::randn(0f32, 1., (b, c, hw, hw + 1), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.2, (o, c, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+        let p = ConvParams {
+            padding: pad,
+            ..Default::default()
+        };
+        let packed = PackedConv::from_tensors(&w, Some(&bias), p).unwrap();
+        assert!(packed.winograd_eligible());
+        let packed = packed.with_winograd();
+        let lin = reference(&x, &w, &bias, p, false);
+        let res = Tensor::randn(0f32, 1., lin.dims(), &dev).unwrap();
+        let want = (&lin + &res).unwrap();
+        let want = if relu { want.relu().unwrap() } else { want };
+        let xn = Nhwc::from_tensor(&x).unwrap();
+        let got = packed
+            .forward(&xn, Some(&Nhwc::from_tensor(&res).unwrap()), relu)
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        close(
+            &got,
+            &want,
+            &format!("winograd b{b} {c}->{o} {hw}px pad {pad}"),
+        );
+        let plain = packed
+            .forward(&xn, None, false)
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        close(
+            &plain,
+            &lin,
+            &format!("winograd b{b} {c}->{o} {hw}px pad {pad}, plain"),
+        );
+    }
+    // Not eligible: stride 2 stays on im2col (and is still right).
+    let p = ConvParams {
+        stride: 2,
+        padding: 1,
+        ..Default::default()
+    };
+    let w = Tensor::randn(0f32, 0.2, (4, 3, 3, 3), &dev).unwrap();
+    assert!(!PackedConv::from_tensors(&w, None, p)
+        .unwrap()
+        .winograd_eligible());
+}
