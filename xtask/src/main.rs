@@ -254,6 +254,8 @@ fn bench(args: &[String]) -> Result<()> {
         .unwrap_or(1);
     println!("bench: {threads} threads available");
     let mut lines = Rows::default();
+    // criterion means (ms, per image for features) and PyTorch's, for the ratio rows.
+    let mut measured_ms = std::collections::HashMap::<String, f64>::new();
     if !skip_criterion {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         for (pkg, bench) in [
@@ -271,7 +273,7 @@ fn bench(args: &[String]) -> Result<()> {
                 bail!("cargo bench -p {pkg} failed");
             }
         }
-        for (group, name, per) in [
+        let mut entries: Vec<(String, String, f64)> = [
             ("r18_features_padim", "batch1", 1.0),
             ("r18_features_padim", "batch8", 8.0),
             ("coreset_20k_128d", "ratio_0.1", 1.0),
@@ -285,8 +287,26 @@ fn bench(args: &[String]) -> Result<()> {
             ("features_wrn50", "tessera_batch8", 8.0),
             ("features_wrn50", "candle_batch8", 8.0),
             ("train_step_r18_b8", "tessera", 1.0),
+            ("train_step_r18_b8", "tessera_nchw", 1.0),
             ("train_step_r18_b8", "candle", 1.0),
+        ]
+        .iter()
+        .map(|(g, n, p)| (g.to_string(), n.to_string(), *p))
+        .collect();
+        for shape in [
+            "3x224->64_k7s2",
+            "64x56->64_k3s1",
+            "64x56->128_k3s2",
+            "128x28->128_k3s1",
+            "64x56->128_k1s2",
+            "128x28->256_k3s2",
+            "256x14->256_k3s1",
         ] {
+            for v in ["packed", "tessera", "candle"] {
+                entries.push(("conv_r18_shapes_b8".into(), format!("{shape}/{v}"), 1.0));
+            }
+        }
+        for (group, name, per) in entries {
             let est = root().join(format!(
                 "target/criterion/{group}/{name}/new/estimates.json"
             ));
@@ -298,10 +318,9 @@ fn bench(args: &[String]) -> Result<()> {
                 } else {
                     "ms"
                 };
-                lines.push(format!(
-                    "| criterion {group}/{name} | {:.1} {unit} |",
-                    ns / 1e6 / per
-                ));
+                let ms = ns / 1e6 / per;
+                measured_ms.insert(format!("{group}/{name}"), ms);
+                lines.push(format!("| criterion {group}/{name} | {ms:.1} {unit} |"));
             }
         }
     }
@@ -312,8 +331,13 @@ fn bench(args: &[String]) -> Result<()> {
         let tmp = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
         let s = |p: &Path| p.display().to_string();
-        let runs: [(&str, &[&str]); 4] = [
+        let runs: [(&str, &[&str]); 5] = [
             ("PaDiM", &["--scorer", "padim"]),
+            // The same run on candle's stock conv2d: the AUROC must not move.
+            (
+                "PaDiM, candle stock conv (TESSERA_CONV=stock)",
+                &["--scorer", "padim"],
+            ),
             (
                 "PatchCore 10 %",
                 &["--scorer", "patchcore", "--coreset-ratio", "0.1"],
@@ -340,13 +364,15 @@ fn bench(args: &[String]) -> Result<()> {
             fit_args.extend_from_slice(extra);
             let (b, w, m) = (s(&bottle), s(&weights), s(&model));
             fit_args.extend(["--data", &b, "--weights", &w, "--out", &m]);
-            let fit = measured(Command::new(&bin).args(&fit_args))?;
+            let stock = label.contains("TESSERA_CONV=stock");
+            let env = ("TESSERA_CONV", if stock { "stock" } else { "tessera" });
+            let fit = measured(Command::new(&bin).args(&fit_args).env(env.0, env.1))?;
             if !fit.ok {
                 bail!("{label}: fit failed: {}", fit.stderr);
             }
             let f: serde_json::Value = serde_json::from_str(&fit.stdout)?;
             let report = tmp.join("report.json");
-            let test = measured(Command::new(&bin).args([
+            let test = measured(Command::new(&bin).env(env.0, env.1).args([
                 "--json",
                 "test",
                 "--model",
@@ -409,6 +435,9 @@ fn bench(args: &[String]) -> Result<()> {
                 if py.ok {
                     for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
                         lines.push(l.to_string());
+                        if let Some((key, ms)) = torch_conv_row(l) {
+                            measured_ms.insert(key, ms);
+                        }
                     }
                     lines.push(format!(
                         "| PyTorch {script} {} peak RSS | {:.0} MiB |",
@@ -429,11 +458,61 @@ fn bench(args: &[String]) -> Result<()> {
             shared.display()
         );
     }
+    for (what, ours, theirs) in [
+        (
+            "ResNet-18 layer1..3, batch 1",
+            "features_r18/tessera_batch1",
+            "torch/resnet18/1",
+        ),
+        (
+            "ResNet-18 layer1..3, batch 8",
+            "features_r18/tessera_batch8",
+            "torch/resnet18/8",
+        ),
+        (
+            "Wide-ResNet-50-2 layer1..3, batch 1",
+            "features_wrn50/tessera_batch1",
+            "torch/wide_resnet50_2/1",
+        ),
+        (
+            "Wide-ResNet-50-2 layer1..3, batch 8",
+            "features_wrn50/tessera_batch8",
+            "torch/wide_resnet50_2/8",
+        ),
+        (
+            "training step R18, batch 8",
+            "train_step_r18_b8/tessera",
+            "torch/train",
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (measured_ms.get(ours), measured_ms.get(theirs)) {
+            lines.push(format!(
+                "| Tessera / PyTorch, {what} | {a:.1} / {b:.1} ms = {:.2}× |",
+                a / b
+            ));
+        }
+    }
     println!("\n| measurement | value |\n|---|---|");
     for l in lines.0 {
         println!("{l}");
     }
     Ok(())
+}
+
+/// `(key, ms)` from a row of `tools/bench/torch_conv.py`: `torch/<arch>/<batch>` for feature
+/// extraction (ms/image), `torch/train` for the training step.
+fn torch_conv_row(line: &str) -> Option<(String, f64)> {
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    let (label, value) = (cells.get(1)?, cells.get(2)?);
+    let ms: f64 = value.split_whitespace().next()?.parse().ok()?;
+    if label.contains("training step") {
+        return Some(("torch/train".into(), ms));
+    }
+    let arch = ["wide_resnet50_2", "resnet18"]
+        .into_iter()
+        .find(|a| label.contains(&format!(" {a} ")))?;
+    let batch = label.split("batch").nth(1)?.split_whitespace().next()?;
+    Some((format!("torch/{arch}/{batch}"), ms))
 }
 
 /// Table rows, also echoed as they are measured (a long run that is interrupted still reports).
@@ -519,4 +598,30 @@ fn real_check(args: &[String]) -> Result<()> {
     }
     println!("real-check: passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod bench_rows {
+    use super::torch_conv_row;
+
+    #[test]
+    fn parses_the_pytorch_rows() {
+        assert_eq!(
+            torch_conv_row(
+                "| PyTorch 2.15.0+cu132 resnet18 layer1..3, batch1 (2 threads) | 16.5 ms/image |"
+            ),
+            Some(("torch/resnet18/1".into(), 16.5))
+        );
+        assert_eq!(
+            torch_conv_row(
+                "| PyTorch 2.15.0 wide_resnet50_2 layer1..3, batch8 (2 threads) | 72.8 ms/image |"
+            ),
+            Some(("torch/wide_resnet50_2/8".into(), 72.8))
+        );
+        assert_eq!(
+            torch_conv_row("| PyTorch training step R18 layer1..3, batch 8 (2 threads) | 231 ms |"),
+            Some(("torch/train".into(), 231.0))
+        );
+        assert_eq!(torch_conv_row("| PyTorch PaDiM fit | 14.5 s |"), None);
+    }
 }

@@ -1,11 +1,18 @@
 //! Single convolutions of every ResNet-18 layer1..3 shape (batch 8, 224 px input), and one
 //! training step of ResNet-18 layer1..3 at batch 8 (frozen stem, loss = Σ layer3 · r, SGD with
 //! Nesterov momentum) — Tessera's kernels against candle's stock conv2d.
+//!
+//! Variants: `packed` is the channels-last inference kernel the backbone runs (input already
+//! NHWC, Winograd where eligible), `tessera` the NCHW custom op (PFAM, CFA), `candle` candle's
+//! conv2d. Training: `tessera` runs channels-last (as the backbone trains), `tessera_nchw` the
+//! NCHW custom op.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion};
-use tessera_conv::{add_relu, conv2d, conv2d_nhwc, stock_conv2d, to_nchw, to_nhwc, ConvParams};
+use tessera_conv::{
+    add_relu, conv2d, conv2d_nhwc, stock_conv2d, to_nchw, to_nhwc, ConvParams, Nhwc, PackedConv,
+};
 use tessera_optim::{Sgd, SgdConfig};
 
 type ConvFn =
@@ -105,6 +112,13 @@ fn bench(c: &mut Criterion) {
     ] {
         let conv = Conv::new(cin, cout, k, s);
         let x = Tensor::randn(0f32, 1., (8, cin, hw, hw), &dev).unwrap();
+        let packed = PackedConv::from_tensors(conv.w.as_tensor(), Some(conv.b.as_tensor()), conv.p)
+            .unwrap()
+            .with_winograd();
+        let xn = Nhwc::from_tensor(&x).unwrap();
+        g.bench_function(format!("{cin}x{hw}->{cout}_k{k}s{s}/packed"), |b| {
+            b.iter(|| packed.forward(&xn, None, true).unwrap())
+        });
         for (name, f) in [
             ("tessera", conv2d as ConvFn),
             ("candle", stock_conv2d as ConvFn),
