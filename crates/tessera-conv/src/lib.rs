@@ -1,33 +1,41 @@
 //! # tessera-conv
 //!
-//! A fast CPU 2-D convolution for candle, as custom ops with forward and backward passes.
+//! Fast CPU 2-D convolution for candle, in three forms:
 //!
-//! candle 0.11's CPU `conv2d` converts every input to channels-last with a single-threaded
-//! copy and runs a tiled im2col; its backward computes the input gradient with a direct loop.
-//! Here, per image and group:
+//! - [`nhwc`] — the **inference** path of frozen feature extraction: activations kept
+//!   channels-last (NHWC) between layers, weights packed once ([`PackedConv`]), convolution as
+//!   tiled im2col-GEMM (one single-threaded GEMM per tile of output pixels, so small layers
+//!   still split across threads), 1×1 stride-1 as a GEMM on the input itself, Winograd
+//!   F(2×2, 3×3) for 3×3 stride-1 convolutions (2.25× fewer multiplications), bias + residual +
+//!   ReLU fused into the tile epilogue, parallel max-pool and layout changes, recycled buffers;
+//! - [`nhwc_train`] — the **training** path: the same kernel as a differentiable candle custom
+//!   op on NHWC tensors ([`conv2d_nhwc`]), with GEMM-based input gradient (GEMM + scatter per
+//!   image) and weight gradient (per-thread partial sums), a parallel bias gradient, and the
+//!   residual join [`add_relu`]; gradients nobody needs are skipped;
+//! - [`conv2d`] — a differentiable custom op on ordinary NCHW tensors (PFAM, the CFA
+//!   descriptor): per image and group, parallel im2col into one GEMM written straight into
+//!   NCHW, fused bias/ReLU, GEMM-based backward with a parallel col2im.
 //!
-//! - **forward**: parallel im2col into a `(C_in/g · k_h · k_w) × (H_out · W_out)` buffer, one
-//!   GEMM `W · cols` written straight into the NCHW output (no transposition), bias and ReLU
-//!   fused into one parallel pass over the output; a 1×1 stride-1 convolution is a GEMM on the
-//!   input itself, with no copy at all;
-//! - **backward**: the weight gradient is `Σ_images dY · colsᵀ` (GEMM, accumulated in place),
-//!   the input gradient `Wᵀ · dY` (GEMM) followed by a parallel col2im (scatter-add per input
-//!   channel), the bias gradient a sum. A fused ReLU masks the incoming gradient with the saved
-//!   output.
-//!
-//! [`conv2d`] dispatches: f32 tensors on the CPU take this path, everything else candle's own
-//! `conv2d` (so CUDA keeps candle's kernels).
+//! f32 tensors on the CPU take these kernels; everything else takes candle's own `conv2d` (so
+//! CUDA keeps candle's kernels). GEMMs use the `gemm` crate with its AVX-512 kernels enabled
+//! (runtime-detected; AVX2/FMA elsewhere).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use tessera_conv::{conv2d, ConvParams};
+//! use tessera_conv::{conv2d, ConvParams, Nhwc, PackedConv};
 //! let x = Tensor::randn(0f32, 1., (2, 4, 9, 9), &Device::Cpu)?;
 //! let w = Tensor::randn(0f32, 1., (6, 4, 3, 3), &Device::Cpu)?;
 //! let b = Tensor::zeros(6, candle_core::DType::F32, &Device::Cpu)?;
 //! let p = ConvParams { stride: 2, padding: 1, ..Default::default() };
 //! let ours = conv2d(&x, &w, Some(&b), p, false)?;
 //! let theirs = x.conv2d(&w, 1, 2, 1, 1)?;
-//! let err = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+//! let err = (&ours - &theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+//! assert!(err < 1e-4);
+//!
+//! // The same convolution on the inference path: pack once, run on NHWC activations.
+//! let packed = PackedConv::from_tensors(&w, Some(&b), p)?.with_winograd();
+//! let y = packed.forward(&Nhwc::from_tensor(&x)?, None, false)?.to_tensor(&Device::Cpu)?;
+//! let err = (y - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
 //! assert!(err < 1e-4);
 //! # Ok::<(), candle_core::Error>(())
 //! ```

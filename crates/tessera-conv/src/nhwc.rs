@@ -191,6 +191,13 @@ pub struct PackedConv {
 /// A raw pointer that may cross threads (each job writes a disjoint block through it).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 // SAFETY: only used to hand disjoint output blocks to rayon jobs (see `PackedConv::forward`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -278,20 +285,19 @@ impl PackedConv {
         let og = cout / groups;
         let kg = kh * kw * cpg;
         let mut w = vec![0f32; groups * kg * og];
-        for g in 0..groups {
-            let blk = &mut w[g * kg * og..(g + 1) * kg * og];
-            for o in 0..og {
-                let src = &weight[(g * og + o) * cpg * kh * kw..(g * og + o + 1) * cpg * kh * kw];
-                for ci in 0..cpg {
-                    for ki in 0..kh {
-                        for kj in 0..kw {
-                            let row = (ki * kw + kj) * cpg + ci;
-                            blk[row * og + o] = src[(ci * kh + ki) * kw + kj];
-                        }
-                    }
+        // One packed row (tap (ki, kj), input channel ci of group g) per job: contiguous writes,
+        // strided reads (training repacks every step, so this runs in parallel).
+        let khw = kh * kw;
+        w.par_chunks_mut(og.max(1))
+            .enumerate()
+            .for_each(|(r, out)| {
+                let (g, row) = (r / kg, r % kg);
+                let (tap, ci) = (row / cpg, row % cpg);
+                let src = &weight[(g * og * cpg + ci) * khw + tap..];
+                for (o, v) in out.iter_mut().enumerate() {
+                    *v = src[o * cpg * khw];
                 }
-            }
-        }
+            });
         Ok(Self {
             cin: cpg * groups,
             cout,
@@ -322,28 +328,35 @@ impl PackedConv {
         }
         let (cin, cout) = (self.cin, self.cout);
         let mut u = vec![0f32; 16 * cin * cout];
-        // self.w rows are (ki, kj, ci), columns o.
-        for ci in 0..cin {
+        // U[ξ][ci][·] = (G·g·Gᵀ)[ξ] for one input channel at a time, vectorised over the output
+        // channels (self.w rows are (ki, kj, ci), columns o); parallel over ci.
+        let up = SendPtr(u.as_mut_ptr());
+        let w = &self.w;
+        (0..cin).into_par_iter().for_each(|ci| {
+            let g: [&[f32]; 9] =
+                std::array::from_fn(|k| &w[(k * cin + ci) * cout..(k * cin + ci + 1) * cout]);
+            // SAFETY: row (ξ, ci) of u (cout floats) is written by this job only.
+            let out: [&mut [f32]; 16] = std::array::from_fn(|xi| unsafe {
+                std::slice::from_raw_parts_mut(up.ptr().add((xi * cin + ci) * cout), cout)
+            });
             for o in 0..cout {
-                let g = |ki: usize, kj: usize| self.w[((ki * 3 + kj) * cin + ci) * cout + o];
-                // t = G·g (4×3), G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]]
+                // t = G·g (4×3), G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]]; then t·Gᵀ.
                 let mut t = [[0f32; 3]; 4];
                 for j in 0..3 {
-                    let (a, b, c) = (g(0, j), g(1, j), g(2, j));
+                    let (a, b, c) = (g[j][o], g[3 + j][o], g[6 + j][o]);
                     t[0][j] = a;
                     t[1][j] = 0.5 * (a + b + c);
                     t[2][j] = 0.5 * (a - b + c);
                     t[3][j] = c;
                 }
-                for (i, row) in t.iter().enumerate() {
-                    let (a, b, c) = (row[0], row[1], row[2]);
-                    let v = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                    for (j, &vj) in v.iter().enumerate() {
-                        u[((i * 4 + j) * cin + ci) * cout + o] = vj;
-                    }
+                for (i, &[a, b, c]) in t.iter().enumerate() {
+                    out[i * 4][o] = a;
+                    out[i * 4 + 1][o] = 0.5 * (a + b + c);
+                    out[i * 4 + 2][o] = 0.5 * (a - b + c);
+                    out[i * 4 + 3][o] = c;
                 }
             }
-        }
+        });
         self.wino = Some(u);
         self
     }
@@ -472,7 +485,6 @@ impl PackedConv {
         let jobs = row_tiles * groups * col_split;
         let yp = SendPtr(y.as_mut_ptr());
         (0..jobs).into_par_iter().for_each(|job| {
-            let yp = yp;
             let (t, gc) = (job / (groups * col_split), job % (groups * col_split));
             let (g, cs) = (gc / col_split, gc % col_split);
             let r0 = t * tm;
@@ -480,7 +492,7 @@ impl PackedConv {
             let n0 = g * og + cs * oc;
             // SAFETY: job (t, g, cs) writes rows r0..r0+rows, columns n0..n0+oc of y only;
             // these blocks are disjoint across jobs and lie inside y (m × cout).
-            let dst = unsafe { yp.0.add(r0 * cout + n0) };
+            let dst = unsafe { yp.ptr().add(r0 * cout + n0) };
             let b = &self.w[g * kg * og + cs * oc..];
             COLS.with(|cols| {
                 let mut cols = cols.borrow_mut();
@@ -588,7 +600,6 @@ impl PackedConv {
             let vp = SendPtr(v.as_mut_ptr());
             let blk = 16;
             (0..nt.div_ceil(blk)).into_par_iter().for_each(|b| {
-                let vp = vp;
                 for t in b * blk..((b + 1) * blk).min(nt) {
                     let tile = t0 + t;
                     let (img, rem) = (tile / (th * tw), tile % (th * tw));
@@ -611,7 +622,7 @@ impl PackedConv {
                     // SAFETY: plane ξ's row t (cin floats) lies inside v (16 × tc × cin) and
                     // belongs to this job only.
                     let out: [&mut [f32]; 16] = std::array::from_fn(|xi| unsafe {
-                        std::slice::from_raw_parts_mut(vp.0.add((xi * tc + t) * cin), cin)
+                        std::slice::from_raw_parts_mut(vp.ptr().add((xi * tc + t) * cin), cin)
                     });
                     input_transform(&d, out, cin);
                 }
@@ -619,7 +630,6 @@ impl PackedConv {
             // (2) the 16 GEMMs.
             let mp = SendPtr(m.as_mut_ptr());
             (0..16usize).into_par_iter().for_each(|xi| {
-                let mp = mp;
                 // SAFETY: plane ξ of m (nt × cout) is written by this job only; plane ξ of v is
                 // nt × cin; U[ξ] is cin × cout.
                 unsafe {
@@ -627,7 +637,7 @@ impl PackedConv {
                         nt,
                         cout,
                         cin,
-                        mp.0.add(xi * tc * cout),
+                        mp.ptr().add(xi * tc * cout),
                         cout,
                         1,
                         false,
@@ -643,7 +653,6 @@ impl PackedConv {
             // (3) output transform + epilogue.
             let m = &m;
             (0..nt.div_ceil(blk)).into_par_iter().for_each(|b| {
-                let yp = yp;
                 let mut acc = vec![0f32; 4 * cout];
                 for t in b * blk..((b + 1) * blk).min(nt) {
                     let tile = t0 + t;
@@ -662,7 +671,7 @@ impl PackedConv {
                             let row = (img * ho + yy) * wo + xx;
                             // SAFETY: output pixel `row` belongs to this tile only.
                             let out = unsafe {
-                                std::slice::from_raw_parts_mut(yp.0.add(row * cout), cout)
+                                std::slice::from_raw_parts_mut(yp.ptr().add(row * cout), cout)
                             };
                             let a = &acc[(dy * 2 + dx) * cout..(dy * 2 + dx + 1) * cout];
                             epilogue(

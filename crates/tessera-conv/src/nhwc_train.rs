@@ -153,7 +153,7 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "gradient")?;
         let (_, _, _, c) = dims4(l, "gradient")?;
-        let rows = if c == 0 { 0 } else { x.len() / c };
+        let rows = x.len().checked_div(c).unwrap_or(0);
         let per = rows
             .div_ceil(4 * rayon::current_num_threads().max(1))
             .max(1);
@@ -239,7 +239,7 @@ impl CustomOp3 for NhwcConv {
             contiguous(ws, wl, "weight")?,
             contiguous(bs, bl, "bias")?,
         );
-        let packed = PackedConv::new(wt, wd, Some(b), self.p)?;
+        let packed = PackedConv::new(wt, wd, Some(b), self.p)?.with_winograd();
         let mut y = packed.forward_view(
             NhwcView {
                 n,
@@ -338,9 +338,51 @@ impl CustomOp2 for BwdData {
             contiguous(gs, gl, "gradient")?,
             contiguous(ws, wl, "weight")?,
         );
-        let pc = PackedConv::new(wt, dims4(wl, "weight")?, None, self.p)?;
+        let wdims = dims4(wl, "weight")?;
+        let pc = PackedConv::new(wt, wdims, None, self.p)?;
         if gn != n || pc.cin != cin || pc.cout != cout || pc.out_size(h, w)? != (ho, wo) {
             candle_core::bail!("tessera NHWC conv backward: gradient and input shapes disagree");
+        }
+        // Stride 1 without groups: dX is the "full" convolution of dY with the flipped,
+        // transposed kernel — a forward convolution (parallel over tiles, no scatter, and
+        // Winograd for 3×3).
+        let (_, _, kh, kw) = wdims;
+        let p = self.p;
+        if p.stride == 1 && p.groups == 1 && kh == kw && p.padding <= p.dilation * (kh - 1) {
+            let mut flipped = vec![0f32; wt.len()];
+            for o in 0..cout {
+                for ci in 0..cin {
+                    for ki in 0..kh {
+                        for kj in 0..kw {
+                            flipped[((ci * cout + o) * kh + ki) * kw + kj] =
+                                wt[((o * cin + ci) * kh + (kh - 1 - ki)) * kw + (kw - 1 - kj)];
+                        }
+                    }
+                }
+            }
+            let q = ConvParams {
+                padding: p.dilation * (kh - 1) - p.padding,
+                ..p
+            };
+            let t = PackedConv::new(&flipped, (cin, cout, kh, kw), None, q)?.with_winograd();
+            let mut dx = t.forward_view(
+                NhwcView {
+                    n,
+                    h: ho,
+                    w: wo,
+                    c: cout,
+                    data: dy,
+                },
+                None,
+                false,
+            )?;
+            if (dx.h, dx.w) == (h, w) {
+                return Ok((
+                    CpuStorage::F32(std::mem::take(&mut dx.data)),
+                    Shape::from(self.x_dims),
+                ));
+            }
+            // (A padded input larger than the output reach: fall through to the general path.)
         }
         let groups = self.p.groups;
         let (cg, og) = (cin / groups, cout / groups);
