@@ -307,9 +307,12 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
         for (group, name, per) in entries {
-            let est = root().join(format!(
-                "target/criterion/{group}/{name}/new/estimates.json"
-            ));
+            // criterion's folder names replace characters such as '/' and '>' by '_'.
+            let dir: String = name
+                .chars()
+                .map(|c| if "?\"/\\*<>:|^".contains(c) { '_' } else { c })
+                .collect();
+            let est = root().join(format!("target/criterion/{group}/{dir}/new/estimates.json"));
             if let Ok(text) = std::fs::read_to_string(&est) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
