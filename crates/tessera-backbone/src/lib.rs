@@ -8,6 +8,10 @@
 //!   Only what is needed is read: files truncated after layer3 load, layer4/fc are ignored.
 //! - Batch norm runs in eval mode and is folded into the preceding convolution at load time
 //!   (`w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`), which is exact and saves a pass per layer.
+//! - On the CPU the forward pass runs channels-last through `tessera-conv`'s packed kernels
+//!   (weights packed once per model, Winograd for 3×3 stride-1 layers, fused bias + residual +
+//!   ReLU); trainable layers run the differentiable NHWC ops. `TESSERA_CONV=stock` selects
+//!   candle's own conv2d, `TESSERA_CONV=direct` disables Winograd (A/B checks).
 //! - Weights come from a local `.safetensors` file, from the Hugging Face hub through `hf-hub`
 //!   (cache and `HF_HOME`/`HF_HUB_OFFLINE` honoured), or from a seeded random initialisation
 //!   (for demos and tests only).
