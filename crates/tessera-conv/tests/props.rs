@@ -131,6 +131,26 @@ fn close(a: &Tensor, b: &Tensor, what: &str) {
     );
 }
 
+/// The gradients of `Σ ours · r` and `Σ theirs · r` (one random `r`) agree for x, w and the
+/// bias (`close`).
+fn same_grads(ours: Tensor, theirs: Tensor, vars: [&Var; 3], what: &str) {
+    let r = Tensor::randn(0f32, 1., ours.dims(), ours.device()).unwrap();
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (v, name) in vars.into_iter().zip(["dx", "dw", "db"]) {
+        close(
+            g1.get(v).unwrap(),
+            g2.get(v).unwrap(),
+            &format!("{what} {name}"),
+        );
+    }
+}
+
 #[test]
 fn matches_candle_forward_and_backward_on_random_shapes() {
     let dev = Device::Cpu;
@@ -176,16 +196,7 @@ fn matches_candle_forward_and_backward_on_random_shapes() {
             &theirs,
             &format!("{what} forward of the gradient reference"),
         );
-        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (taps * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (v, name) in [(&x, "dx"), (&w, "dw"), (&bias, "db")] {
-            close(
-                g1.get(v).unwrap(),
-                g2.get(v).unwrap(),
-                &format!("{what} {name}"),
-            );
-        }
+        same_grads(ours, taps, [&x, &w, &bias], &what);
     }
 }
 
@@ -344,16 +355,7 @@ fn channels_last_matches_on_random_shapes() {
         .unwrap();
         close(&ours, &theirs, &format!("{what} nhwc forward"));
         let taps = reference_by_taps(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, relu);
-        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (taps * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (v, name) in [(&x, "dx"), (&w, "dw"), (&bias, "db")] {
-            close(
-                g1.get(v).unwrap(),
-                g2.get(v).unwrap(),
-                &format!("{what} nhwc {name}"),
-            );
-        }
+        same_grads(ours, taps, [&x, &w, &bias], &format!("{what} nhwc"));
     }
 }
 
@@ -399,21 +401,7 @@ fn channels_last_resnet_shapes_forward_and_backward() {
         .unwrap();
         let ours = to_nchw(&add_relu(&ours, &to_nhwc(&skip).unwrap()).unwrap()).unwrap();
         close(&ours, &theirs, &format!("{what} forward"));
-        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (v, name) in [(&x, "dx"), (&w, "dw"), (&bias, "db")] {
-            close(
-                g1.get(v).unwrap(),
-                g2.get(v).unwrap(),
-                &format!("{what} {name}"),
-            );
-        }
+        same_grads(ours, theirs, [&x, &w, &bias], &what);
     }
 }
 
