@@ -529,31 +529,8 @@ impl PackedConv {
             for r in 0..rows {
                 // SAFETY: the same block as above, one row at a time.
                 let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * cout), oc) };
-                match residual {
-                    Some(res) => {
-                        let rr = &res[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc];
-                        if relu {
-                            for ((v, &b), &s) in out.iter_mut().zip(bias).zip(rr) {
-                                *v = (*v + b + s).max(0.0);
-                            }
-                        } else {
-                            for ((v, &b), &s) in out.iter_mut().zip(bias).zip(rr) {
-                                *v += b + s;
-                            }
-                        }
-                    }
-                    None => {
-                        if relu {
-                            for (v, &b) in out.iter_mut().zip(bias) {
-                                *v = (*v + b).max(0.0);
-                            }
-                        } else {
-                            for (v, &b) in out.iter_mut().zip(bias) {
-                                *v += b;
-                            }
-                        }
-                    }
-                }
+                let res = residual.map(|res| &res[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc]);
+                epilogue(out, bias, res, relu);
             }
         });
         Ok(Nhwc {
@@ -674,9 +651,9 @@ impl PackedConv {
                                 std::slice::from_raw_parts_mut(yp.ptr().add(row * cout), cout)
                             };
                             let a = &acc[(dy * 2 + dx) * cout..(dy * 2 + dx + 1) * cout];
+                            out.copy_from_slice(a);
                             epilogue(
                                 out,
-                                a,
                                 &self.bias,
                                 residual.map(|r| &r[row * cout..(row + 1) * cout]),
                                 relu,
@@ -863,18 +840,18 @@ fn output_transform(m: &[&[f32]; 16], acc: &mut [f32], cout: usize) {
     }
 }
 
-/// `out = act(acc + bias [+ residual])`.
-fn epilogue(out: &mut [f32], acc: &[f32], bias: &[f32], residual: Option<&[f32]>, relu: bool) {
+/// In place: `out = act(out + bias [+ residual])` (one output row of either kernel).
+fn epilogue(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, relu: bool) {
     match residual {
         Some(r) => {
-            for (((o, &a), &b), &s) in out.iter_mut().zip(acc).zip(bias).zip(r) {
-                let v = a + b + s;
+            for ((o, &b), &s) in out.iter_mut().zip(bias).zip(r) {
+                let v = *o + b + s;
                 *o = if relu { v.max(0.0) } else { v };
             }
         }
         None => {
-            for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
-                let v = a + b;
+            for (o, &b) in out.iter_mut().zip(bias) {
+                let v = *o + b;
                 *o = if relu { v.max(0.0) } else { v };
             }
         }

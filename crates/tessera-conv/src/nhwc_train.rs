@@ -339,8 +339,10 @@ impl CustomOp2 for BwdData {
             contiguous(ws, wl, "weight")?,
         );
         let wdims = dims4(wl, "weight")?;
-        let pc = PackedConv::new(wt, wdims, None, self.p)?;
-        if gn != n || pc.cin != cin || pc.cout != cout || pc.out_size(h, w)? != (ho, wo) {
+        // Shapes from the geometry alone: the weights are packed only on the path that uses
+        // them (not on the flipped-kernel path below).
+        let geo = geometry(wdims, self.p);
+        if gn != n || geo.cin != cin || geo.cout != cout || geo.out_size(h, w)? != (ho, wo) {
             candle_core::bail!("tessera NHWC conv backward: gradient and input shapes disagree");
         }
         // Stride 1 without groups: dX is the "full" convolution of dY with the flipped,
@@ -384,6 +386,7 @@ impl CustomOp2 for BwdData {
             }
             // (A padded input larger than the output reach: fall through to the general path.)
         }
+        let pc = PackedConv::new(wt, wdims, None, self.p)?;
         let groups = self.p.groups;
         let (cg, og) = (cin / groups, cout / groups);
         let kg = pc.kh * pc.kw * cg;
