@@ -9,8 +9,10 @@
 //! - [`Scorer`]: the trait PaDiM, PatchCore and CFA implement; a fitted scorer turns features into
 //!   raw maps, and [`postprocess`] turns raw maps into input-resolution, blurred anomaly maps.
 //! - [`DeviceSpec`]: `cpu` / `cuda:N` parsing with clear errors.
-//! - [`model`]: the single-file model format (safetensors tensors + JSON metadata), written
-//!   atomically.
+//! - [`model`]: the single-file model format (safetensors tensors + JSON metadata + a checksum),
+//!   written atomically, memory-mapped and verified when read ([`st`]).
+//! - [`io`]: the output policy every command follows — never write over a link, a folder, a
+//!   device or one of the command's own inputs; check before work; atomic files and folders.
 //! - [`Error`]: errors that name the file and the problem.
 //!
 //! ```
@@ -30,12 +32,15 @@ pub mod maps;
 pub mod model;
 pub mod postprocess;
 pub mod scorer;
+pub mod st;
 pub mod tensor;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
 pub use device::DeviceSpec;
 pub use error::{Error, Result};
 pub use maps::{AnomalyMap, FeatureMaps};
-pub use model::{ModelFile, ModelMeta};
+pub use model::ModelFile;
 pub use scorer::Scorer;
 
 /// The version of the Tessera crates, recorded in every model file.

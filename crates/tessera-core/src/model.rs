@@ -1,20 +1,30 @@
 //! The model file: one `.safetensors` file holding every tensor a fitted detector needs (backbone
 //! weights included, so a model never depends on a weights file that may change) plus JSON
-//! metadata under the `tessera` key of the safetensors header.
+//! metadata under the `tessera` key of the safetensors header, and a SHA-256 of the tensors
+//! under `tessera.sha256` (format 2 on), verified at every load.
 //!
-//! `test` and `predict` both load a model through [`ModelFile::load`] and score through the same
-//! code, so a saved model scores exactly like the one just fitted.
+//! This module is the container; what the metadata says is typed by the crate that writes it
+//! (`tessera-pipeline`'s `ModelMeta`). Tensors are grouped in sections by name prefix
+//! (`backbone.`, `pfam.`, `scorer.`; [`ModelFile::section`]).
+//!
+//! Loading maps the file and copies each tensor once straight from the mapped pages (which are
+//! released as it goes), so peak memory is the model, not the model twice; every float tensor
+//! is checked for NaN and infinity, naming the tensor.
 
+use crate::st::{LoadChecks, Mapped};
 use crate::{Error, Result};
-use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Current model format version.
-pub const FORMAT_VERSION: u32 = 1;
-const META_KEY: &str = "tessera";
+/// Current model format version: 2 added the tensor checksum.
+pub const FORMAT_VERSION: u32 = 2;
+/// The header key of the metadata JSON.
+pub const META_KEY: &str = "tessera";
+/// The header key of the content checksum (SHA-256, hex; [`crate::st::ContentHash`]).
+pub const CHECKSUM_KEY: &str = "tessera.sha256";
 
 /// How images are turned into network input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,126 +75,112 @@ impl Preprocess {
     }
 }
 
-/// Which backbone produced the features.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BackboneMeta {
-    /// Architecture name, e.g. `resnet18`.
-    pub arch: String,
-    /// Which stages feed the scorer (1-based: 1 = layer1).
-    pub layers: Vec<usize>,
-    /// Where the weights came from (file path or hub repo), for the record.
-    pub source: String,
+/// The fields every model file's metadata has, whatever its version.
+#[derive(Debug, Clone, Deserialize)]
+struct Envelope {
+    format: u32,
 }
 
-/// The scorer and its configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScorerMeta {
-    /// `padim`, `patchcore`, `cfa`.
-    pub kind: String,
-    /// Scorer-specific configuration, as the scorer serialises it.
-    pub config: serde_json::Value,
-}
-
-/// Facts about the fit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FitMeta {
-    /// Wall time of the whole fit (features + scorer), seconds.
-    pub seconds: f64,
-    /// Number of training images.
-    pub images: usize,
-    /// The data the model was fitted on (path as given).
-    pub data: String,
-    /// Seconds since the Unix epoch when the fit finished.
-    pub created_unix: u64,
-}
-
-/// Everything in a model file besides tensors.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelMeta {
-    pub format: u32,
-    pub tessera_version: String,
-    /// `baseline`, `sbm` (the scorer on an SBM-tuned backbone) or `ours` (SBM + PFAM).
-    pub method: String,
-    pub seed: u64,
-    pub preprocess: Preprocess,
-    pub backbone: BackboneMeta,
-    pub scorer: ScorerMeta,
-    pub fit: FitMeta,
-    /// Default pixel threshold for predicted masks (`predict`), from the training images.
-    pub threshold: f32,
-    /// Score range used to colour heatmaps consistently across runs: (low, high).
-    pub heat_range: (f32, f32),
-    /// For `--method sbm`: the SBM run's gate and drift (from the tuned weights' report).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sbm: Option<serde_json::Value>,
-    /// For `--method ours`: the PFAM configuration (its tensors are stored under `pfam.`);
-    /// features pass through PFAM before the scorer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pfam: Option<serde_json::Value>,
-}
-
-/// A model file in memory.
-#[derive(Debug)]
+/// A model file in memory: metadata (JSON, typed by its writer) and tensors.
+#[derive(Debug, Clone)]
 pub struct ModelFile {
-    pub meta: ModelMeta,
+    /// The metadata object; it must hold `"format"`.
+    pub meta: serde_json::Value,
     pub tensors: HashMap<String, Tensor>,
+    /// The content checksum read from (or written to) the file; `None` for format-1 files.
+    pub checksum: Option<String>,
 }
 
 impl ModelFile {
-    /// Write the model atomically to `path`.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// A model file from typed metadata and tensors.
+    pub fn new<M: Serialize>(meta: &M, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let meta = serde_json::to_value(meta)
+            .map_err(|e| Error::Config(format!("cannot serialise model metadata: {e}")))?;
+        if meta.get("format").and_then(|f| f.as_u64()).is_none() {
+            return Err(Error::Config(
+                "model metadata must hold a \"format\" number".into(),
+            ));
+        }
+        Ok(Self {
+            meta,
+            tensors,
+            checksum: None,
+        })
+    }
+
+    /// The metadata as `M`; errors name the file.
+    pub fn meta<M: DeserializeOwned>(&self, path: &Path) -> Result<M> {
+        serde_json::from_value(self.meta.clone())
+            .map_err(|e| Error::bad_model(path, format!("bad Tessera metadata: {e}")))
+    }
+
+    /// Write the model atomically to `path`, with the checksum of its tensors in the header.
+    /// Returns the checksum.
+    pub fn save(&mut self, path: &Path) -> Result<String> {
         let json = serde_json::to_string(&self.meta)
             .map_err(|e| Error::bad_model(path, format!("cannot serialise metadata: {e}")))?;
         let mut info = HashMap::new();
         info.insert(META_KEY.to_string(), json);
-        let mut items: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
-        items.sort_by(|a, b| a.0.cmp(b.0));
-        crate::io::replace_atomic(path, |tmp| {
-            safetensors::serialize_to_file(
-                items.iter().map(|(k, v)| (k.as_str(), *v)),
-                Some(info),
-                tmp,
-            )
-            .map_err(std::io::Error::other)
+        let items: Vec<(&str, &Tensor)> =
+            self.tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let sum = crate::st::write(path, &items, info, Some(CHECKSUM_KEY))?
+            .expect("a checksum was asked for");
+        self.checksum = Some(sum.clone());
+        Ok(sum)
+    }
+
+    /// Read a model file, placing tensors on `device`: the checksum is verified (format 2 on)
+    /// and every float tensor checked for NaN and infinity.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let (meta, map) = Self::open_header(path)?;
+        let checksum = map.metadata().get(CHECKSUM_KEY).cloned();
+        if meta.get("format").and_then(|f| f.as_u64()).unwrap_or(0) >= 2 && checksum.is_none() {
+            return Err(Error::bad_model(
+                path,
+                format!(
+                    "the header has no {CHECKSUM_KEY} checksum; the file was edited or is damaged"
+                ),
+            ));
+        }
+        let checks = LoadChecks {
+            finite: true,
+            expect_hash: checksum.clone(),
+        };
+        let tensors = map.load(device, |_| true, &checks)?;
+        Ok(Self {
+            meta,
+            tensors,
+            checksum,
         })
     }
 
-    /// Read a model file, placing tensors on `device`.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_model(path, format!("not a safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bad_model(path, format!("unreadable header ({e})")))?;
-        let json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| {
-                Error::bad_model(
-                    path,
-                    "no Tessera metadata: this is not a Tessera model file (weights files go to --weights)",
-                )
-            })?;
-        let meta: ModelMeta = serde_json::from_str(json)
+    /// The metadata of a model file without loading its tensors (for listings).
+    pub fn read_meta(path: &Path) -> Result<serde_json::Value> {
+        Ok(Self::open_header(path)?.0)
+    }
+
+    fn open_header(path: &Path) -> Result<(serde_json::Value, Mapped)> {
+        let map = Mapped::open(path)?;
+        let json = map.metadata().get(META_KEY).ok_or_else(|| {
+            Error::bad_model(
+                path,
+                "no Tessera metadata: this is not a Tessera model file (weights files go to --weights)",
+            )
+        })?;
+        let meta: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| Error::bad_model(path, format!("bad Tessera metadata: {e}")))?;
-        if meta.format > FORMAT_VERSION {
+        let env: Envelope = serde_json::from_value(meta.clone())
+            .map_err(|e| Error::bad_model(path, format!("bad Tessera metadata: {e}")))?;
+        if env.format > FORMAT_VERSION {
             return Err(Error::bad_model(
                 path,
                 format!(
                     "model format {} is newer than this build understands ({FORMAT_VERSION}); upgrade tessera",
-                    meta.format
+                    env.format
                 ),
             ));
         }
-        let mut tensors = HashMap::new();
-        for (name, view) in st.tensors() {
-            let t = view
-                .load(device)
-                .map_err(|e| Error::bad_model(path, format!("tensor {name}: {e}")))?;
-            tensors.insert(name, t);
-        }
-        Ok(Self { meta, tensors })
+        Ok((meta, map))
     }
 
     /// Take a tensor by name or fail naming the file.
@@ -194,13 +190,25 @@ impl ModelFile {
             .ok_or_else(|| Error::bad_model(path, format!("missing tensor '{name}'")))
     }
 
-    /// All tensors whose name starts with `prefix.`, with the prefix stripped.
-    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+    /// The tensors of a section: every tensor whose name starts with `prefix.`, with the prefix
+    /// stripped (tensors share storage, nothing is copied).
+    pub fn section(&self, prefix: &str) -> HashMap<String, Tensor> {
         let p = format!("{prefix}.");
         self.tensors
             .iter()
             .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.clone())))
             .collect()
+    }
+
+    /// Add a section: `tensors` stored as `prefix.name`.
+    pub fn add_section(
+        &mut self,
+        prefix: &str,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) {
+        for (k, v) in tensors {
+            self.tensors.insert(format!("{prefix}.{k}"), v);
+        }
     }
 }
 
@@ -208,64 +216,58 @@ impl ModelFile {
 mod tests {
     use super::*;
 
-    fn meta() -> ModelMeta {
-        ModelMeta {
-            format: FORMAT_VERSION,
-            tessera_version: crate::VERSION.into(),
-            method: "baseline".into(),
-            seed: 7,
-            preprocess: Preprocess::paper(),
-            backbone: BackboneMeta {
-                arch: "resnet18".into(),
-                layers: vec![1, 2, 3],
-                source: "x".into(),
-            },
-            scorer: ScorerMeta {
-                kind: "padim".into(),
-                config: serde_json::json!({"d": 3}),
-            },
-            fit: FitMeta {
-                seconds: 1.5,
-                images: 3,
-                data: "d".into(),
-                created_unix: 0,
-            },
-            threshold: 0.5,
-            heat_range: (0.0, 1.0),
-            sbm: None,
-            pfam: None,
-        }
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Meta {
+        format: u32,
+        note: String,
+    }
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tessera-model-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 
     #[test]
-    fn round_trip() {
-        let dir = std::env::temp_dir().join(format!("tessera-model-{}", std::process::id()));
+    fn round_trip_with_checksum() {
+        let dir = dir("rt");
         let path = dir.join("m.safetensors");
         let t = Tensor::arange(0f32, 6., &Device::Cpu)
             .unwrap()
             .reshape((2, 3))
             .unwrap();
-        let mut tensors = HashMap::new();
-        tensors.insert("backbone.w".to_string(), t.clone());
-        tensors.insert("scorer.mean".to_string(), t);
-        ModelFile {
-            meta: meta(),
-            tensors,
-        }
-        .save(&path)
-        .unwrap();
+        let meta = Meta {
+            format: FORMAT_VERSION,
+            note: "x".into(),
+        };
+        let mut f = ModelFile::new(&meta, HashMap::new()).unwrap();
+        f.add_section("backbone", [("w".to_string(), t.clone())]);
+        f.add_section("scorer", [("mean".to_string(), t)]);
+        let sum = f.save(&path).unwrap();
         let m = ModelFile::load(&path, &Device::Cpu).unwrap();
-        assert_eq!(m.meta, meta());
-        assert_eq!(m.with_prefix("backbone").len(), 1);
-        let v: Vec<Vec<f32>> = m.tensors["scorer.mean"].to_vec2().unwrap();
+        assert_eq!(m.meta::<Meta>(&path).unwrap(), meta);
+        assert_eq!(m.checksum.as_deref(), Some(sum.as_str()));
+        assert_eq!(m.section("backbone").len(), 1);
+        let v: Vec<Vec<f32>> = m.section("scorer")["mean"].to_vec2().unwrap();
         assert_eq!(v, vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+        // One flipped byte in the data is caught by the checksum.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = ModelFile::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checksum mismatch") && e.contains("m.safetensors"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn rejects_non_model() {
-        let dir = std::env::temp_dir().join(format!("tessera-model-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir("bad");
         let p = dir.join("junk.safetensors");
         std::fs::write(&p, b"not a model").unwrap();
         let e = ModelFile::load(&p, &Device::Cpu).unwrap_err().to_string();

@@ -60,6 +60,24 @@ pub trait Scorer: Send + Sync {
     }
 }
 
+/// A fitted scorer that describes itself: its kind (the name stored in model files), its
+/// configuration type, and how to rebuild it from what it stored. A model file names the kind
+/// and holds the configuration and the tensors; [`Restore::restore`] is the inverse of
+/// [`Scorer::config`] + [`Scorer::tensors`].
+pub trait Restore: Scorer + Sized + 'static {
+    /// The name stored in model files (`padim`, `patchcore`, `cfa`).
+    const KIND: &'static str;
+    /// The hyper-parameters, as stored in model files.
+    type Config: serde::Serialize + serde::de::DeserializeOwned + Clone + std::fmt::Debug;
+    /// Rebuild the fitted scorer from its configuration and its stored tensors (names without
+    /// the `scorer.` prefix). Every tensor is checked for shape and range: a model file is
+    /// input, and a bad one must give an error, never a panic or a wrong score.
+    fn restore(
+        config: Self::Config,
+        tensors: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self>;
+}
+
 /// A validated scorer configuration that can be fitted on streamed training features.
 pub trait FitScorer {
     /// The fitted scorer.
