@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tessera_backbone::{Arch, ArchSpec, Backbone, BlockKind, WeightsSource};
+use tessera_core::test_util::max_rel_err as rel_err;
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,20 +23,6 @@ fn shared() -> Option<PathBuf> {
     p.join("weights/resnet18-imagenet1k-l3.safetensors")
         .is_file()
         .then_some(p)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
 }
 
 #[test]

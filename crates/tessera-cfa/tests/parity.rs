@@ -7,6 +7,7 @@ use tessera_cfa::{
     coords, descriptor, embed, rows_with_coords, soft_boundary_loss, Cfa, CfaConfig,
 };
 use tessera_core::scorer::{FitScorer, Scorer};
+use tessera_core::test_util::max_abs_diff as max_abs;
 use tessera_core::FeatureMaps;
 use tessera_optim::{AdamW, AdamWConfig};
 
@@ -14,20 +15,6 @@ fn golden() -> HashMap<String, Tensor> {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/cfa_small.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn features(g: &HashMap<String, Tensor>) -> FeatureMaps {
@@ -98,7 +85,7 @@ fn score_matches_reference() {
         ),
     ]
     .into();
-    let m = Cfa::from_parts(CfaConfig::default(), t).unwrap();
+    let m = <Cfa as tessera_core::scorer::Restore>::restore(CfaConfig::default(), t).unwrap();
     let raw = m.score(&features(&g)).unwrap();
     let want: Vec<f32> = g["score"].flatten_all().unwrap().to_vec1().unwrap();
     for (a, b) in raw.data.iter().zip(&want) {
@@ -139,7 +126,7 @@ fn training_is_seeded_lowers_the_loss_and_round_trips() {
     assert!(la.last().unwrap() < &la[0], "loss must go down: {la:?}");
     let f = features(&g);
     let raw = a.score(&f).unwrap();
-    let back = Cfa::from_parts(
+    let back = <Cfa as tessera_core::scorer::Restore>::restore(
         serde_json::from_value(a.config()).unwrap(),
         a.tensors().unwrap().into_iter().collect(),
     )

@@ -31,10 +31,10 @@
 //! # Ok::<(), tessera_core::Error>(())
 //! ```
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Scorer, StoredTensors};
+use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// PaDiM hyper-parameters.
@@ -146,6 +146,11 @@ impl FitScorer for PadimConfig {
             let emb = embed(&batch?, &self.levels)?;
             let (_, c, h, w) = emb.dims4()?;
             if index.is_none() {
+                if let Some(d) = self.dims.filter(|&d| d > c) {
+                    return Err(Error::Config(format!(
+                        "padim: {d} channels asked for, but the features have {c}; choose at most {c}"
+                    )));
+                }
                 let d = self.dims.unwrap_or(if c <= 448 { 100 } else { 550 }).min(c);
                 let idx = channel_subset(c, d, self.seed);
                 index = Some(Tensor::from_vec(idx, d, emb.device())?);
@@ -208,9 +213,11 @@ impl FitScorer for PadimConfig {
     }
 }
 
-impl Padim {
-    /// Rebuild from the tensors and config stored in a model file.
-    pub fn from_parts(
+impl Restore for Padim {
+    const KIND: &'static str = "padim";
+    type Config = PadimConfig;
+
+    fn restore(
         config: PadimConfig,
         tensors: std::collections::HashMap<String, Tensor>,
     ) -> Result<Self> {
@@ -220,9 +227,18 @@ impl Padim {
         let mean = t.take("mean")?;
         let inv_cov = t.take("inv_cov")?;
         let (height, width) = t.take_grid()?;
+        if mean.rank() != 2 || index.rank() != 1 {
+            return Err(t.inconsistent());
+        }
         let (p, d) = mean.dims2()?;
         if height * width != p || inv_cov.dims() != [p, d, d] || index.dims1()? != d {
             return Err(t.inconsistent());
+        }
+        let idx: Vec<u32> = index.to_vec1()?;
+        if idx.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Config(
+                "padim model has a channel index that is not strictly increasing".into(),
+            ));
         }
         Ok(Self {
             config,
@@ -233,7 +249,9 @@ impl Padim {
             width,
         })
     }
+}
 
+impl Padim {
     /// Number of channels kept.
     pub fn dims(&self) -> usize {
         self.index.dims()[0]
@@ -255,7 +273,14 @@ impl Scorer for Padim {
 
     fn score(&self, features: &FeatureMaps) -> Result<RawMaps> {
         let emb = embed(features, &self.config.levels)?;
-        let (b, _, h, w) = emb.dims4()?;
+        let (b, c, h, w) = emb.dims4()?;
+        let last = self.index.i(self.dims() - 1)?.to_scalar::<u32>()? as usize;
+        if last >= c {
+            return Err(Error::Config(format!(
+                "padim model selects channel {last}, but the features have {c} channels: the \
+                 model does not fit this backbone"
+            )));
+        }
         if (h, w) != (self.height, self.width) {
             return Err(Error::Config(format!(
                 "padim model was fitted on a {}×{} feature grid, got {h}×{w}: use the model's preprocessing",

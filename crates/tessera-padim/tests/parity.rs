@@ -39,7 +39,11 @@ fn mahalanobis_matches_numpy() {
 
     // Round trip through stored tensors scores identically.
     let t = model.tensors().unwrap().into_iter().collect();
-    let back = Padim::from_parts(serde_json::from_value(model.config()).unwrap(), t).unwrap();
+    let back = <Padim as tessera_core::scorer::Restore>::restore(
+        serde_json::from_value(model.config()).unwrap(),
+        t,
+    )
+    .unwrap();
     assert_eq!(back.score(&test).unwrap(), raw);
 }
 

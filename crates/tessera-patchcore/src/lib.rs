@@ -47,7 +47,7 @@ pub mod nn;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Scorer, StoredTensors};
+use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// Storage type of the memory bank.
@@ -58,6 +58,24 @@ pub enum BankDtype {
     F32,
     /// Half the memory; distances are still computed in f32.
     F16,
+}
+
+impl BankDtype {
+    /// The names on the command line.
+    pub const NAMES: &'static [&'static str] = &["f32", "f16"];
+}
+
+impl std::str::FromStr for BankDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(BankDtype::F32),
+            "f16" => Ok(BankDtype::F16),
+            _ => Err(Error::Config(format!(
+                "bank dtype '{s}': expected f32 or f16"
+            ))),
+        }
+    }
 }
 
 /// PatchCore hyper-parameters.
@@ -130,6 +148,12 @@ pub fn embed(features: &FeatureMaps, levels: &[usize], embed_dim: Option<usize>)
         None => Ok(x),
         Some(d) => {
             let (b, c, h, w) = x.dims4()?;
+            if d > c {
+                return Err(Error::Config(format!(
+                    "patchcore: cannot reduce {c} feature channels to {d}; choose an embedding \
+                     dimension of at most {c}"
+                )));
+            }
             let pool = channel_pool_matrix(c, d, x.device())?; // C × d
             let flat = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // B × HW × C
             let y = flat.broadcast_matmul(&pool)?; // B × HW × d
@@ -277,9 +301,11 @@ impl FitScorer for PatchcoreConfig {
     }
 }
 
-impl Patchcore {
-    /// Rebuild from the tensors and config stored in a model file.
-    pub fn from_parts(config: PatchcoreConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
+impl Restore for Patchcore {
+    const KIND: &'static str = "patchcore";
+    type Config = PatchcoreConfig;
+
+    fn restore(config: PatchcoreConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
         config.validate()?;
         let mut t = StoredTensors::new("patchcore", tensors);
         let bank = t.take("bank")?;
@@ -302,7 +328,9 @@ impl Patchcore {
             report: serde_json::Value::Null,
         })
     }
+}
 
+impl Patchcore {
     /// Number of patches in the memory bank.
     pub fn bank_len(&self) -> usize {
         self.bank.dims()[0]
@@ -333,7 +361,14 @@ impl Scorer for Patchcore {
 
     fn score(&self, features: &FeatureMaps) -> Result<RawMaps> {
         let e = embed(features, &self.config.levels, self.config.embed_dim)?;
-        let (b, _, h, w) = e.dims4()?;
+        let (b, c, h, w) = e.dims4()?;
+        if c != self.bank.dims()[1] {
+            return Err(Error::Config(format!(
+                "patchcore model's memory bank has {} channels, the features {c}: the model does \
+                 not fit this backbone",
+                self.bank.dims()[1]
+            )));
+        }
         if (h, w) != (self.height, self.width) {
             return Err(Error::Config(format!(
                 "patchcore model was fitted on a {}×{} feature grid, got {h}×{w}: use the model's preprocessing",

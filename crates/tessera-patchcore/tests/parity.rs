@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use tessera_core::scorer::{FitScorer, Scorer};
+use tessera_core::test_util::max_abs_diff as max_abs;
 use tessera_core::FeatureMaps;
 use tessera_patchcore::{embed, nn, BankDtype, Patchcore, PatchcoreConfig};
 
@@ -9,19 +10,6 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/patchcore_small.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn patches(x: &Tensor) -> Tensor {
@@ -119,7 +107,7 @@ fn fit_score_round_trip_ratios_and_f16() {
             // Every training patch is in the bank: training images score zero.
             assert!(raw.data.iter().all(|v| *v < 1e-2), "{:?}", &raw.data[..4]);
         }
-        let back = Patchcore::from_parts(
+        let back = <Patchcore as tessera_core::scorer::Restore>::restore(
             serde_json::from_value(m.config()).unwrap(),
             m.tensors().unwrap().into_iter().collect(),
         )
