@@ -129,7 +129,12 @@ impl Dataset {
     /// with `tessera-dataset.json`.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
-            return Err(Error::bad_input(root, "dataset folder does not exist"));
+            return Err(match not_a_folder(root) {
+                Error::BadInput { msg, .. } if msg == "folder does not exist" => {
+                    Error::bad_input(root, "dataset folder does not exist")
+                }
+                e => e,
+            });
         }
         let spec_path = root.join(FOLDER_SPEC_FILE);
         if spec_path.is_file() {
@@ -352,33 +357,88 @@ fn find_mask(dir: &Path, stem: &str) -> Option<PathBuf> {
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<String>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut v = Vec::new();
-    for e in rd {
-        let e = e.map_err(|e| Error::io(dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && e.path().is_dir() {
-            v.push(name);
+    let entries = read_folder(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(entries
+        .dirs
+        .iter()
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect())
+}
+
+/// One folder's entries, each list sorted; hidden names (`.` first) are skipped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FolderEntries {
+    /// Files with an image extension ([`IMAGE_EXTS`]).
+    pub images: Vec<PathBuf>,
+    /// Every other non-folder entry.
+    pub other: Vec<PathBuf>,
+    /// Sub-folders (links to folders included).
+    pub dirs: Vec<PathBuf>,
+}
+
+/// List one folder: the walker every listing in this crate goes through.
+pub fn read_folder(dir: &Path) -> std::io::Result<FolderEntries> {
+    let mut out = FolderEntries::default();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let hidden = p
+            .file_name()
+            .map(|n| n.to_string_lossy().starts_with('.'))
+            .unwrap_or(true);
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            out.dirs.push(p);
+        } else if is_image_path(&p) {
+            out.images.push(p);
+        } else {
+            out.other.push(p);
         }
     }
-    v.sort();
-    Ok(v)
+    out.images.sort();
+    out.other.sort();
+    out.dirs.sort();
+    Ok(out)
+}
+
+/// The error for a folder argument that is not a folder: missing, or a file.
+pub fn not_a_folder(dir: &Path) -> Error {
+    if dir.is_file() {
+        Error::bad_input(dir, "is a file, not a folder")
+    } else if std::fs::symlink_metadata(dir).is_ok() {
+        Error::bad_input(dir, "is not a folder")
+    } else {
+        Error::bad_input(dir, "folder does not exist")
+    }
+}
+
+/// Image files under `dir`, sorted by path: directly in it, or (with `recursive`) in every
+/// sub-folder too. Hidden files and folders (`.` names) are skipped; links to folders are not
+/// followed (no cycles). A missing folder is an error naming it.
+pub fn walk_images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
+    let mut out = list_images(dir)?;
+    if recursive {
+        for sub in subdirs(dir)? {
+            let p = dir.join(&sub);
+            let is_link = std::fs::symlink_metadata(&p)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(true);
+            if !is_link {
+                out.extend(walk_images(&p, true)?);
+            }
+        }
+        out.sort();
+    }
+    Ok(out)
 }
 
 /// Image files (png/jpg/jpeg/bmp/tif/tiff, any case) directly in `dir`, sorted by name.
 /// A missing folder is an error naming it.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        return Err(Error::bad_input(dir, "folder does not exist"));
+        return Err(not_a_folder(dir));
     }
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut v = Vec::new();
-    for e in rd {
-        let p = e.map_err(|e| Error::io(dir, e))?.path();
-        if is_image_path(&p) && p.is_file() {
-            v.push(p);
-        }
-    }
-    v.sort();
-    Ok(v)
+    let entries = read_folder(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(entries.images.into_iter().filter(|p| p.is_file()).collect())
 }

@@ -3,7 +3,6 @@
 use crate::dct::{effective_filters, DctSize, NUM_FREQ};
 use crate::params::{Init, Source};
 use candle_core::{Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -98,25 +97,6 @@ impl FcaWeight {
         })
     }
 
-    /// A trainable block with parameters `fc1.weight`, `fc2.weight` under `vb`'s prefix.
-    pub fn new(cfg: FcaConfig, channels: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
-        Self::from_source(cfg, channels, &Source::from_vb(vb, seed))
-    }
-
-    /// The block from saved tensors named `{prefix}.fc1.weight`, `{prefix}.fc2.weight`.
-    pub fn load(
-        tensors: &HashMap<String, Tensor>,
-        prefix: &str,
-        cfg: FcaConfig,
-        channels: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let src = Source::from_tensors(tensors, prefix, device);
-        let m = Self::from_source(cfg, channels, &src)?;
-        src.check_no_extra()?;
-        Ok(m)
-    }
-
     /// The DCT filters applied to an `h × w` map, `16 × h × w` (pooling to a fixed grid folded
     /// in), on the block's device.
     pub fn filters(&self, h: usize, w: usize) -> Result<Tensor> {
@@ -182,3 +162,10 @@ impl FcaWeight {
         }
     }
 }
+
+crate::params::block_constructors!(
+    FcaWeight,
+    FcaConfig,
+    "with parameters `fc1.weight`, `fc2.weight`",
+    "`{prefix}.fc1.weight`, `{prefix}.fc2.weight`"
+);

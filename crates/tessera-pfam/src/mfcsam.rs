@@ -3,10 +3,8 @@
 use crate::fca::{check_fca_channels, FcaConfig, FcaWeight};
 use crate::pam::{PamConfig, PositionAttention};
 use crate::params::{Init, Source};
-use candle_core::{Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tessera_conv::{conv2d, ConvParams};
 use tessera_core::{Error, Result};
 
@@ -199,27 +197,6 @@ impl Mfcsam {
         })
     }
 
-    /// A trainable block under `vb`'s prefix (missing parameters are created in the builder's
-    /// `VarMap` with PyTorch's default initialisation from a ChaCha8 RNG seeded with `seed`).
-    pub fn new(cfg: MfcsamConfig, channels: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
-        Self::from_source(cfg, channels, &Source::from_vb(vb, seed))
-    }
-
-    /// The block from saved tensors under `prefix`; missing, mis-shaped or unexpected tensors
-    /// are errors that name the tensor.
-    pub fn load(
-        tensors: &HashMap<String, Tensor>,
-        prefix: &str,
-        cfg: MfcsamConfig,
-        channels: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let src = Source::from_tensors(tensors, prefix, device);
-        let m = Self::from_source(cfg, channels, &src)?;
-        src.check_no_extra()?;
-        Ok(m)
-    }
-
     /// The attention modules used by scale `i`.
     fn attention(&self, i: usize) -> (&FcaWeight, &PositionAttention) {
         let j = if self.cfg.share_attention { 0 } else { i };
@@ -337,3 +314,10 @@ impl Mfcsam {
         }
     }
 }
+
+crate::params::block_constructors!(
+    Mfcsam,
+    MfcsamConfig,
+    "with parameters `conv{i}.weight`, `fca*`, `pam*`",
+    "`{prefix}.conv0.weight`, …"
+);

@@ -2,11 +2,9 @@
 //! `N × N` attention computed in chunks of query positions.
 
 use crate::params::{Init, Source};
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tessera_conv::{conv2d, ConvParams};
 use tessera_core::{Error, Result};
 
@@ -239,25 +237,6 @@ impl PositionAttention {
         })
     }
 
-    /// A trainable block under `vb`'s prefix.
-    pub fn new(cfg: PamConfig, channels: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
-        Self::from_source(cfg, channels, &Source::from_vb(vb, seed))
-    }
-
-    /// The block from saved tensors under `prefix`.
-    pub fn load(
-        tensors: &HashMap<String, Tensor>,
-        prefix: &str,
-        cfg: PamConfig,
-        channels: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let src = Source::from_tensors(tensors, prefix, device);
-        let m = Self::from_source(cfg, channels, &src)?;
-        src.check_no_extra()?;
-        Ok(m)
-    }
-
     /// The attended values before scaling, `act(V · Sᵀ)`, `B × C × H × W`.
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -385,3 +364,10 @@ mod tests {
         }
     }
 }
+
+crate::params::block_constructors!(
+    PositionAttention,
+    PamConfig,
+    "with parameters `query.*`, `key.*`, `value.*`, `alpha`",
+    "`{prefix}.query.weight`, …, `{prefix}.alpha`"
+);

@@ -198,3 +198,40 @@ impl<'a> Source<'a> {
         Ok(())
     }
 }
+
+/// `new` (trainable, from a `VarBuilder`) and `load` (from saved tensors) for a block built by
+/// `from_source(cfg, channels, &Source)`.
+macro_rules! block_constructors {
+    ($block:ty, $cfg:ty, $params:literal, $names:literal) => {
+        impl $block {
+            #[doc = concat!("A trainable block ", $params, " under `vb`'s prefix: parameters the \
+                builder's `VarMap` already holds are used as they are; missing ones are created \
+                with PyTorch's default initialisation from a ChaCha8 RNG seeded with `seed`.")]
+            pub fn new(
+                cfg: $cfg,
+                channels: usize,
+                vb: candle_nn::VarBuilder,
+                seed: u64,
+            ) -> tessera_core::Result<Self> {
+                Self::from_source(cfg, channels, &crate::params::Source::from_vb(vb, seed))
+            }
+
+            #[doc = concat!("The block from saved tensors named ", $names, " on `device`; \
+                missing, mis-shaped or unexpected tensors are errors that name the tensor.")]
+            pub fn load(
+                tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+                prefix: &str,
+                cfg: $cfg,
+                channels: usize,
+                device: &candle_core::Device,
+            ) -> tessera_core::Result<Self> {
+                let src = crate::params::Source::from_tensors(tensors, prefix, device);
+                let m = Self::from_source(cfg, channels, &src)?;
+                src.check_no_extra()?;
+                Ok(m)
+            }
+        }
+    };
+}
+
+pub(crate) use block_constructors;

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
+use tessera_core::test_util::max_rel_err as rel_err;
 use tessera_core::FeatureMaps;
 use tessera_pfam::{
     dct, DctSize, FcaConfig, FcaWeight, Fusion, Mfcsam, MfcsamConfig, PamConfig, Pfam, PfamConfig,
@@ -15,14 +16,6 @@ fn golden() -> HashMap<String, Tensor> {
     let p =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/pfam.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-/// max|a − b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let m = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
 }
 
 fn check(what: &str, ours: &Tensor, reference: &Tensor) {

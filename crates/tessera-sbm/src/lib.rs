@@ -38,15 +38,19 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
+mod config;
 mod head;
 mod jigsaw;
+mod nets;
+mod optim;
 mod perms;
+mod report;
 mod train;
 
+pub use config::{Anchor, OptimizerKind, SbmConfig};
 pub use head::JigsawHead;
 pub use jigsaw::{adaptive_pool_matrix, permute_tiles};
 pub use perms::PermutationSet;
-pub use train::{
-    read_report, train, Anchor, EpochStats, Gate, OptimizerKind, SbmConfig, SbmData, SbmEvent,
-    SbmOutcome, SbmReport, REPORT_KEY,
-};
+pub use report::{read_report, EpochStats, Gate, SbmEvent, SbmOutcome, SbmReport, REPORT_KEY};
+pub use train::{train, SbmData};

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tessera_backbone::{Arch, ArchSpec, Backbone, BlockKind, WeightsSource};
 use tessera_core::model::Preprocess;
+use tessera_core::test_util::max_rel_err as max_rel;
 use tessera_sbm::{
     adaptive_pool_matrix, permute_tiles, train, Anchor, PermutationSet, SbmConfig, SbmData,
 };
@@ -128,30 +129,6 @@ fn pooling_matrix_matches_adaptive_avg_pool2d() {
 fn golden() -> HashMap<String, Tensor> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/backward.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let s: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / s
 }
 
 /// The trainer's backward pass (tessera-conv's gradients through residual blocks, downsample,

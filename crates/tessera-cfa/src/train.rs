@@ -1,0 +1,256 @@
+//! Training CFA's descriptor (optionally end to end with a feature transform such as PFAM).
+
+use crate::{
+    coords, descriptor, embed, kmeans, rows_with_coords, soft_boundary_loss, Cfa, CfaConfig,
+};
+use candle_core::{Device, Tensor, Var, D};
+use candle_nn::Optimizer;
+use serde::{Deserialize, Serialize};
+use tessera_core::scorer::FitScorer;
+use tessera_core::{Error, FeatureMaps, Result};
+use tessera_optim::{AdamW, AdamWConfig};
+
+/// One epoch's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub loss: f64,
+    /// The hypersphere radius after the epoch.
+    pub radius: f64,
+    pub seconds: f64,
+}
+
+/// Training progress, reported after every batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub batches: usize,
+    /// Running mean loss of the epoch so far.
+    pub loss: f64,
+}
+
+fn uniform(n: usize, bound: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
+}
+
+/// A trainable feature transform trained jointly with CFA's descriptor by CFA's loss (e.g.
+/// PFAM, end to end): it maps backbone features to the features CFA embeds.
+pub trait FeatureTransform {
+    fn forward(&self, features: &FeatureMaps) -> Result<FeatureMaps>;
+    /// Its trainable variables (updated in place by the optimiser).
+    fn vars(&self) -> Vec<Var>;
+}
+
+impl CfaConfig {
+    /// Fit, reporting training progress after every batch.
+    pub fn fit_with_progress(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<FeatureMaps>>,
+        progress: &dyn Fn(TrainProgress),
+    ) -> Result<Cfa> {
+        self.fit_inner(batches, None, progress)
+    }
+
+    /// Fit end to end: `transform` runs on the (frozen) backbone features of every batch and
+    /// trains with the descriptor, by the same loss and optimiser. Its variables are left at the
+    /// values of the kept (best training-loss) epoch.
+    pub fn fit_end_to_end(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<FeatureMaps>>,
+        transform: &dyn FeatureTransform,
+        progress: &dyn Fn(TrainProgress),
+    ) -> Result<Cfa> {
+        self.fit_inner(batches, Some(transform), progress)
+    }
+
+    fn fit_inner(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<FeatureMaps>>,
+        transform: Option<&dyn FeatureTransform>,
+        progress: &dyn Fn(TrainProgress),
+    ) -> Result<Cfa> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        self.validate()?;
+        // The backbone is frozen: compute its features once, keep them (CPU) for every epoch —
+        // embedded, or raw per level when a transform trains on them.
+        let mut cache: Vec<Vec<Tensor>> = Vec::new();
+        let mut grid = None;
+        let mut device = Device::Cpu;
+        let mut c = 0;
+        for b in batches {
+            let b = b?;
+            let e = match transform {
+                None => embed(&b, &self.levels)?,
+                Some(t) => embed(&t.forward(&b)?, &self.levels)?.detach(),
+            };
+            device = e.device().clone();
+            let (n, ch, h, w) = e.dims4()?;
+            c = ch;
+            if *grid.get_or_insert((h, w)) != (h, w) {
+                return Err(Error::Config(format!(
+                    "cfa: feature grid changed to {h}×{w}"
+                )));
+            }
+            for i in 0..n {
+                cache.push(match transform {
+                    None => vec![e.get(i)?.to_device(&Device::Cpu)?],
+                    Some(_) => b
+                        .levels
+                        .iter()
+                        .map(|l| l.get(i)?.to_device(&Device::Cpu))
+                        .collect::<candle_core::Result<_>>()?,
+                });
+            }
+        }
+        let (h, w) = grid.ok_or_else(|| Error::Config("cfa: no training images".into()))?;
+        let d = (c / self.gamma_d).max(1);
+        let co = coords(h, w, &device)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        // PyTorch's Conv2d initialisation: U(±1/√fan_in) for weight and bias.
+        let bound = 1.0 / ((c + 2) as f64).sqrt();
+        let weight = Var::from_vec(uniform(d * (c + 2), bound, &mut rng), (d, c + 2), &device)?;
+        let bias = Var::from_vec(uniform(d, bound, &mut rng), d, &device)?;
+        let r = Var::from_vec(vec![self.radius_init as f32], 1, &device)?;
+        let batch_of = |ids: &[usize]| -> Result<Tensor> {
+            let x = match transform {
+                None => {
+                    let xs: Vec<&Tensor> = ids.iter().map(|&i| &cache[i][0]).collect();
+                    Tensor::stack(&xs, 0)?.to_device(&device)?
+                }
+                Some(t) => {
+                    let levels = (0..cache[ids[0]].len())
+                        .map(|l| {
+                            let xs: Vec<&Tensor> = ids.iter().map(|&i| &cache[i][l]).collect();
+                            Tensor::stack(&xs, 0)?.to_device(&device)
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    embed(&t.forward(&FeatureMaps::new(levels))?, &self.levels)?
+                }
+            };
+            rows_with_coords(&x, &co)
+        };
+        // Memory bank: mean initial descriptor per location (detached: no graph across batches).
+        let (w0, b0) = (weight.as_tensor().detach(), bias.as_tensor().detach());
+        let mut sum: Option<Tensor> = None;
+        let all: Vec<usize> = (0..cache.len()).collect();
+        for ids in all.chunks(self.batch) {
+            let phi = descriptor(&batch_of(ids)?.detach(), &w0, &b0)?;
+            let s = phi.reshape((ids.len(), h * w, d))?.sum(0)?;
+            sum = Some(match sum {
+                None => s,
+                Some(acc) => (acc + s)?,
+            });
+        }
+        let mean = (sum.expect("at least one batch") / cache.len() as f64)?.detach();
+        let centres = if self.gamma_c > 1 {
+            let k = (h * w / self.gamma_c).max(1);
+            let v: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+            let cen = kmeans::kmeans(&v, d, k, 30, self.seed);
+            Tensor::from_vec(cen, (k, d), &device)?
+        } else {
+            mean
+        };
+        let centres_sq: Vec<f32> = centres.sqr()?.sum(D::Minus1)?.to_vec1()?;
+
+        let extra: Vec<Var> = transform.map(|t| t.vars()).unwrap_or_default();
+        let mut trained = vec![weight.clone(), bias.clone(), r.clone()];
+        trained.extend(extra.iter().cloned());
+        let mut opt = AdamW::new(
+            trained,
+            AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                amsgrad: true,
+                ..Default::default()
+            },
+        )?;
+        let mut order: Vec<usize> = (0..cache.len()).collect();
+        let mut history = Vec::with_capacity(self.epochs);
+        let mut best: Option<(f64, Tensor, Tensor, Vec<Tensor>)> = None;
+        let mut since_best = 0;
+        let batches = order.len().div_ceil(self.batch);
+        for epoch in 1..=self.epochs {
+            let t0 = std::time::Instant::now();
+            order.shuffle(&mut rng);
+            let mut total = 0.0;
+            for (bi, ids) in order.chunks(self.batch).enumerate() {
+                let phi = descriptor(&batch_of(ids)?, weight.as_tensor(), bias.as_tensor())?;
+                let loss = soft_boundary_loss(&phi, &centres, &centres_sq, r.as_tensor(), self)?;
+                total += loss.to_scalar::<f32>()? as f64;
+                opt.backward_step(&loss)?;
+                progress(TrainProgress {
+                    epoch,
+                    epochs: self.epochs,
+                    batch: bi + 1,
+                    batches,
+                    loss: total / (bi + 1) as f64,
+                });
+            }
+            let loss = total / batches as f64;
+            if !loss.is_finite() {
+                return Err(Error::Config(format!(
+                    "cfa: training diverged at epoch {epoch} (loss {loss})"
+                )));
+            }
+            let radius = r.as_tensor().to_vec1::<f32>()?[0] as f64;
+            history.push(EpochStats {
+                epoch,
+                loss,
+                radius,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+            if best.as_ref().is_none_or(|(b, _, _, _)| loss < *b) {
+                // copy(): a Var's storage is updated in place by the optimiser.
+                best = Some((
+                    loss,
+                    weight.as_tensor().copy()?.detach(),
+                    bias.as_tensor().copy()?.detach(),
+                    extra
+                        .iter()
+                        .map(|v| v.as_tensor().copy().map(|t| t.detach()))
+                        .collect::<candle_core::Result<_>>()?,
+                ));
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if self.patience.is_some_and(|p| since_best >= p) {
+                    break;
+                }
+            }
+        }
+        let (weight, bias) = match best {
+            Some((_, w, b, x)) => {
+                // The transform keeps the kept epoch's values, matching the descriptor.
+                for (v, t) in extra.iter().zip(&x) {
+                    v.set(t)?;
+                }
+                (w, b)
+            }
+            None => (weight.as_tensor().detach(), bias.as_tensor().detach()),
+        };
+        Ok(Cfa {
+            config: self.clone(),
+            weight,
+            bias,
+            centres,
+            centres_sq,
+            height: h,
+            width: w,
+            history,
+        })
+    }
+}
+
+impl FitScorer for CfaConfig {
+    type Fitted = Cfa;
+    fn fit(&self, batches: &mut dyn Iterator<Item = Result<FeatureMaps>>) -> Result<Cfa> {
+        self.fit_with_progress(batches, &|_| {})
+    }
+}
