@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 mod cuda;
+mod reports;
 mod reproduce;
 
 const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|reproduce|cuda-build> [options]
@@ -77,18 +78,76 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Build the release `tessera` binary and return its path.
+/// Build the release `tessera` binary and return its path, as cargo reports it (so a
+/// `CARGO_TARGET_DIR` or `build.target-dir` elsewhere is honoured).
 fn build_tessera() -> Result<PathBuf> {
+    build_tessera_with(&[])
+}
+
+/// [`build_tessera`] with extra cargo arguments (e.g. features).
+fn build_tessera_with(extra: &[&str]) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "tessera-cli"])
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tessera-cli",
+            "--bin",
+            "tessera",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(extra)
         .current_dir(root())
-        .status()
-        .context("running cargo build")?;
-    if !st.success() {
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cargo} build"))?;
+    if !out.status.success() {
         bail!("cargo build --release -p tessera-cli failed");
     }
-    Ok(root().join("target/release/tessera"))
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bin = built_executable(&stdout, "tessera").context(
+        "cargo build succeeded but reported no `tessera` executable (its JSON messages name none)",
+    )?;
+    if !bin.is_file() {
+        bail!(
+            "cargo reported the tessera binary at {}, but there is no file there",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Cargo's target directory for this workspace (`cargo metadata`; honours
+/// `CARGO_TARGET_DIR` and `build.target-dir`).
+fn target_dir() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(root())
+        .output()
+        .with_context(|| format!("running {cargo} metadata"))?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
+}
+
+/// The executable of binary target `name` in cargo's `--message-format=json` output.
+fn built_executable(messages: &str, name: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
 }
 
 /// Outcome of a child process: status, stdout, stderr, wall seconds, peak RSS (MiB).
@@ -149,19 +208,27 @@ fn demo(args: &[String]) -> Result<()> {
         .unwrap_or(0);
     let weights = flag(args, "--weights");
     let data = out.join("data/synthetic_ring");
-    if data.exists() {
-        std::fs::remove_dir_all(&data).with_context(|| format!("clearing {}", data.display()))?;
-    }
-    let spec = tessera_data::SyntheticSpec {
-        seed,
-        ..Default::default()
-    };
+    let bin = build_tessera()?;
     println!(
         "demo: generating a synthetic category in {} (seed {seed})",
         data.display()
     );
-    tessera_data::generate_category(&data, &spec)?;
-    let bin = build_tessera()?;
+    let st = Command::new(&bin)
+        .args([
+            "--quiet",
+            "data",
+            "demo",
+            "--overwrite",
+            "--seed",
+            &seed.to_string(),
+            "--out",
+        ])
+        .arg(&data)
+        .status()
+        .context("running tessera data demo")?;
+    if !st.success() {
+        bail!("tessera data demo failed");
+    }
     let model = out.join("model.safetensors");
     let s = |p: &Path| p.display().to_string();
     let mut fit_args = vec![
@@ -216,6 +283,7 @@ fn demo(args: &[String]) -> Result<()> {
     let st = Command::new(&bin)
         .args([
             "test",
+            "--overwrite",
             "--model",
             &s(&model),
             "--data",
@@ -230,12 +298,12 @@ fn demo(args: &[String]) -> Result<()> {
     if !st.success() {
         bail!("tessera test failed");
     }
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let r: reports::TestReport = reports::read(&report)?;
     println!("\ndemo done with {backbone_note}:");
     println!(
         "  image AUROC {:.4}, pixel AUROC {:.4}",
-        r["image_auroc"].as_f64().unwrap_or(f64::NAN),
-        r["pixel_auroc"].as_f64().unwrap_or(f64::NAN)
+        r.image_auroc.unwrap_or(f64::NAN),
+        r.pixel_auroc.unwrap_or(f64::NAN)
     );
     println!("  model     {}", model.display());
     println!("  report    {} (+ .md)", report.display());
@@ -259,7 +327,7 @@ fn bench(args: &[String]) -> Result<()> {
     if !skip_criterion {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         for (pkg, bench) in [
-            ("tessera-cli", "pipeline"),
+            ("tessera-pipeline", "pipeline"),
             ("tessera-patchcore", "coreset"),
             ("tessera-conv", "conv"),
             ("tessera-backbone", "features"),
@@ -312,7 +380,7 @@ fn bench(args: &[String]) -> Result<()> {
                 .chars()
                 .map(|c| if "?\"/\\*<>:|^".contains(c) { '_' } else { c })
                 .collect();
-            let est = root().join(format!("target/criterion/{group}/{dir}/new/estimates.json"));
+            let est = target_dir()?.join(format!("criterion/{group}/{dir}/new/estimates.json"));
             if let Ok(text) = std::fs::read_to_string(&est) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
@@ -373,7 +441,7 @@ fn bench(args: &[String]) -> Result<()> {
             if !fit.ok {
                 bail!("{label}: fit failed: {}", fit.stderr);
             }
-            let f: serde_json::Value = serde_json::from_str(&fit.stdout)?;
+            let f: reports::FitSummary = serde_json::from_str(&fit.stdout)?;
             let report = tmp.join("report.json");
             let test = measured(Command::new(&bin).env(env.0, env.1).args([
                 "--json",
@@ -388,9 +456,9 @@ fn bench(args: &[String]) -> Result<()> {
             if !test.ok {
                 bail!("{label}: test failed: {}", test.stderr);
             }
-            let r: serde_json::Value = serde_json::from_str(&test.stdout)?;
-            let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-            let coreset = f["scorer_report"]["coreset_seconds"]
+            let r: reports::TestReport = serde_json::from_str(&test.stdout)?;
+            let num = |v: Option<f64>| v.unwrap_or(f64::NAN);
+            let coreset = f.scorer_report["coreset_seconds"]
                 .as_f64()
                 .map(|c| format!(", coreset {c:.1} s"))
                 .unwrap_or_default();
@@ -404,18 +472,16 @@ fn bench(args: &[String]) -> Result<()> {
             ));
             lines.push(format!(
                 "| {label}: model file | {:.1} MiB |",
-                num(&f["model_bytes"]) / 1048576.0
+                f.model_bytes as f64 / 1048576.0
             ));
             lines.push(format!(
                 "| {label}: test ms/image (batch 8; features {:.1} + scoring {:.1}) | {:.1} ms |",
-                num(&r["feature_ms_per_image"]),
-                num(&r["score_ms_per_image"]),
-                num(&r["ms_per_image"])
+                r.feature_ms_per_image, r.score_ms_per_image, r.ms_per_image
             ));
             lines.push(format!(
                 "| {label}: bottle image / pixel AUROC | {:.4} / {:.4} |",
-                num(&r["image_auroc"]),
-                num(&r["pixel_auroc"])
+                num(r.image_auroc),
+                num(r.pixel_auroc)
             ));
         }
         let _ = std::fs::remove_dir_all(&tmp);
@@ -585,22 +651,36 @@ fn real_check(args: &[String]) -> Result<()> {
     if !st.success() {
         bail!("real-check: tessera test failed");
     }
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let r: reports::TestReport = reports::read(&report)?;
     let _ = std::fs::remove_dir_all(&tmp);
-    let (img, pix) = (
-        r["image_auroc"].as_f64().unwrap_or(0.0),
-        r["pixel_auroc"].as_f64().unwrap_or(0.0),
-    );
+    let (img, pix) = (r.image_auroc.unwrap_or(0.0), r.pixel_auroc.unwrap_or(0.0));
     println!(
         "real-check: PaDiM R18 on bottle: image AUROC {img:.4} (floor {REAL_IMAGE_AUROC}), pixel AUROC {pix:.4} (floor {REAL_PIXEL_AUROC}), fit {:.1} s, {:.1} ms/image",
-        r["fit_seconds"].as_f64().unwrap_or(f64::NAN),
-        r["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+        r.fit_seconds, r.ms_per_image
     );
     if img < REAL_IMAGE_AUROC || pix < REAL_PIXEL_AUROC {
         bail!("real-check FAILED: below the floor");
     }
     println!("real-check: passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod binary_lookup {
+    use super::built_executable;
+
+    #[test]
+    fn finds_the_executable_cargo_reports() {
+        let msgs = r#"{"reason":"compiler-artifact","target":{"name":"tessera_core"},"executable":null}
+not json at all
+{"reason":"compiler-artifact","target":{"name":"tessera"},"executable":"/elsewhere/target/release/tessera"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            built_executable(msgs, "tessera"),
+            Some("/elsewhere/target/release/tessera".into())
+        );
+        assert_eq!(built_executable(msgs, "other"), None);
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! resumes where it stopped and a failed cell is recorded (`error.txt`) without stopping the
 //! others. The tables are rebuilt from the cell reports at the end of every run.
 
+use crate::reports::{self, DataInfo, TestReport};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -28,6 +29,8 @@ const METHODS: [&str; 2] = ["baseline", "method"];
 struct Opts {
     data: PathBuf,
     categories: Vec<(String, PathBuf)>,
+    /// Category kind (`object`, `texture`, `other`), as the binary decides it.
+    kinds: BTreeMap<String, &'static str>,
     scorers: Vec<String>,
     backbone: String,
     weights: Option<String>,
@@ -96,6 +99,7 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(Opts {
         data,
         categories,
+        kinds: BTreeMap::new(),
         scorers,
         backbone: crate::flag(args, "--backbone").unwrap_or_else(|| "resnet18".into()),
         weights: crate::flag(args, "--weights"),
@@ -123,14 +127,39 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Object or texture (MVTec AD's split; unknown names count as objects only with a folder
-/// spec saying so, as `--sbm auto` does).
-fn kind(name: &str) -> &'static str {
-    match tessera_data::mvtec_category_kind(name) {
-        Some(tessera_data::CategoryKind::Texture) => "texture",
-        Some(tessera_data::CategoryKind::Object) => "object",
-        None => "other",
+impl Opts {
+    /// Object or texture, as `tessera data info` says (the folder spec, else MVTec AD's split);
+    /// `other` when unknown.
+    fn kind(&self, cat: &str) -> &'static str {
+        self.kinds.get(cat).copied().unwrap_or("other")
     }
+}
+
+/// Ask the binary what kind each category is.
+fn category_kinds(bin: &Path, o: &mut Opts) -> Result<()> {
+    for (cat, dir) in &o.categories {
+        let out = Command::new(bin)
+            .args(["--json", "data", "info"])
+            .arg(dir)
+            .output()
+            .with_context(|| format!("running tessera data info on {}", dir.display()))?;
+        if !out.status.success() {
+            bail!(
+                "tessera data info {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let info: DataInfo = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing tessera data info for {cat}"))?;
+        let kind = match info.kind.as_deref() {
+            Some("texture") => "texture",
+            Some("object") => "object",
+            _ => "other",
+        };
+        o.kinds.insert(cat.clone(), kind);
+    }
+    Ok(())
 }
 
 fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
@@ -161,7 +190,7 @@ fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<PathBuf> {
         .arg("--out")
         .arg(&out)
         .args(["--backbone", &o.backbone]);
-    if kind(cat) != "object" {
+    if o.kind(cat) != "object" {
         c.args(["--sbm-layers", "none"]);
     }
     if let Some(w) = &o.weights {
@@ -212,9 +241,10 @@ fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &
 }
 
 pub fn reproduce(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let mut o = parse(args)?;
     std::fs::create_dir_all(&o.out)?;
     let bin = crate::build_tessera()?;
+    category_kinds(&bin, &mut o)?;
     println!(
         "reproduce: {} categories × {} scorers × 2 methods → {}",
         o.categories.len(),
@@ -267,14 +297,23 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<Value> {
+fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<TestReport> {
     let p = o
         .out
         .join("cells")
         .join(cat)
         .join(format!("{scorer}-{method}"))
         .join("report.json");
-    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    if !p.is_file() {
+        return None;
+    }
+    match reports::read(&p) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("reproduce: {e:#}; the cell counts as missing");
+            None
+        }
+    }
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -316,20 +355,20 @@ fn write_tables(o: &Opts) -> Result<String> {
             for method in METHODS {
                 let r = load_report(o, cat, scorer, method);
                 let mut row = json!({
-                    "category": cat, "kind": kind(cat), "scorer": scorer, "method": method,
+                    "category": cat, "kind": o.kind(cat), "scorer": scorer, "method": method,
                     "status": if r.is_some() { "done" } else { "missing" },
                 });
                 if let Some(r) = &r {
                     for (k, _) in metrics {
-                        row[k] = r[k].clone();
-                        if let Some(v) = r[k].as_f64() {
+                        row[k] = json!(r.metric(k));
+                        if let Some(v) = r.metric(k) {
                             by.entry((scorer.clone(), method.into(), k.into()))
                                 .or_default()
                                 .push((cat.clone(), v));
                         }
                     }
-                    row["ms_per_image"] = r["ms_per_image"].clone();
-                    row["method_detail"] = r["method"].clone();
+                    row["ms_per_image"] = json!(r.ms_per_image);
+                    row["method_detail"] = json!(r.method);
                 }
                 rows.push(row);
             }
@@ -345,7 +384,7 @@ fn write_tables(o: &Opts) -> Result<String> {
         let v: Vec<f64> = by
             .get(&(scorer.into(), method.into(), k.into()))?
             .iter()
-            .filter(|(c, _)| which == "all" || kind(c) == which)
+            .filter(|(c, _)| which == "all" || o.kind(c) == which)
             .map(|(_, v)| *v)
             .collect();
         mean(&v)
@@ -393,7 +432,7 @@ fn write_tables(o: &Opts) -> Result<String> {
             .categories
             .iter()
             .map(|(c, _)| c)
-            .filter(|c| kind(c) == which)
+            .filter(|c| o.kind(c) == which)
             .collect();
         for c in &cats {
             writeln!(md, "{}", line(c, which, &|s, m, k| get(s, m, k, c)))?;

@@ -1,17 +1,27 @@
-//! `tessera`: fit, test and predict industrial anomaly detectors. Argument parsing and wiring
-//! only; the work is in the library crates.
+//! `tessera`: fit, test and predict industrial anomaly detectors. Argument parsing and
+//! printing only; the work is in `tessera-pipeline` and the crates below it.
+
+mod progress;
+mod verify_table;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+use progress::Bars;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use tessera_backbone::Arch;
-use tessera_cli::{
-    DataVerifyOptions, FitOptions, PredictOptions, Progress, SbmMode, SbmOptions, ScorerKind,
-    SynthOptions, TestOptions, WeightsArgs,
-};
+use tessera_cfa::CfaConfig;
 use tessera_core::model::Preprocess;
 use tessera_core::DeviceSpec;
+use tessera_padim::PadimConfig;
+use tessera_patchcore::{BankDtype, PatchcoreConfig};
+use tessera_pipeline::{
+    FitOptions, Method, PfamTraining, PredictOptions, SbmMode, SbmOptions, SbmStage, ScorerConfig,
+    ScorerKind, SynthOptions, TestOptions, WeightsArgs,
+};
+use tessera_sbm::{Anchor, OptimizerKind, SbmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +30,7 @@ use tessera_core::DeviceSpec;
     about = "Unsupervised visual anomaly detection on pretrained CNN features (PaDiM, PatchCore, CFA)"
 )]
 struct Cli {
-    /// No progress bars or notes on stderr.
+    /// No progress bars or notes on stderr (warnings still show).
     #[arg(long, global = true)]
     quiet: bool,
     /// Print a JSON summary on stdout (implies --quiet).
@@ -33,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Fit a detector on the normal training images of a dataset and write one model file.
-    Fit(FitArgs),
+    Fit(Box<FitArgs>),
     /// Score a dataset's test split with a model: AUROC report (JSON + Markdown), heatmaps.
     Test(TestArgs),
     /// Score images or folders of images with a model: heatmaps and scores.csv.
@@ -54,6 +64,41 @@ enum DataCmd {
     /// manifest: categories present, image counts per split, a mask for every defective image,
     /// mask sizes, unreadable or stray files. Exit status 1 when anything is wrong.
     Verify(DataVerifyArgs),
+    /// Write the built-in synthetic demo category (MVTec layout, deterministic from the seed):
+    /// a ring-shaped part with scratch, spot and crack defects and exact masks.
+    Demo(DataDemoArgs),
+    /// What Tessera makes of a dataset folder: layout, category, kind, image counts.
+    Info(DataInfoArgs),
+}
+
+#[derive(Args)]
+struct DataDemoArgs {
+    /// Output folder (new or empty, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty output folder as a whole.
+    #[arg(long)]
+    overwrite: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(32..=4096))]
+    size: u32,
+    /// Normal training images.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    train: u64,
+    /// Normal test images.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    test_good: u64,
+    /// Test images per defect type.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    test_defect: u64,
+}
+
+#[derive(Args)]
+struct DataInfoArgs {
+    /// A category folder (MVTec layout or tessera-dataset.json).
+    root: PathBuf,
 }
 
 #[derive(Args)]
@@ -73,79 +118,69 @@ struct DataVerifyArgs {
 enum SbmCmd {
     /// Train SBM on a category's train/good images and write the tuned backbone (.safetensors,
     /// loadable with `fit --weights` or `fit --method sbm --sbm-weights`).
-    Train(SbmTrainArgs),
+    Train(Box<SbmTrainArgs>),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SbmModeArg {
-    /// Object categories only (MVTec AD split, or the folder spec's "category").
-    Auto,
-    On,
-    Off,
+/// A value parser for a library enum with fixed names (`NAMES` + `FromStr`): the names are
+/// listed in `--help` and in errors.
+fn named<T>(names: &'static [&'static str]) -> impl TypedValueParser<Value = T>
+where
+    T: FromStr + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).map(|s| match s.parse::<T>() {
+        Ok(v) => v,
+        // PossibleValuesParser only lets the listed names through, and they all parse.
+        Err(_) => unreachable!("listed name {s} parses"),
+    })
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PfamTrainArg {
-    Jigsaw,
-    Cfa,
+/// A finite float within `[lo, hi]` (`lo_open`: excluding `lo`).
+fn float_in(lo: f64, hi: f64, lo_open: bool) -> impl Fn(&str) -> Result<f64, String> + Clone {
+    move |s: &str| {
+        let v: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not a number"))?;
+        let low_ok = if lo_open { v > lo } else { v >= lo };
+        if !v.is_finite() || !low_ok || v > hi {
+            let open = if lo_open { "(" } else { "[" };
+            let hi = if hi == f64::MAX {
+                "∞)".to_string()
+            } else {
+                format!("{hi}]")
+            };
+            return Err(format!("{v} is not in {open}{lo}, {hi}"));
+        }
+        Ok(v)
+    }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum AnchorArg {
-    Features,
-    L2sp,
-    None,
+fn positive(s: &str) -> Result<f64, String> {
+    float_in(0.0, f64::MAX, true)(s)
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OptimArg {
-    Sgd,
-    Adamw,
+fn non_negative(s: &str) -> Result<f64, String> {
+    float_in(0.0, f64::MAX, false)(s)
 }
 
-/// SBM training settings (defaults: the ablation's choice, docs/sbm.md).
-#[derive(Args)]
-struct SbmArgs {
-    /// SBM epochs.
-    #[arg(long)]
-    sbm_epochs: Option<usize>,
-    /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3; `none` keeps the backbone frozen
-    /// (with --pfam / --method ours: PFAM alone trains).
-    #[arg(long, value_parser = parse_layers)]
-    sbm_layers: Option<Layers>,
-    /// Anchoring against forgetting ImageNet.
-    #[arg(long, value_enum)]
-    sbm_anchor: Option<AnchorArg>,
-    /// Weight λ of the anchoring term.
-    #[arg(long)]
-    sbm_anchor_weight: Option<f64>,
-    /// Backbone learning rate.
-    #[arg(long)]
-    sbm_lr: Option<f64>,
-    /// Jigsaw head learning rate.
-    #[arg(long)]
-    sbm_head_lr: Option<f64>,
-    #[arg(long, value_enum)]
-    sbm_optimizer: Option<OptimArg>,
-    /// Tiles per side of the jigsaw grid.
-    #[arg(long)]
-    sbm_grid: Option<usize>,
-    /// Number of non-identity permutations.
-    #[arg(long)]
-    sbm_permutations: Option<usize>,
-    /// Probability of showing the identity (default: uniform over all classes).
-    #[arg(long)]
-    sbm_identity_prob: Option<f64>,
-    /// Probability that a training input carries a synthetic defect.
-    #[arg(long)]
-    sbm_synth_prob: Option<f64>,
-    /// Images per SBM training step.
-    #[arg(long)]
-    sbm_batch_size: Option<usize>,
-    /// Texture images (e.g. DTD) as anomaly sources for synthetic defects; without it, the
-    /// structure source only.
-    #[arg(long)]
-    textures: Option<PathBuf>,
+fn probability(s: &str) -> Result<f64, String> {
+    float_in(0.0, 1.0, false)(s)
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    float_in(0.0, 1.0, true)(s)
+}
+
+fn finite_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a finite number"))
+    }
 }
 
 /// A list of backbone layers (`none` = empty).
@@ -157,46 +192,112 @@ fn parse_layers(s: &str) -> Result<Layers, String> {
         return Ok(Layers(Vec::new()));
     }
     s.split(',')
-        .map(|p| {
-            p.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("'{p}' is not a layer number (1, 2 or 3)"))
+        .map(|p| match p.trim().parse::<usize>() {
+            Ok(l) if (1..=3).contains(&l) => Ok(l),
+            _ => Err(format!("'{p}' is not a layer number (1, 2 or 3)")),
         })
         .collect::<Result<_, _>>()
         .map(Layers)
 }
 
+/// SBM training settings (defaults: the ablation's choice, docs/sbm.md).
+#[derive(Args)]
+struct SbmArgs {
+    /// SBM epochs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    sbm_epochs: Option<u64>,
+    /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3; `none` keeps the backbone frozen
+    /// (with --pfam / --method ours: PFAM alone trains).
+    #[arg(long, value_parser = parse_layers)]
+    sbm_layers: Option<Layers>,
+    /// Anchoring against forgetting ImageNet.
+    #[arg(long, value_parser = named::<Anchor>(Anchor::NAMES))]
+    sbm_anchor: Option<Anchor>,
+    /// Weight λ of the anchoring term.
+    #[arg(long, value_parser = non_negative)]
+    sbm_anchor_weight: Option<f64>,
+    /// Backbone learning rate.
+    #[arg(long, value_parser = non_negative)]
+    sbm_lr: Option<f64>,
+    /// Jigsaw head learning rate.
+    #[arg(long, value_parser = positive)]
+    sbm_head_lr: Option<f64>,
+    #[arg(long, value_parser = named::<OptimizerKind>(OptimizerKind::NAMES))]
+    sbm_optimizer: Option<OptimizerKind>,
+    /// Tiles per side of the jigsaw grid.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=8))]
+    sbm_grid: Option<u64>,
+    /// Number of non-identity permutations.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    sbm_permutations: Option<u64>,
+    /// Probability of showing the identity (default: uniform over all classes).
+    #[arg(long, value_parser = probability)]
+    sbm_identity_prob: Option<f64>,
+    /// Probability that a training input carries a synthetic defect.
+    #[arg(long, value_parser = probability)]
+    sbm_synth_prob: Option<f64>,
+    /// Images per SBM training step.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    sbm_batch_size: Option<u64>,
+    /// Texture images (e.g. DTD) as anomaly sources for synthetic defects; without it, the
+    /// structure source only.
+    #[arg(long)]
+    textures: Option<PathBuf>,
+}
+
 impl SbmArgs {
-    fn config(&self, seed: u64) -> tessera_sbm::SbmConfig {
-        let d = tessera_sbm::SbmConfig::default();
-        tessera_sbm::SbmConfig {
-            epochs: self.sbm_epochs.unwrap_or(d.epochs),
+    fn config(&self, seed: u64) -> SbmConfig {
+        let d = SbmConfig::default();
+        let mut c = SbmConfig {
+            epochs: self.sbm_epochs.map_or(d.epochs, |v| v as usize),
             train_layers: self
                 .sbm_layers
                 .clone()
-                .map(|l| l.0)
-                .unwrap_or(d.train_layers.clone()),
-            anchor: match self.sbm_anchor {
-                None => d.anchor,
-                Some(AnchorArg::Features) => tessera_sbm::Anchor::Features,
-                Some(AnchorArg::L2sp) => tessera_sbm::Anchor::L2Sp,
-                Some(AnchorArg::None) => tessera_sbm::Anchor::None,
-            },
+                .map_or(d.train_layers.clone(), |l| l.0),
+            anchor: self.sbm_anchor.unwrap_or(d.anchor),
             anchor_weight: self.sbm_anchor_weight.unwrap_or(d.anchor_weight),
             lr_backbone: self.sbm_lr.unwrap_or(d.lr_backbone),
             lr_head: self.sbm_head_lr.unwrap_or(d.lr_head),
-            optimizer: match self.sbm_optimizer {
-                None => d.optimizer,
-                Some(OptimArg::Sgd) => tessera_sbm::OptimizerKind::Sgd,
-                Some(OptimArg::Adamw) => tessera_sbm::OptimizerKind::Adamw,
-            },
-            grid: self.sbm_grid.unwrap_or(d.grid),
-            permutations: self.sbm_permutations.unwrap_or(d.permutations),
+            optimizer: self.sbm_optimizer.unwrap_or(d.optimizer),
+            grid: self.sbm_grid.map_or(d.grid, |v| v as usize),
+            permutations: self.sbm_permutations.map_or(d.permutations, |v| v as usize),
             identity_prob: self.sbm_identity_prob.or(d.identity_prob),
             synth_prob: self.sbm_synth_prob.unwrap_or(d.synth_prob),
-            batch_size: self.sbm_batch_size.unwrap_or(d.batch_size),
+            batch_size: self.sbm_batch_size.map_or(d.batch_size, |v| v as usize),
             seed,
             ..d
+        };
+        // Fewer permutations than the held-out gate evaluates per image: evaluate them all.
+        c.eval_perms = c.eval_perms.min(c.permutations);
+        c
+    }
+}
+
+/// Where the backbone weights come from.
+#[derive(Args)]
+struct BackboneArgs {
+    /// resnet18, resnet34, resnet50 or wide_resnet50_2.
+    #[arg(long, default_value = "resnet18", value_parser = named::<Arch>(Arch::NAMES))]
+    backbone: Arch,
+    /// Local .safetensors weights (torchvision/timm names). Without it, weights come from the
+    /// Hugging Face hub (cache first; HF_HUB_OFFLINE honoured).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Hub repository instead of the architecture's default (timm/<arch>.tv_in1k).
+    #[arg(long, conflicts_with = "weights")]
+    hub_repo: Option<String>,
+    /// Use a seeded random backbone (no ImageNet knowledge): demos and tests only.
+    #[arg(long, conflicts_with_all = ["weights", "hub_repo"])]
+    random_weights: Option<u64>,
+}
+
+impl BackboneArgs {
+    fn weights(&self) -> WeightsArgs {
+        WeightsArgs {
+            backbone: self.backbone,
+            weights: self.weights.clone(),
+            hub_repo: self.hub_repo.clone(),
+            random_weights: self.random_weights,
         }
     }
 }
@@ -206,24 +307,16 @@ struct SbmTrainArgs {
     /// Category folder (MVTec layout or tessera-dataset.json); its train/good images are used.
     #[arg(long)]
     data: PathBuf,
-    /// resnet18, resnet34, resnet50 or wide_resnet50_2.
-    #[arg(long, default_value = "resnet18")]
-    backbone: Arch,
-    /// Starting weights (local .safetensors); without it, the Hugging Face hub.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    #[arg(long, conflicts_with = "weights")]
-    hub_repo: Option<String>,
-    #[arg(long, conflicts_with_all = ["weights", "hub_repo"])]
-    random_weights: Option<u64>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Tuned backbone to write (a checkpoint `<out>.ckpt` is kept while training; a rerun
     /// resumes from it).
     #[arg(long)]
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "paper")]
-    preprocess: PreprocessArg,
+    #[arg(long, default_value = "paper", value_parser = preprocess_arg)]
+    preprocess: Preprocess,
     /// Restrict synthetic defects to the object's foreground (default: object categories).
     #[arg(long)]
     foreground: Option<bool>,
@@ -253,11 +346,14 @@ struct SynthArgs {
     #[arg(long)]
     textures: Option<PathBuf>,
     /// Number of images to write.
-    #[arg(long, default_value_t = 16)]
-    count: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    count: u64,
     /// Output folder (test/synthetic/*.png, ground_truth/synthetic/*_mask.png).
     #[arg(long)]
     out: PathBuf,
+    /// Replace a non-empty output folder as a whole (when the run succeeds).
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Restrict defects to the Otsu foreground (default: MVTec object categories).
@@ -265,44 +361,12 @@ struct SynthArgs {
     foreground: Option<bool>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ScorerArg {
-    Padim,
-    Patchcore,
-    Cfa,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BankDtypeArg {
-    F32,
-    F16,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum MethodArg {
-    /// The scorer on plain ImageNet features.
-    Baseline,
-    /// SBM first (object categories, see --sbm), then the scorer on the tuned backbone.
-    Sbm,
-    /// The paper's "+ our method": SBM (object categories) + PFAM trained on the jigsaw task;
-    /// the scorer reads PFAM's outputs.
-    Ours,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PreprocessArg {
-    /// Resize 256, center crop 224 (the paper).
-    Paper,
-    /// Resize 256, no crop (anomalib).
-    Anomalib,
-}
-
-impl PreprocessArg {
-    fn preprocess(self) -> Preprocess {
-        match self {
-            PreprocessArg::Paper => Preprocess::paper(),
-            PreprocessArg::Anomalib => Preprocess::anomalib(),
-        }
+/// `paper` (resize 256, center crop 224) or `anomalib` (resize 256, no crop).
+fn preprocess_arg(s: &str) -> Result<Preprocess, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "paper" => Ok(Preprocess::paper()),
+        "anomalib" => Ok(Preprocess::anomalib()),
+        _ => Err(format!("'{s}': expected paper or anomalib")),
     }
 }
 
@@ -312,8 +376,8 @@ struct Common {
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
 }
 
 #[derive(Args)]
@@ -321,62 +385,57 @@ struct FitArgs {
     /// Dataset root (MVTec layout, or a folder with tessera-dataset.json).
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, value_enum, default_value = "padim")]
-    scorer: ScorerArg,
-    /// resnet18, resnet34, resnet50 or wide_resnet50_2.
-    #[arg(long, default_value = "resnet18")]
-    backbone: Arch,
-    /// Local .safetensors weights (torchvision/timm names). Without it, weights come from the
-    /// Hugging Face hub (cache first; HF_HUB_OFFLINE honoured).
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Hub repository instead of the architecture's default (timm/<arch>.tv_in1k).
-    #[arg(long, conflicts_with = "weights")]
-    hub_repo: Option<String>,
-    /// Use a seeded random backbone (no ImageNet knowledge): demos and tests only.
-    #[arg(long, conflicts_with_all = ["weights", "hub_repo"])]
-    random_weights: Option<u64>,
-    #[arg(long, value_enum, default_value = "baseline")]
-    method: MethodArg,
-    /// Seed of every random choice (PaDiM's channel subset).
+    #[arg(long, default_value = "padim", value_parser = named::<ScorerKind>(ScorerKind::NAMES))]
+    scorer: ScorerKind,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// baseline: the scorer on plain ImageNet features; sbm: SBM first (object categories,
+    /// see --sbm), then the scorer on the tuned backbone; ours: the paper's "+ our method",
+    /// SBM (object categories) + PFAM trained on the jigsaw task, the scorer reads PFAM's
+    /// outputs.
+    #[arg(long, default_value = "baseline", value_parser = named::<Method>(Method::NAMES))]
+    method: Method,
+    /// Seed of every random choice (PaDiM's channel subset, PatchCore's projection, CFA's
+    /// initialisation, SBM).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "paper")]
-    preprocess: PreprocessArg,
+    /// paper: resize 256, center crop 224; anomalib: resize 256, no crop.
+    #[arg(long, default_value = "paper", value_parser = preprocess_arg)]
+    preprocess: Preprocess,
     /// PaDiM: channels kept (default 100 for ResNet-18/34, 550 for wider backbones).
-    #[arg(long)]
-    padim_dims: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    padim_dims: Option<u64>,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     coreset_ratio: f64,
     /// PatchCore: reduce patch features to this many channels (adaptive average pooling).
-    #[arg(long)]
-    patchcore_dim: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    patchcore_dim: Option<u64>,
     /// PatchCore: memory bank storage type.
-    #[arg(long, value_enum, default_value = "f32")]
-    bank_dtype: BankDtypeArg,
+    #[arg(long, default_value = "f32", value_parser = named::<BankDtype>(BankDtype::NAMES))]
+    bank_dtype: BankDtype,
     /// PatchCore: reweight image scores with K nearest neighbours (paper eq.; off by default).
-    #[arg(long, value_name = "K")]
-    patchcore_reweight: Option<usize>,
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    patchcore_reweight: Option<u64>,
     /// CFA: training epochs.
-    #[arg(long, default_value_t = 30)]
-    epochs: usize,
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    epochs: u64,
     /// CFA: stop early when the training loss has not improved for N epochs.
-    #[arg(long, value_name = "N")]
-    patience: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    patience: Option<u64>,
     /// CFA: descriptor compression γ_d (output channels = input / γ_d).
-    #[arg(long, default_value_t = 1)]
-    cfa_gamma_d: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    cfa_gamma_d: u64,
     /// CFA: memory compression γ_c (k-means to grid positions / γ_c centres).
-    #[arg(long, default_value_t = 1)]
-    cfa_gamma_c: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    cfa_gamma_c: u64,
     /// Model file to write (atomically).
     #[arg(long)]
     out: PathBuf,
     /// --method sbm|ours: on which categories SBM trains the backbone (with ours, PFAM trains
     /// everywhere; the backbone stays frozen where SBM does not apply).
-    #[arg(long, value_enum, default_value = "auto")]
-    sbm: SbmModeArg,
+    #[arg(long, default_value = "auto", value_parser = named::<SbmMode>(SbmMode::NAMES))]
+    sbm: SbmMode,
     /// --method sbm|ours: use this tuned backbone (from `tessera sbm train [--pfam]`) instead
     /// of training.
     #[arg(long)]
@@ -386,12 +445,59 @@ struct FitArgs {
     sbm_force: bool,
     /// --method ours with --scorer cfa: how PFAM trains. `jigsaw` (default): in the SBM
     /// stage only; `cfa`: then also end to end with CFA's loss (PFAM is stored as trained).
-    #[arg(long, value_enum, default_value = "jigsaw")]
-    pfam_train: PfamTrainArg,
+    #[arg(long, default_value = "jigsaw", value_parser = named::<PfamTraining>(PfamTraining::NAMES))]
+    pfam_train: PfamTraining,
     #[command(flatten)]
     sbm_args: SbmArgs,
     #[command(flatten)]
     common: Common,
+}
+
+impl FitArgs {
+    fn scorer(&self) -> ScorerConfig {
+        match self.scorer {
+            ScorerKind::Padim => ScorerConfig::Padim(PadimConfig {
+                dims: self.padim_dims.map(|d| d as usize),
+                ..Default::default()
+            }),
+            ScorerKind::Patchcore => ScorerConfig::Patchcore(PatchcoreConfig {
+                coreset_ratio: self.coreset_ratio,
+                embed_dim: self.patchcore_dim.map(|d| d as usize),
+                reweight_k: self.patchcore_reweight.map(|k| k as usize),
+                bank_dtype: self.bank_dtype,
+                ..Default::default()
+            }),
+            ScorerKind::Cfa => ScorerConfig::Cfa(CfaConfig {
+                epochs: self.epochs as usize,
+                patience: self.patience.map(|p| p as usize),
+                gamma_d: self.cfa_gamma_d as usize,
+                gamma_c: self.cfa_gamma_c as usize,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn options(&self) -> FitOptions {
+        FitOptions {
+            data: self.data.clone(),
+            weights: self.backbone.weights(),
+            method: self.method,
+            scorer: self.scorer(),
+            sbm: SbmStage {
+                mode: self.sbm,
+                weights: self.sbm_weights.clone(),
+                force: self.sbm_force,
+                config: self.sbm_args.config(self.seed),
+                textures: self.sbm_args.textures.clone(),
+            },
+            pfam_training: self.pfam_train,
+            seed: self.seed,
+            preprocess: self.preprocess.clone(),
+            device: self.common.device,
+            batch_size: self.common.batch_size as usize,
+            out: self.out.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -403,9 +509,12 @@ struct TestArgs {
     /// Report JSON path; a Markdown report is written beside it (.md).
     #[arg(long)]
     report: PathBuf,
-    /// Write one heatmap panel per test image here.
+    /// Write one heatmap panel per test image into this folder.
     #[arg(long)]
     heatmaps: Option<PathBuf>,
+    /// Replace a non-empty --heatmaps folder as a whole (when the run succeeds).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -417,70 +526,30 @@ struct PredictArgs {
     /// Image files and/or folders of images.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Output folder for heatmaps and scores.csv.
+    /// Output folder for heatmaps (mirroring the inputs' paths) and scores.csv; it must be new
+    /// or empty unless --overwrite.
     #[arg(long)]
     out: PathBuf,
-    /// Pixel threshold for masks and the anomalous flag (default: the model's, the highest
-    /// score seen on training images).
+    /// Replace a non-empty output folder as a whole (when the run succeeds).
     #[arg(long)]
+    overwrite: bool,
+    /// Also score the images in sub-folders of folder inputs.
+    #[arg(long, short = 'r')]
+    recursive: bool,
+    /// Threshold for the anomalous flag and the predicted mask (default: the model's).
+    #[arg(long, value_parser = finite_f32)]
     threshold: Option<f32>,
     #[command(flatten)]
     common: Common,
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let progress = Progress {
-        quiet: cli.quiet || cli.json,
-    };
+    let quiet = cli.quiet || cli.json;
+    let bars = Bars::new(quiet);
     match cli.cmd {
         Cmd::Fit(a) => {
-            let opts = FitOptions {
-                data: a.data,
-                scorer: match a.scorer {
-                    ScorerArg::Padim => ScorerKind::Padim,
-                    ScorerArg::Patchcore => ScorerKind::Patchcore,
-                    ScorerArg::Cfa => ScorerKind::Cfa,
-                },
-                backbone: a.backbone,
-                weights: a.weights,
-                hub_repo: a.hub_repo,
-                random_weights: a.random_weights,
-                method: match a.method {
-                    MethodArg::Baseline => "baseline".into(),
-                    MethodArg::Sbm => "sbm".into(),
-                    MethodArg::Ours => "ours".into(),
-                },
-                sbm: match a.sbm {
-                    SbmModeArg::Auto => SbmMode::Auto,
-                    SbmModeArg::On => SbmMode::On,
-                    SbmModeArg::Off => SbmMode::Off,
-                },
-                sbm_weights: a.sbm_weights,
-                sbm_force: a.sbm_force,
-                sbm_config: a.sbm_args.config(a.seed),
-                textures: a.sbm_args.textures.clone(),
-                pfam_train_cfa: matches!(a.pfam_train, PfamTrainArg::Cfa),
-                seed: a.seed,
-                device: a.common.device,
-                out: a.out,
-                preprocess: a.preprocess.preprocess(),
-                batch_size: a.common.batch_size,
-                padim_dims: a.padim_dims,
-                coreset_ratio: a.coreset_ratio,
-                patchcore_dim: a.patchcore_dim,
-                bank_dtype: match a.bank_dtype {
-                    BankDtypeArg::F32 => tessera_patchcore::BankDtype::F32,
-                    BankDtypeArg::F16 => tessera_patchcore::BankDtype::F16,
-                },
-                reweight_k: a.patchcore_reweight,
-                epochs: a.epochs,
-                patience: a.patience,
-                cfa_gamma_d: a.cfa_gamma_d,
-                cfa_gamma_c: a.cfa_gamma_c,
-                progress,
-            };
-            let s = tessera_cli::fit(&opts)?;
-            summary(cli.json, progress, &s, |s| {
+            let s = tessera_pipeline::fit(&a.options(), &bars)?;
+            summary(cli.json, &bars, &s, |s| {
                 format!(
                     "wrote {} ({} images, {:.1} s, default pixel threshold {:.3})",
                     s.model.display(),
@@ -496,12 +565,12 @@ fn run(cli: Cli) -> Result<()> {
                 data: a.data,
                 report: a.report,
                 heatmaps: a.heatmaps,
+                overwrite: a.overwrite,
                 device: a.common.device,
-                batch_size: a.common.batch_size,
-                progress,
+                batch_size: a.common.batch_size as usize,
             };
-            let r = tessera_cli::test(&opts)?;
-            summary(cli.json, progress, &r, |r| {
+            let r = tessera_pipeline::test(&opts, &bars)?;
+            summary(cli.json, &bars, &r, |r| {
                 let pct = |v: Option<f64>| {
                     v.map(|v| format!("{:.2}%", v * 100.0))
                         .unwrap_or_else(|| "n/a".into())
@@ -522,13 +591,14 @@ fn run(cli: Cli) -> Result<()> {
                 model: a.model,
                 inputs: a.inputs,
                 out: a.out,
+                overwrite: a.overwrite,
+                recursive: a.recursive,
                 threshold: a.threshold,
                 device: a.common.device,
-                batch_size: a.common.batch_size,
-                progress,
+                batch_size: a.common.batch_size as usize,
             };
-            let s = tessera_cli::predict(&opts)?;
-            summary(cli.json, progress, &s, |s| {
+            let s = tessera_pipeline::predict(&opts, &bars, &mut |_| {})?;
+            summary(cli.json, &bars, &s, |s| {
                 format!(
                     "{} images, {} at or above threshold {:.3} → {}",
                     s.images,
@@ -539,32 +609,24 @@ fn run(cli: Cli) -> Result<()> {
             })?;
         }
         Cmd::Sbm(SbmCmd::Train(a)) => {
+            let mut config = a.sbm.config(a.seed);
+            if a.pfam {
+                config.pfam = Some(Default::default());
+            }
             let opts = SbmOptions {
                 data: a.data,
                 textures: a.sbm.textures.clone(),
-                weights: WeightsArgs {
-                    backbone: a.backbone,
-                    weights: a.weights,
-                    hub_repo: a.hub_repo,
-                    random_weights: a.random_weights,
-                },
+                weights: a.backbone.weights(),
                 out: a.out,
-                config: {
-                    let mut c = a.sbm.config(a.seed);
-                    if a.pfam {
-                        c.pfam = Some(Default::default());
-                    }
-                    c
-                },
+                config,
                 foreground: a.foreground,
                 no_synth: a.no_synth,
-                preprocess: a.preprocess.preprocess(),
+                preprocess: a.preprocess,
                 device: a.device,
                 restart: a.restart,
-                progress,
             };
-            let s = tessera_cli::sbm_train(&opts)?;
-            summary(cli.json, progress, &s, |s| {
+            let s = tessera_pipeline::sbm_train(&opts, &bars)?;
+            summary(cli.json, &bars, &s, |s| {
                 format!(
                     "sbm: {:.1} s ({:.1} s/epoch); final drift l1/l2/l3 {:.3}/{:.3}/{:.3} → {}",
                     s.seconds,
@@ -583,14 +645,14 @@ fn run(cli: Cli) -> Result<()> {
             let opts = SynthOptions {
                 data: a.data,
                 textures: a.textures,
-                count: a.count,
+                count: a.count as usize,
                 out: a.out,
                 seed: a.seed,
                 foreground: a.foreground,
-                progress,
+                overwrite: a.overwrite,
             };
-            let s = tessera_cli::synth(&opts)?;
-            summary(cli.json, progress, &s, |s| {
+            let s = tessera_pipeline::synth(&opts, &bars)?;
+            summary(cli.json, &bars, &s, |s| {
                 format!(
                     "wrote {} synthetic images ({} texture, {} structure sources) in {:.1} s \
                      ({:.1} images/s) → {}",
@@ -603,17 +665,50 @@ fn run(cli: Cli) -> Result<()> {
                 )
             })?;
         }
-        Cmd::Data(DataCmd::Verify(a)) => {
-            let opts = DataVerifyOptions {
-                root: a.root,
-                manifest: a.manifest,
-                categories: a.categories,
+        Cmd::Data(DataCmd::Demo(a)) => {
+            let spec = tessera_data::SyntheticSpec {
+                seed: a.seed,
+                size: a.size,
+                train: a.train as usize,
+                test_good: a.test_good as usize,
+                test_defect: a.test_defect as usize,
             };
-            let r = tessera_cli::data_verify(&opts)?;
+            let out = tessera_pipeline::demo_category(&a.out, &spec, a.overwrite)?;
+            let info = tessera_pipeline::dataset_info(&out)?;
+            summary(cli.json, &bars, &info, |i| {
+                format!(
+                    "wrote the synthetic category {} ({} training, {} test images, {} with defects)",
+                    out.display(),
+                    i.train_images,
+                    i.test_images,
+                    i.test_anomalous
+                )
+            })?;
+        }
+        Cmd::Data(DataCmd::Info(a)) => {
+            let i = tessera_pipeline::dataset_info(&a.root)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&i)?);
+            } else {
+                println!(
+                    "{}: category {} ({}), {} layout, {} training images, {} test images ({} anomalous)",
+                    i.root.display(),
+                    i.category,
+                    i.kind.map_or("kind unknown".to_string(), |k| format!("{k:?}").to_lowercase()),
+                    i.layout,
+                    i.train_images,
+                    i.test_images,
+                    i.test_anomalous
+                );
+            }
+        }
+        Cmd::Data(DataCmd::Verify(a)) => {
+            let manifest = tessera_data::verify::Manifest::resolve(a.manifest.as_deref())?;
+            let r = tessera_data::verify::verify(&a.root, &manifest, a.categories.as_deref())?;
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                print!("{}", tessera_cli::verify_table(&r));
+                print!("{}", verify_table::verify_table(&r));
             }
             if !r.ok {
                 use tessera_data::verify::CategoryStatus as S;
@@ -637,14 +732,14 @@ fn run(cli: Cli) -> Result<()> {
 /// (unless quiet).
 fn summary<T: serde::Serialize>(
     json: bool,
-    progress: Progress,
+    bars: &Bars,
     value: &T,
     human: impl FnOnce(&T) -> String,
 ) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(value)?);
     } else {
-        progress.note(human(value));
+        bars.say(&human(value));
     }
     Ok(())
 }

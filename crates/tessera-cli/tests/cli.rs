@@ -347,7 +347,8 @@ fn patchcore_fit_test_predict_agree() {
         .unwrap();
     assert!((score - want["score"].as_f64().unwrap()).abs() < 1e-6);
 
-    let e = fails(&tessera(&[
+    // An impossible option value is a usage error (exit 2), caught before any work.
+    let out = tessera(&[
         "fit",
         "--scorer",
         "patchcore",
@@ -359,8 +360,13 @@ fn patchcore_fit_test_predict_agree() {
         "2",
         "--out",
         &s(&model),
-    ]));
-    assert!(e.contains("coreset ratio"), "{e}");
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--coreset-ratio") && e.contains("not in (0, 1]"),
+        "{e}"
+    );
 }
 
 #[test]

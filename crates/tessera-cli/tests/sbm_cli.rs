@@ -69,7 +69,7 @@ fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
     assert_eq!(summary["report"]["history"].as_array().unwrap().len(), 1);
     assert!(tuned.is_file(), "the tuned file is kept for inspection");
     assert!(
-        !tessera_cli::checkpoint_path(&tuned).exists(),
+        !tessera_pipeline::checkpoint_path(&tuned).exists(),
         "checkpoint removed after success"
     );
 
@@ -105,11 +105,9 @@ fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
     assert!(!model.exists());
     let forced = fit(true);
     assert!(forced.status.success(), "{}", stderr(&forced));
-    let meta = tessera_core::model::ModelFile::load(&model, &candle_core::Device::Cpu)
-        .unwrap()
-        .meta;
-    assert_eq!(meta.method, "sbm");
-    assert_eq!(meta.sbm.unwrap()["gate"]["passed"], false);
+    let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
+    assert_eq!(meta["method"], "sbm");
+    assert_eq!(meta["sbm"]["gate"]["passed"], false);
 }
 
 #[test]
@@ -132,10 +130,8 @@ fn sbm_auto_skips_a_category_of_unknown_kind_and_says_why() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("sbm: skipped"), "{}", stderr(&out));
-    let meta = tessera_core::model::ModelFile::load(&model, &candle_core::Device::Cpu)
-        .unwrap()
-        .meta;
-    assert_eq!(meta.sbm.unwrap()["applied"], false);
+    let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
+    assert_eq!(meta["sbm"]["applied"], false);
     // --sbm-weights without --method sbm is a usage error, not silently ignored.
     let bad = tessera(&[
         "fit",
@@ -269,8 +265,8 @@ fn method_ours_applies_pfam_from_the_model_and_cfa_can_train_it_end_to_end() {
     let m1 = dir.path().join("padim.safetensors");
     fit("padim", &[], &m1);
     let f1 = load(&m1);
-    assert_eq!(f1.meta.method, "ours");
-    assert!(f1.meta.pfam.is_some());
+    assert_eq!(f1.meta["method"], "ours");
+    assert!(f1.meta["pfam"].is_object());
     let stored = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
     let key = "pfam.x1_conv.weight";
     let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {

@@ -11,6 +11,12 @@ use tessera_conv::{
     add_relu, conv2d, conv2d_nhwc, max_pool, stock_conv2d, to_nchw, to_nhwc, ConvParams, Nhwc,
     PackedConv,
 };
+use tessera_core::test_util::assert_close;
+
+/// `max |a − b| <= 1e-4 · (1 + max |b|)`.
+fn close(a: &Tensor, b: &Tensor, what: &str) {
+    assert_close(what, a, b, 1e-4);
+}
 
 /// A convolution written with basic differentiable candle ops (zero padding, index_select of the
 /// strided/dilated taps, one matrix product per tap and group): the gradient reference, because
@@ -102,33 +108,6 @@ fn reference(x: &Tensor, w: &Tensor, b: &Tensor, p: ConvParams, relu: bool) -> T
     } else {
         y
     }
-}
-
-fn close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let scale: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let err: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert!(
-        err <= 1e-4 * (1.0 + scale),
-        "{what}: max abs error {err} (scale {scale})"
-    );
 }
 
 /// The gradients of `Σ ours · r` and `Σ theirs · r` (one random `r`) agree for x, w and the

@@ -48,6 +48,7 @@
 
 #![warn(missing_docs)]
 
+pub mod decision;
 pub mod heatmap;
 pub mod metrics;
 pub mod pro;

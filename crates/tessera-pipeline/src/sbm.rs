@@ -1,54 +1,30 @@
-//! `tessera sbm train` and `tessera synth`, and the SBM step of `fit --method sbm`.
+//! The shape-biased module as a pipeline stage (`sbm train`, and the SBM step of
+//! `fit --method sbm|ours`), and `synth`.
 
-use crate::Progress;
-use anyhow::{bail, Context, Result};
+use crate::names::named_enum;
+use crate::observer::{stage, Counter, Observer};
+use crate::weights::{prepare_backbone, WeightsArgs};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tessera_backbone::{Arch, Backbone, HubSpec, WeightsSource};
+use tessera_core::io::Outputs;
 use tessera_core::model::Preprocess;
-use tessera_core::DeviceSpec;
+use tessera_core::{DeviceSpec, Error, Result};
 use tessera_data::{CategoryKind, Dataset};
 use tessera_sbm::{SbmConfig, SbmData, SbmEvent, SbmReport};
 use tessera_synth::{SynthConfig, Synthesizer};
 
-/// Where the starting backbone weights come from (shared by `fit` and `sbm train`).
-#[derive(Debug, Clone, Default)]
-pub struct WeightsArgs {
-    pub backbone: Arch,
-    /// Local `.safetensors` file.
-    pub weights: Option<PathBuf>,
-    /// Hub repository instead of the architecture's default.
-    pub hub_repo: Option<String>,
-    /// Seeded random backbone (demos and tests only).
-    pub random_weights: Option<u64>,
-}
-
-impl WeightsArgs {
-    /// The weights source these arguments name.
-    pub fn source(&self) -> Result<WeightsSource> {
-        Ok(match (&self.weights, self.random_weights) {
-            (Some(_), Some(_)) => bail!("give either --weights or --random-weights, not both"),
-            (Some(p), None) => WeightsSource::File(p.clone()),
-            (None, Some(seed)) => WeightsSource::Random { seed },
-            (None, None) => WeightsSource::Hub(HubSpec::new(
-                self.hub_repo
-                    .as_deref()
-                    .unwrap_or(self.backbone.default_hub_repo()),
-            )),
-        })
+named_enum! {
+    /// Whether SBM applies to a category (`--sbm auto|on|off`).
+    #[derive(Default)]
+    pub enum SbmMode {
+        /// Object categories only (the paper), by the MVTec AD split or the folder spec.
+        #[default]
+        Auto => "auto",
+        On => "on",
+        Off => "off",
     }
-}
-
-/// Whether SBM applies to a category (`--sbm auto|on|off`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SbmMode {
-    /// Object categories only (the paper), by the MVTec AD split or the folder spec.
-    #[default]
-    Auto,
-    On,
-    Off,
 }
 
 impl SbmMode {
@@ -96,7 +72,6 @@ pub struct SbmOptions {
     pub device: DeviceSpec,
     /// Ignore an existing checkpoint and start over.
     pub restart: bool,
-    pub progress: Progress,
 }
 
 /// What `sbm train` did.
@@ -114,16 +89,38 @@ pub fn checkpoint_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The inputs `sbm train` reads, for the output checks.
+pub(crate) fn sbm_inputs(o: &SbmOptions, outs: &mut Outputs) {
+    outs.reads(&o.data, "--data");
+    if let Some(w) = &o.weights.weights {
+        outs.reads(w, "--weights");
+    }
+    if let Some(t) = &o.textures {
+        outs.reads(t, "--textures");
+    }
+}
+
 /// Run SBM on a dataset's normal training images and write the tuned backbone to `o.out`
 /// (written even when the gate fails — the file's report says so, and `fit` refuses it).
-pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
+/// The output and its checkpoint are checked before training starts.
+pub fn sbm_train(o: &SbmOptions, obs: &dyn Observer) -> Result<SbmSummary> {
+    let mut outs = Outputs::default();
+    sbm_inputs(o, &mut outs);
+    outs.check_file(&o.out, "--out")?;
+    outs.check_file(&checkpoint_path(&o.out), "--out (its checkpoint)")?;
+    sbm_train_checked(o, obs)
+}
+
+/// [`sbm_train`] without the output checks (done by the caller).
+pub(crate) fn sbm_train_checked(o: &SbmOptions, obs: &dyn Observer) -> Result<SbmSummary> {
     let start = Instant::now();
     o.preprocess.validate()?;
+    o.config.validate()?;
     let device = o.device.open()?;
     let ds = Dataset::open(&o.data)?;
     let train = ds.train()?;
     let source = o.weights.source()?;
-    let backbone = Backbone::load(o.weights.backbone, &source, 3, &device)?;
+    let backbone = prepare_backbone(o.weights.backbone, &source, &device)?;
     let foreground = o
         .foreground
         .unwrap_or(ds.category_kind() == Some(CategoryKind::Object));
@@ -136,7 +133,7 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
         };
         Some(Synthesizer::new(cfg, o.textures.as_deref())?)
     };
-    o.progress.note(format!(
+    obs.note(&format!(
         "sbm: {} normal images from {}, {} ({}), synthetic defects: {}, layers {:?} train, \
          {} epochs",
         train.len(),
@@ -155,7 +152,7 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
     let images = train
         .par_iter()
         .map(|s| Ok(tessera_data::load_image(&s.path, &pre)?.display))
-        .collect::<tessera_core::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let data = SbmData {
         images,
         preprocess: pre,
@@ -164,11 +161,11 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
     };
     let ck = checkpoint_path(&o.out);
     if o.restart && ck.exists() {
-        std::fs::remove_file(&ck).with_context(|| format!("removing {}", ck.display()))?;
+        std::fs::remove_file(&ck).map_err(|e| Error::io(&ck, e))?;
     }
-    let bar = std::sync::Mutex::new(None::<indicatif::ProgressBar>);
+    let started = std::sync::atomic::AtomicBool::new(false);
     let progress = |e: &SbmEvent| match e {
-        SbmEvent::Resumed { epochs_done } => o.progress.note(format!(
+        SbmEvent::Resumed { epochs_done } => obs.note(&format!(
             "sbm: resuming from {} after epoch {epochs_done}",
             ck.display()
         )),
@@ -180,45 +177,44 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
             loss,
             accuracy,
         } => {
-            let mut b = bar.lock().unwrap_or_else(|p| p.into_inner());
-            let b = b.get_or_insert_with(|| o.progress.bar((*epochs * *batches) as u64, "sbm"));
-            b.set_position(((epoch - 1) * batches + batch) as u64);
-            b.set_message(format!(
+            if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                obs.start(stage::SBM, (*epochs * *batches) as u64);
+            }
+            let msg = format!(
                 "epoch {epoch}/{epochs} loss {loss:.3} acc {:.0}%",
                 accuracy * 100.0
-            ));
+            );
+            obs.progress(
+                stage::SBM,
+                ((epoch - 1) * batches + batch) as u64,
+                Some(&msg),
+            );
         }
         SbmEvent::Evaluating { .. } => {}
-        SbmEvent::Epoch(s) => {
-            if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                b.suspend(|| {
-                    o.progress.note(format!(
-                        "sbm: epoch {}: loss {:.3} (ce {:.3}, anchor {:.4}), train acc {:.1}%, \
-                         held-out jigsaw acc {:.1}%, drift l1/l2/l3 {:.3}/{:.3}/{:.3}, {:.1} s",
-                        s.epoch,
-                        s.loss,
-                        s.cross_entropy,
-                        s.anchor,
-                        s.train_accuracy * 100.0,
-                        s.heldout_accuracy * 100.0,
-                        s.drift[0],
-                        s.drift[1],
-                        s.drift[2],
-                        s.seconds
-                    ))
-                });
-            }
-        }
+        SbmEvent::Epoch(s) => obs.note(&format!(
+            "sbm: epoch {}: loss {:.3} (ce {:.3}, anchor {:.4}), train acc {:.1}%, held-out \
+             jigsaw acc {:.1}%, drift l1/l2/l3 {:.3}/{:.3}/{:.3}, {:.1} s",
+            s.epoch,
+            s.loss,
+            s.cross_entropy,
+            s.anchor,
+            s.train_accuracy * 100.0,
+            s.heldout_accuracy * 100.0,
+            s.drift[0],
+            s.drift[1],
+            s.drift[2],
+            s.seconds
+        )),
     };
     let out = tessera_sbm::train(&o.config, &backbone, &data, Some(&ck), &progress)?;
-    if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        b.finish_and_clear();
+    if started.load(std::sync::atomic::Ordering::Relaxed) {
+        obs.finish(stage::SBM);
     }
     out.save(&o.out)?;
     let _ = std::fs::remove_file(&ck);
     let g = &out.report.gate;
     if g.passed {
-        o.progress.note(format!(
+        obs.note(&format!(
             "sbm: the jigsaw was learned: held-out accuracy on shuffled images {:.1}% \
              (chance {:.1}%, gate {:.1}%); wrote {}",
             g.accuracy * 100.0,
@@ -227,16 +223,16 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
             o.out.display()
         ));
     } else {
-        // Loud even with --quiet: a tuned backbone that learned nothing must not pass unseen.
-        eprintln!(
-            "WARNING: SBM did NOT learn the jigsaw: held-out accuracy on shuffled images {:.1}% \
-             is below the gate {:.1}% (chance {:.1}%). {} was written for inspection, but \
-             `tessera fit` refuses it unless --sbm-force is given.",
+        // A tuned backbone that learned nothing must not pass unseen.
+        obs.warn(&format!(
+            "SBM did NOT learn the jigsaw: held-out accuracy on shuffled images {:.1}% is below \
+             the gate {:.1}% (chance {:.1}%). {} was written for inspection, but `tessera fit` \
+             refuses it unless --sbm-force is given.",
             g.accuracy * 100.0,
             g.threshold * 100.0,
             g.chance * 100.0,
             o.out.display()
-        );
+        ));
     }
     Ok(SbmSummary {
         out: o.out.clone(),
@@ -250,21 +246,22 @@ pub fn sbm_train(o: &SbmOptions) -> Result<SbmSummary> {
 pub fn check_sbm_weights(path: &Path, force: bool) -> Result<Option<SbmReport>> {
     let report = tessera_sbm::read_report(path)?;
     match &report {
-        None if !force => bail!(
-            "{}: not an SBM output (no SBM report in the file); pass it as --weights for a \
+        None if !force => Err(Error::bad_model(
+            path,
+            "not an SBM output (no SBM report in the file); pass it as --weights for a \
              baseline fit, or --sbm-force to use it as SBM weights anyway",
-            path.display()
-        ),
-        Some(r) if !r.gate.passed && !force => bail!(
-            "{}: SBM did not learn the jigsaw (held-out accuracy {:.1}% < gate {:.1}%); refusing \
-             to use it (--sbm-force overrides)",
-            path.display(),
-            r.gate.accuracy * 100.0,
-            r.gate.threshold * 100.0
-        ),
-        _ => {}
+        )),
+        Some(r) if !r.gate.passed && !force => Err(Error::bad_model(
+            path,
+            format!(
+                "SBM did not learn the jigsaw (held-out accuracy {:.1}% < gate {:.1}%); \
+                 refusing to use it (--sbm-force overrides)",
+                r.gate.accuracy * 100.0,
+                r.gate.threshold * 100.0
+            ),
+        )),
+        _ => Ok(report),
     }
-    Ok(report)
 }
 
 /// Options of `tessera synth`.
@@ -278,11 +275,25 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Restrict defects to the Otsu foreground; default: object categories.
     pub foreground: Option<bool>,
-    pub progress: Progress,
+    /// Replace a non-empty output folder as a whole.
+    pub overwrite: bool,
 }
 
-/// Write `count` synthetic defect images with masks in MVTec layout.
-pub fn synth(o: &SynthOptions) -> Result<tessera_synth::SynthSummary> {
+/// Write `count` synthetic defect images with masks in MVTec layout (the output folder is
+/// replaced as a whole when the run succeeds).
+pub fn synth(o: &SynthOptions, obs: &dyn Observer) -> Result<tessera_synth::SynthSummary> {
+    if !o.data.is_dir() {
+        return Err(tessera_data::not_a_folder(&o.data));
+    }
+    let mut outs = Outputs::default();
+    outs.reads(&o.data, "--data");
+    if let Some(t) = &o.textures {
+        outs.reads(t, "--textures");
+    }
+    let mut dir = outs.check_dir(&o.out, "--out", o.overwrite)?;
+    if o.count == 0 {
+        return Err(Error::Config("--count must be at least 1".into()));
+    }
     let kind = o
         .data
         .file_name()
@@ -295,8 +306,17 @@ pub fn synth(o: &SynthOptions) -> Result<tessera_synth::SynthSummary> {
         },
         o.textures.as_deref(),
     )?;
-    let pb = o.progress.bar(o.count as u64, "synth");
-    let s = tessera_synth::write_dataset(&o.data, &o.out, o.count, o.seed, &synth, |_| pb.inc(1))?;
-    pb.finish_and_clear();
+    let staging = dir.path()?.to_path_buf();
+    let mut s = {
+        let count = Counter::start(obs, stage::SYNTH, o.count as u64);
+        tessera_synth::write_dataset(&o.data, &staging, o.count, o.seed, &synth, |_| count.add(1))?
+    };
+    let target = dir.commit()?;
+    // The summary names where the files are now, not the staging folder.
+    for p in [&mut s.images_dir, &mut s.masks_dir] {
+        if let Ok(rel) = p.strip_prefix(&staging) {
+            *p = target.join(rel);
+        }
+    }
     Ok(s)
 }

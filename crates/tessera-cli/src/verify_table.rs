@@ -1,46 +1,8 @@
-//! `tessera data verify`: check a dataset on disk against a manifest, and render the result.
+//! The human rendering of `tessera data verify`'s report.
 
-use anyhow::{bail, Result};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use tessera_data::verify::{
-    verify, CategoryReport, CategoryStatus, IssueKind, Manifest, VerifyReport,
-};
-
-/// Options of `tessera data verify`.
-#[derive(Debug, Clone, Default)]
-pub struct DataVerifyOptions {
-    /// A dataset root holding category folders, or one category folder.
-    pub root: PathBuf,
-    /// A manifest JSON file, or the name of a built-in one (`mvtec_ad`, `mtl_ad`); `None`: the
-    /// built-in MVTec AD manifest.
-    pub manifest: Option<PathBuf>,
-    /// Check only these categories.
-    pub categories: Option<Vec<String>>,
-}
-
-/// The manifest a `--manifest` value names: a file, else a built-in name, else an error.
-pub fn resolve_manifest(manifest: Option<&Path>) -> Result<Manifest> {
-    let Some(p) = manifest else {
-        return Ok(Manifest::mvtec_ad());
-    };
-    if p.is_file() {
-        return Ok(Manifest::load(p)?);
-    }
-    if let Some(m) = p.to_str().and_then(Manifest::builtin) {
-        return Ok(m);
-    }
-    bail!(
-        "{}: manifest file does not exist (built-in manifests: mvtec_ad, mtl_ad)",
-        p.display()
-    )
-}
-
-/// Check a dataset against its manifest ([`tessera_data::verify::verify`]).
-pub fn data_verify(o: &DataVerifyOptions) -> Result<VerifyReport> {
-    let manifest = resolve_manifest(o.manifest.as_deref())?;
-    Ok(verify(&o.root, &manifest, o.categories.as_deref())?)
-}
+use std::path::Path;
+use tessera_data::verify::{CategoryReport, CategoryStatus, IssueKind, VerifyReport};
 
 /// `found/expected`, `found/?` or `-` (no folder).
 fn frac(found: Option<u64>, expected: Option<u64>) -> String {

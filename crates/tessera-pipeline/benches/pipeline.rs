@@ -6,11 +6,11 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::path::PathBuf;
 use tessera_backbone::{Arch, Backbone, WeightsSource};
-use tessera_cli::Detector;
 use tessera_core::model::*;
 use tessera_core::scorer::FitScorer;
 use tessera_core::FeatureMaps;
 use tessera_padim::PadimConfig;
+use tessera_pipeline::{BackboneMeta, Detector, FitMeta, Method, ModelMeta, ScorerConfig};
 
 fn detector() -> Detector {
     let dev = Device::Cpu;
@@ -30,18 +30,15 @@ fn detector() -> Detector {
     let meta = ModelMeta {
         format: FORMAT_VERSION,
         tessera_version: tessera_core::VERSION.into(),
-        method: "baseline".into(),
+        method: Method::Baseline,
         seed: 0,
         preprocess: Preprocess::paper(),
         backbone: BackboneMeta {
-            arch: "resnet18".into(),
+            arch: Arch::ResNet18,
             layers: vec![1, 2, 3],
             source: src.describe(),
         },
-        scorer: ScorerMeta {
-            kind: "padim".into(),
-            config: serde_json::json!({}),
-        },
+        scorer: ScorerConfig::Padim(PadimConfig::default()),
         fit: FitMeta {
             seconds: 0.0,
             images: 32,

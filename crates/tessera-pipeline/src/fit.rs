@@ -1,0 +1,482 @@
+//! `fit` as stages: [`prepare_backbone`](crate::prepare_backbone) → optional SBM
+//! ([`sbm_stage`]) → optional PFAM ([`load_pfam`]) → [`fit_scorer`] → [`calibrate`] →
+//! [`Detector::to_model_file`].
+
+use crate::batches::batches;
+use crate::detector::{extract, Detector};
+use crate::meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
+use crate::names::named_enum;
+use crate::observer::{stage, Counter, Observer};
+use crate::sbm::{check_sbm_weights, checkpoint_path, sbm_train_checked, SbmMode, SbmOptions};
+use crate::weights::{prepare_backbone, WeightsArgs};
+use crate::ScorerConfig;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tessera_backbone::{Backbone, WeightsSource};
+use tessera_core::io::Outputs;
+use tessera_core::model::{Preprocess, FORMAT_VERSION};
+use tessera_core::{DeviceSpec, Error, FeatureMaps, Result, Scorer};
+use tessera_data::{Dataset, Sample};
+use tessera_pfam::{Pfam, PfamConfig};
+use tessera_sbm::SbmConfig;
+
+named_enum! {
+    /// How PFAM trains for `--method ours`.
+    #[derive(Default)]
+    pub enum PfamTraining {
+        /// In the SBM stage, on the jigsaw task.
+        #[default]
+        Jigsaw => "jigsaw",
+        /// Then also end to end with CFA's loss (`--scorer cfa` only).
+        Cfa => "cfa",
+    }
+}
+
+/// The SBM stage's settings (`--method sbm|ours`).
+#[derive(Debug, Clone, Default)]
+pub struct SbmStage {
+    /// On which categories SBM trains the backbone.
+    pub mode: SbmMode,
+    /// Use this SBM output (tuned backbone, with PFAM for `ours`) instead of training one.
+    pub weights: Option<PathBuf>,
+    /// Use SBM weights even when their gate failed.
+    pub force: bool,
+    /// The SBM settings when it trains.
+    pub config: SbmConfig,
+    /// Texture images for SBM's synthetic defects.
+    pub textures: Option<PathBuf>,
+}
+
+/// Options of `fit`.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub data: PathBuf,
+    pub weights: WeightsArgs,
+    pub method: Method,
+    /// The scorer and its hyper-parameters (its seed is replaced by `seed`).
+    pub scorer: ScorerConfig,
+    pub sbm: SbmStage,
+    pub pfam_training: PfamTraining,
+    /// Seed of every random choice.
+    pub seed: u64,
+    pub preprocess: Preprocess,
+    pub device: DeviceSpec,
+    pub batch_size: usize,
+    pub out: PathBuf,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::new(),
+            weights: WeightsArgs::default(),
+            method: Method::Baseline,
+            scorer: ScorerConfig::default(),
+            sbm: SbmStage::default(),
+            pfam_training: PfamTraining::Jigsaw,
+            seed: 0,
+            preprocess: Preprocess::paper(),
+            device: DeviceSpec::Cpu,
+            out: PathBuf::from("model.safetensors"),
+            batch_size: 8,
+        }
+    }
+}
+
+/// What `fit` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitSummary {
+    pub model: PathBuf,
+    pub images: usize,
+    pub seconds: f64,
+    pub threshold: f32,
+    pub backbone: String,
+    pub weights: String,
+    /// Scorer-specific fit facts (PatchCore: patches, bank size, feature and coreset seconds).
+    pub scorer_report: serde_json::Value,
+    /// Model file size in bytes.
+    pub model_bytes: u64,
+    /// SHA-256 of the model's tensors (stored in the file, verified at load).
+    pub checksum: String,
+}
+
+/// Where `fit --method sbm` writes the tuned backbone: beside the model, `<out>.sbm.safetensors`.
+pub fn sbm_output_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{stem}.sbm.safetensors"))
+}
+
+/// What the SBM stage hands to the rest of the fit.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The backbone weights to fit on (SBM-tuned or the pretrained ones).
+    pub source: WeightsSource,
+    /// The file holding trained PFAM tensors, and their configuration (`--method ours`).
+    pub pfam_from: Option<(PathBuf, PfamConfig)>,
+    /// What SBM did, for the model file.
+    pub sbm: Option<SbmMeta>,
+}
+
+impl FitOptions {
+    fn validate(&self) -> Result<()> {
+        if self.sbm.weights.is_some() && self.method == Method::Baseline {
+            return Err(Error::Config(
+                "--sbm-weights needs --method sbm or --method ours".into(),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        match (self.pfam_training, self.method, self.scorer.kind()) {
+            (PfamTraining::Cfa, m, _) if m != Method::Ours => Err(Error::Config(
+                "--pfam-train cfa needs --method ours (PFAM)".into(),
+            )),
+            (PfamTraining::Cfa, _, k) if k != crate::ScorerKind::Cfa => {
+                Err(Error::Config("--pfam-train cfa needs --scorer cfa".into()))
+            }
+            _ => self.preprocess.validate(),
+        }
+    }
+
+    /// Whether this fit will train SBM itself (so its output paths must be writable).
+    fn trains_sbm(&self, ds: &Dataset) -> bool {
+        self.method != Method::Baseline
+            && self.sbm.weights.is_none()
+            && (self.sbm.mode.applies(ds).0 || self.method == Method::Ours)
+    }
+
+    fn outputs(&self, ds: &Dataset) -> Result<()> {
+        let mut outs = Outputs::default();
+        outs.reads(&self.data, "--data");
+        if let Some(w) = &self.weights.weights {
+            outs.reads(w, "--weights");
+        }
+        if let Some(w) = &self.sbm.weights {
+            outs.reads(w, "--sbm-weights");
+        }
+        if let Some(t) = &self.sbm.textures {
+            outs.reads(t, "--textures");
+        }
+        outs.check_file(&self.out, "--out")?;
+        if self.trains_sbm(ds) {
+            let tuned = sbm_output_path(&self.out);
+            outs.check_file(&tuned, "--out (the SBM-tuned backbone beside it)")?;
+            outs.check_file(
+                &checkpoint_path(&tuned),
+                "--out (the SBM checkpoint beside it)",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The SBM stage of `fit --method sbm|ours`: use given SBM weights, train SBM (and PFAM), or
+/// skip it, and say why.
+pub fn sbm_stage(o: &FitOptions, ds: &Dataset, obs: &dyn Observer) -> Result<Prepared> {
+    let mut source = o.weights.source()?;
+    if o.method == Method::Baseline {
+        return Ok(Prepared {
+            source,
+            pfam_from: None,
+            sbm: None,
+        });
+    }
+    let ours = o.method == Method::Ours;
+    let (use_sbm, why) = o.sbm.mode.applies(ds);
+    let mut pfam_from = None;
+    let sbm = if let Some(p) = &o.sbm.weights {
+        let report = check_sbm_weights(p, o.sbm.force)?;
+        obs.note(&format!("sbm: using tuned weights {}", p.display()));
+        if ours {
+            let cfg = report.as_ref().and_then(|r| r.config.pfam.clone());
+            let Some(cfg) = cfg else {
+                return Err(Error::bad_model(
+                    p,
+                    "trained without PFAM, so it cannot serve --method ours (use --method sbm, \
+                     or `tessera sbm train --pfam`)",
+                ));
+            };
+            pfam_from = Some((p.clone(), cfg));
+        }
+        source = WeightsSource::File(p.clone());
+        report.map(|r| SbmMeta::from_report(&r))
+    } else if use_sbm || ours {
+        let mut config = SbmConfig {
+            seed: o.seed,
+            ..o.sbm.config.clone()
+        };
+        if ours {
+            config.pfam = Some(config.pfam.unwrap_or_default());
+            if !use_sbm {
+                // Texture classes: the backbone stays as ImageNet left it; PFAM alone learns
+                // on the jigsaw task (the paper applies SBM to objects only).
+                config.train_layers.clear();
+            }
+        }
+        obs.note(&if use_sbm {
+            format!("sbm: training the jigsaw first ({why})")
+        } else {
+            format!("sbm: backbone frozen ({why}); training PFAM on the jigsaw task")
+        });
+        let tuned = sbm_output_path(&o.out);
+        let s = sbm_train_checked(
+            &SbmOptions {
+                data: o.data.clone(),
+                textures: o.sbm.textures.clone(),
+                weights: o.weights.clone(),
+                out: tuned.clone(),
+                config,
+                foreground: None,
+                no_synth: false,
+                preprocess: o.preprocess.clone(),
+                device: o.device,
+                restart: false,
+            },
+            obs,
+        )?;
+        check_sbm_weights(&tuned, o.sbm.force)?;
+        if let Some(cfg) = &s.report.config.pfam {
+            pfam_from = Some((tuned.clone(), cfg.clone()));
+        }
+        source = WeightsSource::File(tuned);
+        Some(SbmMeta::from_report(&s.report))
+    } else {
+        obs.note(&format!(
+            "sbm: skipped, {why}; fitting on the pretrained backbone"
+        ));
+        Some(SbmMeta::skipped(why))
+    };
+    Ok(Prepared {
+        source,
+        pfam_from,
+        sbm,
+    })
+}
+
+/// The `pfam.*` tensors of an SBM output file.
+fn pfam_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let map = tessera_core::st::Mapped::open(path)?;
+    map.load(
+        device,
+        |k| k.starts_with("pfam."),
+        &tessera_core::st::LoadChecks {
+            finite: true,
+            expect_hash: None,
+        },
+    )
+}
+
+fn channels3(backbone: &Backbone) -> Result<[usize; 3]> {
+    match backbone.channels()[..] {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(Error::Config("PFAM needs backbone layers 1..3".into())),
+    }
+}
+
+/// PFAM as trained by SBM, from its output file (plain tensors, for inference).
+pub fn load_pfam(path: &Path, cfg: &PfamConfig, backbone: &Backbone) -> Result<Pfam> {
+    let device = backbone.device();
+    let t = pfam_tensors(path, device)?;
+    Pfam::load(&t, "pfam", cfg.clone(), channels3(backbone)?, device).map_err(|e| e.in_file(path))
+}
+
+/// PFAM with trainable variables (initialised from an SBM output file), for CFA end to end.
+pub struct TrainablePfam {
+    pub pfam: Pfam,
+    vars: Vec<candle_core::Var>,
+}
+
+impl tessera_cfa::FeatureTransform for TrainablePfam {
+    fn forward(&self, f: &FeatureMaps) -> Result<FeatureMaps> {
+        self.pfam.forward(f)
+    }
+    fn vars(&self) -> Vec<candle_core::Var> {
+        self.vars.clone()
+    }
+}
+
+/// [`load_pfam`] with every parameter a trainable variable.
+pub fn trainable_pfam(path: &Path, cfg: &PfamConfig, backbone: &Backbone) -> Result<TrainablePfam> {
+    let device = backbone.device();
+    let t = pfam_tensors(path, device)?;
+    let varmap = candle_nn::VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("poisoned variable map".into()))?;
+        for (k, v) in t {
+            data.insert(k, candle_core::Var::from_tensor(&v)?);
+        }
+    }
+    // Variables already in the map are used as they are (the trained values).
+    let vb =
+        candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device).pp("pfam");
+    let pfam = Pfam::new(cfg.clone(), channels3(backbone)?, vb).map_err(|e| e.in_file(path))?;
+    Ok(TrainablePfam {
+        pfam,
+        vars: varmap.all_vars(),
+    })
+}
+
+/// Fit the scorer on the features of `train` (through `pfam` when given). With `e2e`, CFA
+/// trains PFAM end to end and the trained PFAM is returned.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_scorer(
+    config: &ScorerConfig,
+    backbone: &Backbone,
+    pfam: Option<&Pfam>,
+    e2e: Option<&TrainablePfam>,
+    train: &[Sample],
+    preprocess: &Preprocess,
+    batch_size: usize,
+    obs: &dyn Observer,
+) -> Result<(Box<dyn Scorer>, Option<Pfam>)> {
+    let device = backbone.device().clone();
+    // With end-to-end training the scorer sees raw backbone features and applies PFAM itself.
+    let features_pfam = if e2e.is_some() { None } else { pfam };
+    let count = Counter::start(obs, stage::FEATURES, train.len() as u64);
+    let mut feats = batches(train, preprocess, batch_size, &device).map(|b| {
+        let b = b?;
+        let f = extract(backbone, features_pfam, &b.tensor)?;
+        count.add(b.images.len() as u64);
+        Ok(f)
+    });
+    let transform = e2e.map(|t| t as &dyn tessera_cfa::FeatureTransform);
+    let scorer = config.fit(&mut feats, transform, obs)?;
+    drop(feats);
+    drop(count);
+    let pfam = match e2e {
+        Some(t) => Some(t.pfam.detached()),
+        None => pfam.cloned(),
+    };
+    Ok((scorer, pfam))
+}
+
+/// How many training images are re-scored to set the default threshold and heatmap range.
+pub const CALIBRATION_IMAGES: usize = 32;
+
+/// The default threshold and heat range from images scored through the detector's own path:
+/// the highest pixel score, and `[min, max + (max − min)]`.
+pub fn calibrate(
+    det: &Detector,
+    samples: &[Sample],
+    batch_size: usize,
+    obs: &dyn Observer,
+) -> Result<(f32, (f32, f32))> {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    let device = det.backbone.device().clone();
+    let count = Counter::start(obs, stage::CALIBRATE, samples.len() as u64);
+    for b in batches(samples, &det.meta.preprocess, batch_size, &device) {
+        let b = b?;
+        let (maps, _) = det.score(&b.tensor)?;
+        for m in &maps {
+            for &v in &m.data {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+        }
+        count.add(maps.len() as u64);
+    }
+    Ok((hi, (lo, hi + (hi - lo))))
+}
+
+/// Fit a detector on a dataset's normal training images and write the model file. Every
+/// output is checked before the work starts.
+pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
+    let start = Instant::now();
+    o.validate()?;
+    let ds = Dataset::open(&o.data)?;
+    o.outputs(&ds)?;
+    let device = o.device.open()?;
+    let train = ds.train()?;
+    let mut scorer_cfg = o.scorer.clone();
+    scorer_cfg.set_seed(o.seed);
+    let prepared = sbm_stage(o, &ds, obs)?;
+    let backbone = prepare_backbone(o.weights.backbone, &prepared.source, &device)?;
+    let pfam = match &prepared.pfam_from {
+        Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone)?),
+        None => None,
+    };
+    let e2e = match (&prepared.pfam_from, o.pfam_training) {
+        (Some((p, cfg)), PfamTraining::Cfa) => Some(trainable_pfam(p, cfg, &backbone)?),
+        _ => None,
+    };
+    obs.note(&format!(
+        "fit: {} training images from {}, {} ({}), scorer {}, device {}",
+        train.len(),
+        o.data.display(),
+        o.weights.backbone,
+        prepared.source.describe(),
+        scorer_cfg.kind(),
+        o.device
+    ));
+    let (scorer, pfam) = fit_scorer(
+        &scorer_cfg,
+        &backbone,
+        pfam.as_ref(),
+        e2e.as_ref(),
+        &train,
+        &o.preprocess,
+        o.batch_size,
+        obs,
+    )?;
+    let scorer_report = scorer.fit_report();
+    let mut det = Detector {
+        backbone,
+        pfam,
+        scorer,
+        meta: ModelMeta {
+            format: FORMAT_VERSION,
+            tessera_version: tessera_core::VERSION.into(),
+            method: o.method,
+            seed: o.seed,
+            preprocess: o.preprocess.clone(),
+            backbone: BackboneMeta {
+                arch: o.weights.backbone,
+                layers: scorer_cfg.levels().to_vec(),
+                source: prepared.source.describe(),
+            },
+            scorer: scorer_cfg,
+            fit: FitMeta {
+                seconds: 0.0,
+                images: train.len(),
+                data: o.data.display().to_string(),
+                created_unix: 0,
+            },
+            threshold: 0.0,
+            heat_range: (0.0, 1.0),
+            sbm: prepared.sbm,
+            pfam: prepared.pfam_from.map(|(_, c)| c),
+        },
+    };
+    // Calibration: evenly spaced training images through the same path as `test`.
+    let step = train.len().div_ceil(CALIBRATION_IMAGES).max(1);
+    let calib: Vec<Sample> = train.iter().step_by(step).cloned().collect();
+    let (threshold, heat_range) = calibrate(&det, &calib, o.batch_size, obs)?;
+    det.meta.threshold = threshold;
+    det.meta.heat_range = heat_range;
+    det.meta.fit.seconds = start.elapsed().as_secs_f64();
+    det.meta.fit.created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let checksum = det.save(&o.out)?;
+    Ok(FitSummary {
+        model: o.out.clone(),
+        images: train.len(),
+        seconds: det.meta.fit.seconds,
+        threshold: det.meta.threshold,
+        backbone: det.meta.backbone.arch.name().into(),
+        weights: det.meta.backbone.source.clone(),
+        scorer_report,
+        model_bytes: std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0),
+        checksum,
+    })
+}
