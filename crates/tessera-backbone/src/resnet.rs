@@ -242,13 +242,24 @@ impl Backbone {
         depth: usize,
         device: &Device,
     ) -> Result<Self> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(Error::bad_input(path, "weights file does not exist"));
         }
-        // Read the file whole (not mmap) so that a file replaced later cannot change a model.
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| Error::bad_model(path, format!("not a readable safetensors file: {e}")))?;
+        // Mapped, and every tensor copied out at once (a file replaced later cannot change a
+        // model); only the tensors layers 1..=depth use, each checked for NaN and infinity.
+        let wanted = |name: &str| {
+            name.starts_with("conv1.")
+                || name.starts_with("bn1.")
+                || (1..=depth).any(|l| name.starts_with(&format!("layer{l}.")))
+        };
+        let tensors = tessera_core::st::Mapped::open(path)?.load(
+            device,
+            wanted,
+            &tessera_core::st::LoadChecks {
+                finite: true,
+                expect_hash: None,
+            },
+        )?;
         Self::from_tensors(
             name,
             spec,

@@ -70,7 +70,7 @@ fn wrong_shape_missing_tensor_and_missing_file() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("junk.safetensors") && e.contains("not a readable safetensors"),
+        e.contains("junk.safetensors") && e.contains("not a safetensors file"),
         "{e}"
     );
 }

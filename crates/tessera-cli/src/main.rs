@@ -13,13 +13,13 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use tessera_backbone::Arch;
 use tessera_cfa::CfaConfig;
-use tessera_core::model::Preprocess;
+use tessera_core::model::{Geometry, Preprocess, Tiling};
 use tessera_core::DeviceSpec;
 use tessera_padim::PadimConfig;
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
 use tessera_pipeline::{
-    FitOptions, Method, PfamTraining, PredictOptions, SbmMode, SbmOptions, SbmStage, ScorerConfig,
-    ScorerKind, SynthOptions, TestOptions, WeightsArgs,
+    CalibrationMode, CalibrationOptions, FitOptions, Method, PfamTraining, PredictOptions, SbmMode,
+    SbmOptions, SbmStage, ScorerConfig, ScorerKind, SynthOptions, TestOptions, WeightsArgs,
 };
 use tessera_sbm::{Anchor, OptimizerKind, SbmConfig};
 
@@ -112,6 +112,10 @@ struct DataVerifyArgs {
     /// For a single category folder: the manifest category it is.
     #[arg(long, value_delimiter = ',')]
     categories: Option<Vec<String>>,
+    /// Read image headers only (fast; truncated files and mask values go unchecked). By
+    /// default every image and mask is decoded.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Subcommand)]
@@ -361,13 +365,59 @@ struct SynthArgs {
     foreground: Option<bool>,
 }
 
-/// `paper` (resize 256, center crop 224) or `anomalib` (resize 256, no crop).
+/// `paper` (resize 256, center crop 224), `anomalib` (resize 256, no crop), `whole[:N]`
+/// (the whole image, aspect ratio kept, short side N, default 256), `native` (the images' own
+/// size) or `WxH` (exactly W × H).
 fn preprocess_arg(s: &str) -> Result<Preprocess, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "paper" => Ok(Preprocess::paper()),
-        "anomalib" => Ok(Preprocess::anomalib()),
-        _ => Err(format!("'{s}': expected paper or anomalib")),
-    }
+    let k = s.trim().to_ascii_lowercase();
+    let side = |v: &str| -> Result<u32, String> {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| (16..=16_384).contains(n))
+            .ok_or_else(|| format!("'{v}' is not a size in pixels (16..=16384)"))
+    };
+    let p = match k.as_str() {
+        "paper" => Preprocess::paper(),
+        "anomalib" => Preprocess::anomalib(),
+        "whole" => Preprocess::with(Geometry::ShortSide { size: 256 }),
+        "native" => Preprocess::with(Geometry::Native),
+        _ => {
+            if let Some(n) = k.strip_prefix("whole:") {
+                Preprocess::with(Geometry::ShortSide { size: side(n)? })
+            } else if let Some((w, h)) = k.split_once('x') {
+                Preprocess::exact(side(w)?, side(h)?)
+            } else {
+                return Err(format!(
+                    "'{s}': expected paper, anomalib, whole, whole:N, native or WxH (e.g. 256x640)"
+                ));
+            }
+        }
+    };
+    Ok(p)
+}
+
+/// `N` or `N:OVERLAP` (pixels; the overlap defaults to N/8).
+fn tile_arg(s: &str) -> Result<Tiling, String> {
+    let (t, o) = match s.split_once(':') {
+        Some((t, o)) => (t, Some(o)),
+        None => (s, None),
+    };
+    let tile: u32 = t
+        .trim()
+        .parse()
+        .ok()
+        .filter(|t| (32..=4096).contains(t))
+        .ok_or_else(|| format!("'{t}': the tile side must be 32..=4096 pixels"))?;
+    let overlap = match o {
+        None => tile / 8,
+        Some(o) => o
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&o| o < tile)
+            .ok_or_else(|| format!("'{o}': the overlap must be smaller than the tile"))?,
+    };
+    Ok(Tiling { tile, overlap })
 }
 
 #[derive(Args)]
@@ -399,9 +449,26 @@ struct FitArgs {
     /// initialisation, SBM).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// paper: resize 256, center crop 224; anomalib: resize 256, no crop.
+    /// paper: resize 256, center crop 224; anomalib: resize 256, no crop; whole[:N]: the whole
+    /// image, aspect ratio kept, short side N (256); native: the images' own size; WxH: exactly
+    /// that size. Whole-image sizes are fixed from the first training image and stored.
     #[arg(long, default_value = "paper", value_parser = preprocess_arg)]
     preprocess: Preprocess,
+    /// Score in overlapping square tiles of N px (overlap N/8, or N:OVERLAP), stitched into one
+    /// map of the whole (resized) image: for large or elongated images.
+    #[arg(long, value_name = "N[:OVERLAP]", value_parser = tile_arg)]
+    tile: Option<Tiling>,
+    /// normal: thresholds from held-out normal images (conformal, --target-fpr); synthetic:
+    /// F1-optimal thresholds on synthetic defects pasted onto them (--textures as sources).
+    #[arg(long, default_value = "normal", value_parser = named::<CalibrationMode>(CalibrationMode::NAMES))]
+    calibrate: CalibrationMode,
+    /// Fraction of the normal training images held out for calibration, never fitted on (0:
+    /// calibrate on training images, without a guarantee).
+    #[arg(long, default_value_t = 0.2, value_parser = float_in(0.0, 0.9, false))]
+    calibration_fraction: f64,
+    /// The false-alarm rate the image threshold must keep on normal parts.
+    #[arg(long, default_value_t = 0.05, value_parser = float_in(0.0, 0.5, true))]
+    target_fpr: f64,
     /// PaDiM: channels kept (default 100 for ResNet-18/34, 550 for wider backbones).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     padim_dims: Option<u64>,
@@ -492,10 +559,19 @@ impl FitArgs {
             },
             pfam_training: self.pfam_train,
             seed: self.seed,
-            preprocess: self.preprocess.clone(),
+            preprocess: Preprocess {
+                tiling: self.tile,
+                ..self.preprocess.clone()
+            },
             device: self.common.device,
             batch_size: self.common.batch_size as usize,
             out: self.out.clone(),
+            calibration: CalibrationOptions {
+                mode: self.calibrate,
+                fraction: self.calibration_fraction,
+                target_fpr: self.target_fpr,
+                textures: self.sbm_args.textures.clone(),
+            },
         }
     }
 }
@@ -515,6 +591,9 @@ struct TestArgs {
     /// Replace a non-empty --heatmaps folder as a whole (when the run succeeds).
     #[arg(long)]
     overwrite: bool,
+    /// Decide at this image threshold (and draw masks at it) instead of the model's.
+    #[arg(long, value_parser = finite_f32)]
+    threshold: Option<f32>,
     #[command(flatten)]
     common: Common,
 }
@@ -550,12 +629,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fit(a) => {
             let s = tessera_pipeline::fit(&a.options(), &bars)?;
             summary(cli.json, &bars, &s, |s| {
+                let guarantee = match s.guaranteed_fpr {
+                    Some(g) => format!(", false alarms on normal parts ≤ {:.1} %", g * 100.0),
+                    None => String::new(),
+                };
                 format!(
-                    "wrote {} ({} images, {:.1} s, default pixel threshold {:.3})",
+                    "wrote {} ({} images fitted, {} held out for calibration, {:.1} s); image \
+                     threshold {:.4}{guarantee}, pixel threshold {:.4}",
                     s.model.display(),
                     s.images,
+                    s.calibration_images,
                     s.seconds,
-                    s.threshold
+                    s.threshold,
+                    s.pixel_threshold
                 )
             })?;
         }
@@ -566,6 +652,7 @@ fn run(cli: Cli) -> Result<()> {
                 report: a.report,
                 heatmaps: a.heatmaps,
                 overwrite: a.overwrite,
+                threshold: a.threshold,
                 device: a.common.device,
                 batch_size: a.common.batch_size as usize,
             };
@@ -575,8 +662,23 @@ fn run(cli: Cli) -> Result<()> {
                     v.map(|v| format!("{:.2}%", v * 100.0))
                         .unwrap_or_else(|| "n/a".into())
                 };
+                let at = r
+                    .operating_point
+                    .as_ref()
+                    .map(|op| {
+                        format!(
+                            "\n  at the model's threshold {:.4}: false alarms {}/{} ({}), recall {}, precision {}",
+                            op.image.threshold,
+                            op.image.fp,
+                            op.image.fp + op.image.tn,
+                            pct(op.image.false_alarm_rate),
+                            pct(op.image.recall),
+                            pct(op.image.precision)
+                        )
+                    })
+                    .unwrap_or_default();
                 format!(
-                    "image AUROC {}  pixel AUROC {}  pixel AUPRO {}  ({} images, {:.1} ms/image) → {}",
+                    "image AUROC {}  pixel AUROC {}  pixel AUPRO {}  ({} images, {:.1} ms/image) → {}{at}",
                     pct(r.image_auroc),
                     pct(r.pixel_auroc),
                     pct(r.pixel_aupro),
@@ -597,10 +699,18 @@ fn run(cli: Cli) -> Result<()> {
                 device: a.common.device,
                 batch_size: a.common.batch_size as usize,
             };
-            let s = tessera_pipeline::predict(&opts, &bars, &mut |_| {})?;
+            // --json: one JSON line per image as it is scored, then the summary line.
+            let mut each = |p: &tessera_pipeline::Prediction| {
+                if cli.json {
+                    if let Ok(line) = serde_json::to_string(p) {
+                        println!("{line}");
+                    }
+                }
+            };
+            let s = tessera_pipeline::predict(&opts, &bars, &mut each)?;
             summary(cli.json, &bars, &s, |s| {
                 format!(
-                    "{} images, {} at or above threshold {:.3} → {}",
+                    "{} images, {} above the threshold {:.4} → {}",
                     s.images,
                     s.anomalous,
                     s.threshold,
@@ -704,7 +814,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Data(DataCmd::Verify(a)) => {
             let manifest = tessera_data::verify::Manifest::resolve(a.manifest.as_deref())?;
-            let r = tessera_data::verify::verify(&a.root, &manifest, a.categories.as_deref())?;
+            let depth = if a.quick {
+                tessera_data::verify::Depth::Headers
+            } else {
+                tessera_data::verify::Depth::Decode
+            };
+            let r = tessera_data::verify::verify_with(
+                &a.root,
+                &manifest,
+                a.categories.as_deref(),
+                depth,
+            )?;
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

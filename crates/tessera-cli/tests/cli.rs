@@ -77,7 +77,11 @@ fn fit_test_predict_round_trip() {
         "4",
     ]));
     let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(fit["images"], 10);
+    // 20 % of the 10 training images are held out for calibration, never fitted on.
+    assert_eq!(
+        (fit["images"].as_u64(), fit["calibration_images"].as_u64()),
+        (Some(8), Some(2))
+    );
     assert!(model.is_file());
 
     let report = tmp.path().join("r/report.json");
@@ -112,6 +116,14 @@ fn fit_test_predict_round_trip() {
     assert!(r["per_type"]["crack"]["image_auroc"].is_number());
     assert!(report.with_extension("md").is_file());
     assert!(heat.join("spot/001.png").is_file() && heat.join("good/000.png").is_file());
+    // The operating point at the model's own threshold is reported, with every image's call.
+    let op = &r["operating_point"]["image"];
+    let counted = ["tp", "fp", "tn", "fn_"]
+        .iter()
+        .map(|k| op[*k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(counted, 10);
+    assert!(r["images"][0]["anomalous"].is_boolean() && r["images"][0]["p_value"].is_number());
 
     // predict scores exactly like test: same model file, same code path.
     let pred = tmp.path().join("pred");
@@ -124,14 +136,25 @@ fn fit_test_predict_round_trip() {
         "--out",
         &s(&pred),
     ]));
-    let csv = std::fs::read_to_string(pred.join("scores.csv")).unwrap();
-    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    let mut rd = csv::Reader::from_path(pred.join("scores.csv")).unwrap();
+    let head = rd.headers().unwrap().clone();
+    assert_eq!(
+        head.iter().collect::<Vec<_>>(),
+        [
+            "path",
+            "score",
+            "normalized",
+            "p_value",
+            "anomalous",
+            "heatmap"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = rd.records().map(|r| r.unwrap()).collect();
     assert_eq!(rows.len(), 2);
-    for row in rows {
-        let f: Vec<&str> = row.split(',').collect();
+    for f in rows {
         let name = format!(
             "spot/{}",
-            Path::new(f[0]).file_name().unwrap().to_string_lossy()
+            Path::new(&f[0]).file_name().unwrap().to_string_lossy()
         );
         let want = r["images"]
             .as_array()
@@ -145,7 +168,7 @@ fn fit_test_predict_round_trip() {
             "{name}: {got} vs {}",
             want["score"]
         );
-        assert!(pred.join(f[3]).is_file());
+        assert!(pred.join(&f[5]).is_file());
     }
 
     // The same seed gives the same model scores.
@@ -309,9 +332,9 @@ fn patchcore_fit_test_predict_agree() {
         &s(&model),
     ]));
     let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
-    // 10 images × 28 × 28 patches at 224 px, 5 % kept.
-    assert_eq!(fit["scorer_report"]["patches"], 7840);
-    assert_eq!(fit["scorer_report"]["bank"], 392);
+    // 8 images (2 of 10 held out for calibration) × 28 × 28 patches at 224 px, 5 % kept.
+    assert_eq!(fit["scorer_report"]["patches"], 6272);
+    assert_eq!(fit["scorer_report"]["bank"], 314);
     let report = tmp.path().join("pc.json");
     let r = test_json(&model, &data, &report);
     assert!(

@@ -190,11 +190,7 @@ fn synth_writes_images_and_masks_in_mvtec_layout() {
 /// depend on the input size), for the CLI's `--method ours` path.
 fn ours_weights(data: &Path, out: &Path) {
     use tessera_core::model::Preprocess;
-    let pre = Preprocess {
-        resize: 64,
-        crop: 64,
-        ..Preprocess::paper()
-    };
+    let pre = Preprocess::square(64, 64);
     let ds = tessera_data::Dataset::open(data).unwrap();
     let images = ds
         .train()

@@ -26,50 +26,256 @@ pub const META_KEY: &str = "tessera";
 /// The header key of the content checksum (SHA-256, hex; [`crate::st::ContentHash`]).
 pub const CHECKSUM_KEY: &str = "tessera.sha256";
 
-/// How images are turned into network input.
+/// How images are turned into network input: a geometry (resize, crop), ImageNet
+/// normalisation, and optionally tiles.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PreprocessRepr", into = "PreprocessRepr")]
 pub struct Preprocess {
-    /// Resize to `resize × resize` (bilinear, antialiased).
-    pub resize: u32,
-    /// Then center-crop `crop × crop` (equal to `resize` for no crop).
-    pub crop: u32,
+    pub geometry: Geometry,
     /// Per-channel normalisation mean (RGB).
     pub mean: [f32; 3],
     /// Per-channel normalisation std (RGB).
     pub std: [f32; 3],
+    /// Score the (resized) image in overlapping tiles, stitched back into one map.
+    pub tiling: Option<Tiling>,
 }
+
+/// The size an image is brought to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Geometry {
+    /// Resize to `resize × resize` (aspect ratio not kept), then center-crop `crop × crop`: the
+    /// paper (256 / 224) and anomalib (256 / 256). A border of `(resize − crop) / 2` is lost.
+    Square { resize: u32, crop: u32 },
+    /// Resize to exactly `width × height`, no crop: the whole image is scored.
+    Exact { width: u32, height: u32 },
+    /// Keep the aspect ratio with the short side at `size` (long side rounded to a multiple of
+    /// 32): resolved to [`Geometry::Exact`] from the training images at fit time.
+    ShortSide { size: u32 },
+    /// The training images' own size: resolved to [`Geometry::Exact`] at fit time.
+    Native,
+}
+
+/// Overlapping square tiles over the resized image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiling {
+    /// Tile side in pixels.
+    pub tile: u32,
+    /// Minimum overlap of neighbouring tiles in pixels (tiles are spread evenly, the last one
+    /// flush with the edge).
+    pub overlap: u32,
+}
+
+/// The serialised form: the square geometry as `resize` / `crop` (as in format-1 files), the
+/// exact one as `width` / `height`.
+#[derive(Serialize, Deserialize)]
+struct PreprocessRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resize: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crop: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    short_side: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    native: bool,
+    mean: [f32; 3],
+    std: [f32; 3],
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tiling: Option<Tiling>,
+}
+
+impl TryFrom<PreprocessRepr> for Preprocess {
+    type Error = String;
+    fn try_from(r: PreprocessRepr) -> std::result::Result<Self, String> {
+        let geometry =
+            match (r.resize, r.crop, r.width, r.height, r.short_side, r.native) {
+                (Some(resize), crop, None, None, None, false) => Geometry::Square {
+                    resize,
+                    crop: crop.unwrap_or(resize),
+                },
+                (None, None, Some(width), Some(height), None, false) => {
+                    Geometry::Exact { width, height }
+                }
+                (None, None, None, None, Some(size), false) => Geometry::ShortSide { size },
+                (None, None, None, None, None, true) => Geometry::Native,
+                _ => return Err(
+                    "preprocessing needs exactly one of resize/crop, width/height, short_side or \
+                     native"
+                        .into(),
+                ),
+            };
+        Ok(Preprocess {
+            geometry,
+            mean: r.mean,
+            std: r.std,
+            tiling: r.tiling,
+        })
+    }
+}
+
+impl From<Preprocess> for PreprocessRepr {
+    fn from(p: Preprocess) -> Self {
+        let mut r = PreprocessRepr {
+            resize: None,
+            crop: None,
+            width: None,
+            height: None,
+            short_side: None,
+            native: false,
+            mean: p.mean,
+            std: p.std,
+            tiling: p.tiling,
+        };
+        match p.geometry {
+            Geometry::Square { resize, crop } => {
+                r.resize = Some(resize);
+                r.crop = Some(crop);
+            }
+            Geometry::Exact { width, height } => {
+                r.width = Some(width);
+                r.height = Some(height);
+            }
+            Geometry::ShortSide { size } => r.short_side = Some(size),
+            Geometry::Native => r.native = true,
+        }
+        r
+    }
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Preprocess {
     /// The paper's convention: resize 256, center crop 224, ImageNet statistics.
     pub fn paper() -> Self {
-        Self {
-            resize: 256,
-            crop: 224,
-            ..Self::imagenet(256)
-        }
+        Self::square(256, 224)
     }
     /// anomalib's convention: resize 256, no crop.
     pub fn anomalib() -> Self {
-        Self::imagenet(256)
+        Self::square(256, 256)
     }
-    fn imagenet(size: u32) -> Self {
+    /// Resize to `resize × resize`, center-crop `crop × crop`, ImageNet statistics.
+    pub fn square(resize: u32, crop: u32) -> Self {
+        Self::with(Geometry::Square { resize, crop })
+    }
+    /// Resize to `width × height` (the whole image), ImageNet statistics.
+    pub fn exact(width: u32, height: u32) -> Self {
+        Self::with(Geometry::Exact { width, height })
+    }
+    /// A geometry with ImageNet statistics and no tiling.
+    pub fn with(geometry: Geometry) -> Self {
         Self {
-            resize: size,
-            crop: size,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            geometry,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            tiling: None,
         }
     }
-    /// Check the values make sense.
-    pub fn validate(&self) -> Result<()> {
-        if self.crop == 0 || self.crop > self.resize {
-            return Err(Error::Config(format!(
-                "crop {} must be between 1 and the resize size {}",
-                self.crop, self.resize
-            )));
+
+    /// Whether the geometry still depends on the images ([`Geometry::ShortSide`],
+    /// [`Geometry::Native`]).
+    pub fn is_resolved(&self) -> bool {
+        matches!(
+            self.geometry,
+            Geometry::Square { .. } | Geometry::Exact { .. }
+        )
+    }
+
+    /// The fixed geometry for images of `size` (width, height): short-side and native
+    /// geometries become exact; the others are returned as they are.
+    pub fn resolve(&self, size: (u32, u32)) -> Self {
+        let (w, h) = size;
+        let geometry = match self.geometry {
+            Geometry::ShortSide { size: s } => {
+                let round32 = |v: f64| ((v / 32.0).round() as u32).max(1) * 32;
+                if w <= h {
+                    Geometry::Exact {
+                        width: s,
+                        height: round32(s as f64 * h as f64 / w.max(1) as f64),
+                    }
+                } else {
+                    Geometry::Exact {
+                        width: round32(s as f64 * w as f64 / h.max(1) as f64),
+                        height: s,
+                    }
+                }
+            }
+            Geometry::Native => Geometry::Exact {
+                width: w,
+                height: h,
+            },
+            g => g,
+        };
+        Self {
+            geometry,
+            ..self.clone()
         }
-        if self.std.iter().any(|s| *s <= 0.0) {
-            return Err(Error::Config("std must be positive".into()));
+    }
+
+    /// The network input size of one image (width, height), before tiling; `None` while the
+    /// geometry is unresolved.
+    pub fn input_size(&self) -> Option<(u32, u32)> {
+        match self.geometry {
+            Geometry::Square { crop, .. } => Some((crop, crop)),
+            Geometry::Exact { width, height } => Some((width, height)),
+            _ => None,
+        }
+    }
+
+    /// Check the values make sense (an unresolved geometry is fine here; [`Self::resolve`]
+    /// fixes it).
+    pub fn validate(&self) -> Result<()> {
+        const MAX_SIDE: u32 = 16_384;
+        match self.geometry {
+            Geometry::Square { resize, crop } => {
+                if crop < 16 || crop > resize || resize > MAX_SIDE {
+                    return Err(Error::Config(format!(
+                        "crop {crop} must be between 16 and the resize size {resize} (at most {MAX_SIDE})"
+                    )));
+                }
+            }
+            Geometry::Exact { width, height } => {
+                if width < 16 || height < 16 || width > MAX_SIDE || height > MAX_SIDE {
+                    return Err(Error::Config(format!(
+                        "image size {width}×{height}: each side must be 16..={MAX_SIDE} pixels"
+                    )));
+                }
+            }
+            Geometry::ShortSide { size } => {
+                if !(16..=MAX_SIDE).contains(&size) {
+                    return Err(Error::Config(format!(
+                        "short side {size}: must be 16..={MAX_SIDE} pixels"
+                    )));
+                }
+            }
+            Geometry::Native => {}
+        }
+        if self.std.iter().chain(&self.mean).any(|s| !s.is_finite())
+            || self.std.iter().any(|s| *s <= 0.0)
+        {
+            return Err(Error::Config(
+                "normalisation mean and std must be finite, std positive".into(),
+            ));
+        }
+        if let Some(t) = self.tiling {
+            if t.tile < 32 || t.overlap >= t.tile {
+                return Err(Error::Config(format!(
+                    "tiles of {} px with {} px overlap: tiles must be at least 32 px and the \
+                     overlap smaller than a tile",
+                    t.tile, t.overlap
+                )));
+            }
+            if let Some((w, h)) = self.input_size() {
+                if w < t.tile || h < t.tile {
+                    return Err(Error::Config(format!(
+                        "tiles of {} px do not fit the {w}×{h} image",
+                        t.tile
+                    )));
+                }
+            }
         }
         Ok(())
     }

@@ -32,5 +32,7 @@ pub use layout::{
     is_image_path, list_images, mvtec_category_kind, not_a_folder, read_folder, walk_images,
     CategoryKind, Dataset, FolderEntries, FolderSpec, Layout, Sample, FOLDER_SPEC_FILE, IMAGE_EXTS,
 };
-pub use preprocess::{load_batch, load_image, load_mask, normalize, Batch, LoadedImage};
+pub use preprocess::{
+    load_batch, load_image, load_mask, load_mask_checked, normalize, Batch, LoadedImage, LoadedMask,
+};
 pub use synthetic::{generate_category, SyntheticSpec};

@@ -50,11 +50,7 @@ fn mvtec_layout_lists_train_and_test_with_masks() {
     assert_eq!(test[0].defect_type, "good");
     assert_eq!(test[3].name, "crack/000.png");
     assert!(test[3].mask.is_some());
-    let pre = Preprocess {
-        resize: 32,
-        crop: 24,
-        ..Preprocess::paper()
-    };
+    let pre = Preprocess::square(32, 24);
     let b = load_batch(&test, &pre, &candle_core::Device::Cpu).unwrap();
     assert_eq!(b.tensor.dims(), &[4, 3, 24, 24]);
     let m = b.masks[3].as_ref().unwrap();

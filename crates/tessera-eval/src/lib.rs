@@ -59,4 +59,7 @@ pub use metrics::{auroc, f1_max};
 pub use pro::{
     aupro, connected_components, pro_curve, Components, ProCurve, ProImage, PRO_FPR_LIMIT,
 };
-pub use report::{evaluate, Counts, EvalSample, ImageScore, Report, RunInfo, Timings, TypeReport};
+pub use report::{
+    evaluate, operating_points, Counts, EvalSample, ImageScore, OperatingPoints, Report, RunInfo,
+    Timings, TypeReport,
+};

@@ -1,6 +1,7 @@
 //! Whole-run evaluation: image- and pixel-level metrics, per-defect-type breakdown, timings, and
 //! JSON / Markdown reports.
 
+use crate::decision::{operating_point, OperatingPoint};
 use crate::metrics::{self, PoolStats};
 use crate::pro::{self, ProImage, PRO_FPR_LIMIT};
 use rayon::prelude::*;
@@ -100,6 +101,27 @@ pub struct ImageScore {
     pub defect_type: String,
     /// Its image score (the maximum of its anomaly map).
     pub score: f32,
+    /// The model's decision at its threshold (`score > threshold`), when the run had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalous: Option<bool>,
+    /// The normalised score (0.5 at the threshold), when the run had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalized: Option<f32>,
+    /// The conformal p-value against the model's calibration normals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+}
+
+/// The model's decisions at the thresholds it runs with (not chosen on the test labels).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatingPoints {
+    /// Images: anomalous when the image score is above the image threshold.
+    pub image: OperatingPoint,
+    /// Pixels of images with ground truth (normal images all negative), at the pixel
+    /// threshold; `None` without masks.
+    pub pixel: Option<OperatingPoint>,
+    /// Where the thresholds came from (e.g. the calibration policy).
+    pub source: String,
 }
 
 /// The result of [`evaluate`]: metrics, counts, timings and run information, serialisable to JSON
@@ -153,6 +175,9 @@ pub struct Report {
     pub tessera_version: String,
     /// Every test image's score, in input order.
     pub images: Vec<ImageScore>,
+    /// Decisions at the model's stored thresholds; absent from reports made without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operating_point: Option<OperatingPoints>,
 }
 
 /// The pixel-level contribution of one sample.
@@ -343,8 +368,44 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
                 name: s.name.clone(),
                 defect_type: s.defect_type.clone(),
                 score,
+                anomalous: None,
+                normalized: None,
+                p_value: None,
             })
             .collect(),
+        operating_point: None,
+    }
+}
+
+/// Decisions on `samples` at fixed thresholds: images by their score, pixels of images with
+/// ground truth (normal images count as all negative; anomalous images without a mask are
+/// left out).
+pub fn operating_points(
+    samples: &[EvalSample],
+    image_threshold: f32,
+    pixel_threshold: f32,
+    source: impl Into<String>,
+) -> OperatingPoints {
+    let scores: Vec<f32> = samples.iter().map(|s| s.map.image_score()).collect();
+    let labels: Vec<bool> = samples.iter().map(EvalSample::is_anomalous).collect();
+    let image = operating_point(&scores, &labels, image_threshold);
+    let pixel = samples
+        .par_iter()
+        .filter_map(|s| {
+            let none = vec![false; s.map.data.len()];
+            let mask = match (&s.mask, s.is_anomalous()) {
+                (Some(m), _) => m,
+                (None, false) => &none,
+                (None, true) => return None,
+            };
+            Some(operating_point(&s.map.data, mask, pixel_threshold))
+        })
+        .reduce_with(|a, b| a.merge(&b));
+    let any_mask = samples.iter().any(|s| s.mask.is_some());
+    OperatingPoints {
+        image,
+        pixel: pixel.filter(|_| any_mask),
+        source: source.into(),
     }
 }
 
@@ -415,6 +476,35 @@ impl Report {
             ("Tessera", &self.tessera_version),
         ] {
             let _ = writeln!(md, "| {k} | {} |", cell(v));
+        }
+
+        if let Some(op) = &self.operating_point {
+            let rate = |v: Option<f64>| pct(v);
+            let _ = writeln!(
+                md,
+                "\n## At the model's thresholds\n\n{}\n\n| | Threshold | TP | FP | TN | FN | False-alarm rate | Recall | Precision | F1 | F1-max (oracle) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                cell(&op.source)
+            );
+            let row = |md: &mut String, what: &str, p: &OperatingPoint, oracle: Option<f64>| {
+                let _ = writeln!(
+                    md,
+                    "| {what} | {:.6} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    p.threshold,
+                    p.tp,
+                    p.fp,
+                    p.tn,
+                    p.fn_,
+                    rate(p.false_alarm_rate),
+                    rate(p.recall),
+                    rate(p.precision),
+                    rate(p.f1),
+                    rate(oracle)
+                );
+            };
+            row(&mut md, "Images", &op.image, self.image_f1_max);
+            if let Some(p) = &op.pixel {
+                row(&mut md, "Pixels", p, self.pixel_f1_max);
+            }
         }
 
         if !self.per_type.is_empty() {

@@ -47,6 +47,7 @@ fn detector() -> Detector {
         },
         threshold: 0.0,
         heat_range: (0.0, 1.0),
+        calibration: None,
         sbm: None,
         pfam: None,
     };

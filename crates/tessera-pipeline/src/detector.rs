@@ -2,14 +2,18 @@
 //! and back.
 
 use crate::meta::ModelMeta;
+use crate::tiles::TileGrid;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 use tessera_backbone::Backbone;
+use tessera_core::model::Tiling;
 use tessera_core::model::{ModelFile, FORMAT_VERSION};
+use tessera_core::scorer::RawMaps;
 use tessera_core::{postprocess, AnomalyMap, Error, FeatureMaps, Result, Scorer};
+use tessera_eval::decision::Normalizer;
 use tessera_pfam::Pfam;
 
 /// A backbone, PFAM (for `--method ours`), a fitted scorer and the model metadata. `test`,
@@ -20,6 +24,17 @@ pub struct Detector {
     pub pfam: Option<Pfam>,
     pub scorer: Box<dyn Scorer>,
     pub meta: ModelMeta,
+}
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detector")
+            .field("backbone", &self.meta.backbone.arch)
+            .field("pfam", &self.pfam.is_some())
+            .field("scorer", &self.scorer.kind())
+            .field("threshold", &self.meta.threshold)
+            .finish()
+    }
 }
 
 /// Time spent in each stage of scoring a batch, milliseconds.
@@ -148,29 +163,14 @@ impl Detector {
         extract(&self.backbone, self.pfam.as_ref(), batch)
     }
 
-    /// Anomaly maps at the network's input resolution for a preprocessed `B × 3 × H × W` batch.
-    /// A map holding NaN or infinity is an error: a score that cannot be ranked must never
-    /// pass as "normal".
+    /// Anomaly maps at the network's input resolution for a preprocessed `B × 3 × H × W` batch
+    /// (tiled when the model's preprocessing says so). A map holding NaN or infinity is an
+    /// error: a score that cannot be ranked must never pass as "normal".
     pub fn score(&self, batch: &Tensor) -> Result<(Vec<AnomalyMap>, StageTimes)> {
-        let (_, _, h, w) = batch.dims4()?;
-        let t0 = Instant::now();
-        let features = self.features(batch)?;
-        // Force the lazy device work to finish before timing the next stage.
-        if let Some(t) = features.levels.last() {
-            t.device().synchronize()?;
-        }
-        let t1 = Instant::now();
-        let raw = self.scorer.score(&features)?;
-        let sigma = self.scorer.blur_sigma();
-        let maps: Vec<AnomalyMap> = (0..raw.batch)
-            .into_par_iter()
-            .map(|i| {
-                let mut m =
-                    postprocess::finish_map(raw.image(i), raw.height, raw.width, h, w, sigma);
-                m.score = raw.image_scores.as_ref().map(|s| s[i]);
-                m
-            })
-            .collect();
+        let (maps, times) = match self.meta.preprocess.tiling {
+            None => self.score_whole(batch)?,
+            Some(t) => self.score_tiled(batch, t)?,
+        };
         if let Some(i) = maps
             .iter()
             .position(|m| !m.image_score().is_finite() || m.data.iter().any(|v| !v.is_finite()))
@@ -181,11 +181,152 @@ impl Detector {
                 i + 1
             )));
         }
-        let t2 = Instant::now();
-        let times = StageTimes {
-            features_ms: (t1 - t0).as_secs_f64() * 1e3,
-            score_ms: (t2 - t1).as_secs_f64() * 1e3,
-        };
         Ok((maps, times))
     }
+
+    /// Features, then raw scores: the two timed stages.
+    fn raw_scores(&self, batch: &Tensor, times: &mut StageTimes) -> Result<RawMaps> {
+        let t0 = Instant::now();
+        let features = self.features(batch)?;
+        // Force the lazy device work to finish before timing the next stage.
+        if let Some(t) = features.levels.last() {
+            t.device().synchronize()?;
+        }
+        let t1 = Instant::now();
+        let raw = self.scorer.score(&features)?;
+        times.features_ms += (t1 - t0).as_secs_f64() * 1e3;
+        times.score_ms += t1.elapsed().as_secs_f64() * 1e3;
+        Ok(raw)
+    }
+
+    fn score_whole(&self, batch: &Tensor) -> Result<(Vec<AnomalyMap>, StageTimes)> {
+        let (_, _, h, w) = batch.dims4()?;
+        let mut times = StageTimes::default();
+        let raw = self.raw_scores(batch, &mut times)?;
+        let t = Instant::now();
+        let sigma = self.scorer.blur_sigma();
+        let maps: Vec<AnomalyMap> = (0..raw.batch)
+            .into_par_iter()
+            .map(|i| {
+                let mut m =
+                    postprocess::finish_map(raw.image(i), raw.height, raw.width, h, w, sigma);
+                m.score = raw.image_scores.as_ref().map(|s| s[i]);
+                m
+            })
+            .collect();
+        times.score_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok((maps, times))
+    }
+
+    /// Tiles of every image through the backbone and scorer (at most [`TILE_CHUNK`] tiles per
+    /// pass), each tile map upsampled to the tile, stitched, then blurred once.
+    fn score_tiled(&self, batch: &Tensor, t: Tiling) -> Result<(Vec<AnomalyMap>, StageTimes)> {
+        let (b, _, h, w) = batch.dims4()?;
+        let grid = TileGrid::new(w as u32, h as u32, t)?;
+        let n = grid.count();
+        let tiles = grid.split(batch)?;
+        let ts = t.tile as usize;
+        let mut times = StageTimes::default();
+        let mut tile_maps: Vec<Vec<f32>> = Vec::with_capacity(b * n);
+        let mut tile_scores: Vec<Option<f32>> = Vec::with_capacity(b * n);
+        let mut start = 0;
+        while start < b * n {
+            let len = TILE_CHUNK.min(b * n - start);
+            let raw = self.raw_scores(&tiles.narrow(0, start, len)?, &mut times)?;
+            let t0 = Instant::now();
+            let up: Vec<Vec<f32>> = (0..raw.batch)
+                .into_par_iter()
+                .map(|i| {
+                    postprocess::upsample_bilinear(raw.image(i), raw.height, raw.width, ts, ts)
+                })
+                .collect();
+            tile_maps.extend(up);
+            tile_scores.extend((0..raw.batch).map(|i| raw.image_scores.as_ref().map(|s| s[i])));
+            times.score_ms += t0.elapsed().as_secs_f64() * 1e3;
+            start += len;
+        }
+        let t0 = Instant::now();
+        let sigma = self.scorer.blur_sigma();
+        let maps = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                let mut data = grid.stitch(&tile_maps[i * n..(i + 1) * n]);
+                postprocess::gaussian_blur(&mut data, h, w, sigma);
+                let mut m = AnomalyMap::new(w, h, data);
+                // A scorer's own image scores (PatchCore's reweighting): the worst tile's.
+                m.score = tile_scores[i * n..(i + 1) * n]
+                    .iter()
+                    .copied()
+                    .collect::<Option<Vec<f32>>>()
+                    .map(|v| v.into_iter().fold(f32::NEG_INFINITY, f32::max));
+                m
+            })
+            .collect();
+        times.score_ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok((maps, times))
+    }
+
+    /// The image threshold: anomalous when the image score is above it.
+    pub fn image_threshold(&self) -> f32 {
+        self.meta.threshold
+    }
+
+    /// The pixel threshold of predicted masks.
+    pub fn pixel_threshold(&self) -> f32 {
+        self.meta
+            .calibration
+            .as_ref()
+            .map_or(self.meta.threshold, |c| c.pixel_threshold)
+    }
+
+    /// The decision on an image score at the model's threshold, or at `threshold`.
+    pub fn verdict(&self, score: f32, threshold: Option<f32>) -> Verdict {
+        let thr = threshold.unwrap_or(self.meta.threshold);
+        let (normalized, p_value) = match &self.meta.calibration {
+            Some(c) => (
+                Normalizer {
+                    threshold: thr,
+                    ..c.image_normalizer()
+                }
+                .normalize(score),
+                Some(c.p_value(score)),
+            ),
+            // Models from before calibration: the heat range stands in for the score range.
+            None => (
+                Normalizer {
+                    threshold: thr,
+                    min: self.meta.heat_range.0,
+                    max: self.meta.heat_range.1,
+                }
+                .normalize(score),
+                None,
+            ),
+        };
+        Verdict {
+            score,
+            anomalous: score > thr,
+            normalized,
+            p_value,
+            threshold: thr,
+        }
+    }
+}
+
+/// Tiles per backbone pass (bounds memory for images with many tiles).
+pub const TILE_CHUNK: usize = 32;
+
+/// The decision on one image.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Verdict {
+    /// The raw image score.
+    pub score: f32,
+    /// `score > threshold`.
+    pub anomalous: bool,
+    /// anomalib's normalised score: 0.5 at the threshold.
+    pub normalized: f32,
+    /// How many calibration normals score this high (conformal p-value); `None` for models
+    /// fitted before calibration existed.
+    pub p_value: Option<f64>,
+    /// The threshold decided at.
+    pub threshold: f32,
 }

@@ -20,6 +20,8 @@ pub struct TestOptions {
     pub heatmaps: Option<PathBuf>,
     /// Replace a non-empty heatmap folder.
     pub overwrite: bool,
+    /// Decide at this image threshold instead of the model's.
+    pub threshold: Option<f32>,
     pub device: DeviceSpec,
     pub batch_size: usize,
 }
@@ -52,6 +54,7 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
     let samples = ds.test()?;
     let mut evals = Vec::with_capacity(samples.len());
     let mut images = Vec::new();
+    let mut odd_masks = Vec::new();
     let (mut feat_ms, mut score_ms) = (0.0, 0.0);
     {
         let count = Counter::start(obs, stage::TEST, samples.len() as u64);
@@ -73,6 +76,7 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
             if heat_dir.is_some() {
                 images.extend(b.images);
             }
+            odd_masks.extend(b.odd_masks);
             at += n;
             count.add(n as u64);
         }
@@ -91,11 +95,36 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
         backbone: format!("{} ({})", det.meta.backbone.arch, det.meta.backbone.source),
         method: det.meta.method.name().into(),
     };
-    let report = evaluate(&evals, timings, info);
+    if let Some((first, max)) = odd_masks.first() {
+        obs.warn(&format!(
+            "{} ground-truth mask(s) are not 0/255 (e.g. {}: highest value {max}); read as \
+             \"> 0 is defect\" — check the dataset with `tessera data verify`",
+            odd_masks.len(),
+            first.display()
+        ));
+    }
+    let mut report = evaluate(&evals, timings, info);
+    let image_thr = o.threshold.unwrap_or(det.image_threshold());
+    let pixel_thr = if o.threshold.is_some() {
+        image_thr
+    } else {
+        det.pixel_threshold()
+    };
+    report.operating_point = Some(tessera_eval::operating_points(
+        &evals,
+        image_thr,
+        pixel_thr,
+        threshold_source(&det, o.threshold),
+    ));
+    for (img, e) in report.images.iter_mut().zip(&evals) {
+        let v = det.verdict(e.map.image_score(), o.threshold);
+        img.anomalous = Some(v.anomalous);
+        img.normalized = Some(v.normalized);
+        img.p_value = v.p_value;
+    }
     if let Some(dir) = heat_dir.as_mut() {
-        // The stated threshold of the contour: the F1-optimal pixel threshold of this run when
-        // masks exist, else the model's default.
-        let thr = report.pixel_threshold.unwrap_or(det.meta.threshold);
+        // Contours at the model's pixel threshold: what it would mark on the line.
+        let thr = pixel_thr;
         let root = dir.path()?.to_path_buf();
         let count = Counter::start(obs, stage::HEATMAPS, evals.len() as u64);
         for (e, img) in evals.iter().zip(&images) {
@@ -110,4 +139,39 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
         dir.commit()?;
     }
     Ok(report)
+}
+
+/// Where a run's thresholds came from, in words.
+pub(crate) fn threshold_source(det: &Detector, threshold: Option<f32>) -> String {
+    if let Some(t) = threshold {
+        return format!("threshold {t} given on the command line");
+    }
+    match &det.meta.calibration {
+        None => "the model's default threshold (a model from before calibration: the highest \
+                 pixel score on training images)"
+            .into(),
+        Some(c) => {
+            let base = match (&c.synthetic, c.source.as_str()) {
+                (Some(_), _) => format!(
+                    "F1-optimal thresholds on synthetic defects over {} held-out normals",
+                    c.images
+                ),
+                (None, "holdout") => format!(
+                    "conformal threshold from {} held-out normal images: target false-alarm \
+                     rate {:.1} %, guaranteed ≤ {:.1} %",
+                    c.images,
+                    c.conformal.target_fpr * 100.0,
+                    c.conformal.guaranteed_fpr * 100.0
+                ),
+                (None, _) => format!(
+                    "threshold from {} training images (in-sample: no guarantee)",
+                    c.images
+                ),
+            };
+            format!(
+                "{base}; masks at the pixel threshold {:.6}",
+                c.pixel_threshold
+            )
+        }
+    }
 }

@@ -3,11 +3,15 @@
 //! [`Detector::to_model_file`].
 
 use crate::batches::batches;
+use crate::calibrate::{calibrate, split_holdout, CalibrationOptions, CalibrationRun};
+use crate::detector::TILE_CHUNK;
 use crate::detector::{extract, Detector};
+use crate::memory::{available_bytes, check_fit_memory, estimate_fit};
 use crate::meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 use crate::names::named_enum;
 use crate::observer::{stage, Counter, Observer};
 use crate::sbm::{check_sbm_weights, checkpoint_path, sbm_train_checked, SbmMode, SbmOptions};
+use crate::tiles::TileGrid;
 use crate::weights::{prepare_backbone, WeightsArgs};
 use crate::ScorerConfig;
 use candle_core::{Device, Tensor};
@@ -66,6 +70,8 @@ pub struct FitOptions {
     pub device: DeviceSpec,
     pub batch_size: usize,
     pub out: PathBuf,
+    /// How the thresholds are chosen.
+    pub calibration: CalibrationOptions,
 }
 
 impl Default for FitOptions {
@@ -82,6 +88,7 @@ impl Default for FitOptions {
             device: DeviceSpec::Cpu,
             out: PathBuf::from("model.safetensors"),
             batch_size: 8,
+            calibration: CalibrationOptions::default(),
         }
     }
 }
@@ -90,9 +97,22 @@ impl Default for FitOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct FitSummary {
     pub model: PathBuf,
+    /// Images the scorer was fitted on.
     pub images: usize,
+    /// Normal images held out for calibration.
+    pub calibration_images: usize,
     pub seconds: f64,
+    /// The image threshold (anomalous above it).
     pub threshold: f32,
+    /// The pixel threshold of masks.
+    pub pixel_threshold: f32,
+    /// The false-alarm rate the image threshold guarantees (conformal), when calibrated on
+    /// held-out normals.
+    pub guaranteed_fpr: Option<f64>,
+    /// What the user should know about the calibration.
+    pub notes: Vec<String>,
+    /// The preprocessing the model runs with (whole-image sizes resolved).
+    pub preprocess: Preprocess,
     pub backbone: String,
     pub weights: String,
     /// Scorer-specific fit facts (PatchCore: patches, bank size, feature and coreset seconds).
@@ -132,6 +152,14 @@ impl FitOptions {
         }
         if self.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        self.calibration.validate()?;
+        if self.preprocess.tiling.is_some() && self.method != Method::Baseline {
+            return Err(Error::Config(
+                "tiling works with --method baseline only: SBM and PFAM train on whole images \
+                 (use a whole-image preprocessing instead of tiles with --method sbm|ours)"
+                    .into(),
+            ));
         }
         match (self.pfam_training, self.method, self.scorer.kind()) {
             (PfamTraining::Cfa, m, _) if m != Method::Ours => Err(Error::Config(
@@ -178,7 +206,12 @@ impl FitOptions {
 
 /// The SBM stage of `fit --method sbm|ours`: use given SBM weights, train SBM (and PFAM), or
 /// skip it, and say why.
-pub fn sbm_stage(o: &FitOptions, ds: &Dataset, obs: &dyn Observer) -> Result<Prepared> {
+pub fn sbm_stage(
+    o: &FitOptions,
+    ds: &Dataset,
+    train: &[Sample],
+    obs: &dyn Observer,
+) -> Result<Prepared> {
     let mut source = o.weights.source()?;
     if o.method == Method::Baseline {
         return Ok(Prepared {
@@ -238,6 +271,7 @@ pub fn sbm_stage(o: &FitOptions, ds: &Dataset, obs: &dyn Observer) -> Result<Pre
                 device: o.device,
                 restart: false,
             },
+            Some(train),
             obs,
         )?;
         check_sbm_weights(&tuned, o.sbm.force)?;
@@ -342,11 +376,33 @@ pub fn fit_scorer(
     // With end-to-end training the scorer sees raw backbone features and applies PFAM itself.
     let features_pfam = if e2e.is_some() { None } else { pfam };
     let count = Counter::start(obs, stage::FEATURES, train.len() as u64);
-    let mut feats = batches(train, preprocess, batch_size, &device).map(|b| {
-        let b = b?;
-        let f = extract(backbone, features_pfam, &b.tensor)?;
-        count.add(b.images.len() as u64);
-        Ok(f)
+    // Tiled: every image's tiles, at most TILE_CHUNK per backbone pass.
+    let mut feats = batches(train, preprocess, batch_size, &device).flat_map(|b| {
+        let prepared = b.and_then(|b| {
+            let x = match preprocess.tiling {
+                None => b.tensor,
+                Some(t) => {
+                    let (_, _, h, w) = b.tensor.dims4()?;
+                    TileGrid::new(w as u32, h as u32, t)?.split(&b.tensor)?
+                }
+            };
+            count.add(b.images.len() as u64);
+            Ok(x)
+        });
+        let out: Vec<Result<FeatureMaps>> = match prepared {
+            Err(e) => vec![Err(e)],
+            Ok(x) => {
+                let n = x.dims()[0];
+                (0..n)
+                    .step_by(TILE_CHUNK)
+                    .map(|s| {
+                        let part = x.narrow(0, s, TILE_CHUNK.min(n - s))?;
+                        extract(backbone, features_pfam, &part)
+                    })
+                    .collect()
+            }
+        };
+        out
     });
     let transform = e2e.map(|t| t as &dyn tessera_cfa::FeatureTransform);
     let scorer = config.fit(&mut feats, transform, obs)?;
@@ -359,33 +415,9 @@ pub fn fit_scorer(
     Ok((scorer, pfam))
 }
 
-/// How many training images are re-scored to set the default threshold and heatmap range.
-pub const CALIBRATION_IMAGES: usize = 32;
-
-/// The default threshold and heat range from images scored through the detector's own path:
-/// the highest pixel score, and `[min, max + (max − min)]`.
-pub fn calibrate(
-    det: &Detector,
-    samples: &[Sample],
-    batch_size: usize,
-    obs: &dyn Observer,
-) -> Result<(f32, (f32, f32))> {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    let device = det.backbone.device().clone();
-    let count = Counter::start(obs, stage::CALIBRATE, samples.len() as u64);
-    for b in batches(samples, &det.meta.preprocess, batch_size, &device) {
-        let b = b?;
-        let (maps, _) = det.score(&b.tensor)?;
-        for m in &maps {
-            for &v in &m.data {
-                lo = lo.min(v);
-                hi = hi.max(v);
-            }
-        }
-        count.add(maps.len() as u64);
-    }
-    Ok((hi, (lo, hi + (hi - lo))))
-}
+/// How many training images are re-scored for an in-sample calibration
+/// (`--calibration-fraction 0`).
+pub const IN_SAMPLE_IMAGES: usize = 32;
 
 /// Fit a detector on a dataset's normal training images and write the model file. Every
 /// output is checked before the work starts.
@@ -395,10 +427,43 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     let ds = Dataset::open(&o.data)?;
     o.outputs(&ds)?;
     let device = o.device.open()?;
-    let train = ds.train()?;
+    let all = ds.train()?;
+    let preprocess = resolve_preprocess(&o.preprocess, &all)?;
+    let (train, calib) = split_holdout(all, o.calibration.fraction, o.seed);
+    if train.len() < 2 {
+        return Err(Error::bad_input(
+            &o.data,
+            format!(
+                "{} normal training images are too few to fit (need 2)",
+                train.len()
+            ),
+        ));
+    }
+    // Memory bounds before any work: what the scorer will hold, against what is available.
+    if let Some((w, h)) = preprocess.input_size() {
+        let (size, per_image) = match preprocess.tiling {
+            None => ((w, h), 1u64),
+            Some(t) => ((t.tile, t.tile), TileGrid::new(w, h, t)?.count() as u64),
+        };
+        let est = estimate_fit(
+            &o.scorer,
+            o.weights.backbone,
+            size,
+            train.len() as u64 * per_image,
+        );
+        check_fit_memory(&est, available_bytes())?;
+    }
+    if !calib.is_empty() {
+        obs.note(&format!(
+            "calibration: {} of {} normal training images held out (seed {}), never fitted on",
+            calib.len(),
+            calib.len() + train.len(),
+            o.seed
+        ));
+    }
     let mut scorer_cfg = o.scorer.clone();
     scorer_cfg.set_seed(o.seed);
-    let prepared = sbm_stage(o, &ds, obs)?;
+    let prepared = sbm_stage(o, &ds, &train, obs)?;
     let backbone = prepare_backbone(o.weights.backbone, &prepared.source, &device)?;
     let pfam = match &prepared.pfam_from {
         Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone)?),
@@ -423,7 +488,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         pfam.as_ref(),
         e2e.as_ref(),
         &train,
-        &o.preprocess,
+        &preprocess,
         o.batch_size,
         obs,
     )?;
@@ -437,7 +502,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
             tessera_version: tessera_core::VERSION.into(),
             method: o.method,
             seed: o.seed,
-            preprocess: o.preprocess.clone(),
+            preprocess: preprocess.clone(),
             backbone: BackboneMeta {
                 arch: o.weights.backbone,
                 layers: scorer_cfg.levels().to_vec(),
@@ -452,16 +517,36 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
             },
             threshold: 0.0,
             heat_range: (0.0, 1.0),
+            calibration: None,
             sbm: prepared.sbm,
             pfam: prepared.pfam_from.map(|(_, c)| c),
         },
     };
-    // Calibration: evenly spaced training images through the same path as `test`.
-    let step = train.len().div_ceil(CALIBRATION_IMAGES).max(1);
-    let calib: Vec<Sample> = train.iter().step_by(step).cloned().collect();
-    let (threshold, heat_range) = calibrate(&det, &calib, o.batch_size, obs)?;
-    det.meta.threshold = threshold;
-    det.meta.heat_range = heat_range;
+    // Calibration through the same path as `test`: held-out normals, or (fraction 0) evenly
+    // spaced training images, said to be optimistic.
+    let held_out = !calib.is_empty();
+    let normals: Vec<Sample> = if held_out {
+        calib.clone()
+    } else {
+        let step = train.len().div_ceil(IN_SAMPLE_IMAGES).max(1);
+        train.iter().step_by(step).cloned().collect()
+    };
+    let foreground = ds.category_kind() == Some(tessera_data::CategoryKind::Object);
+    let run = CalibrationRun {
+        held_out,
+        foreground,
+        seed: o.seed,
+        batch_size: o.batch_size,
+    };
+    let cal = calibrate(&det, &normals, &o.calibration, run, obs)?;
+    for n in &cal.notes {
+        obs.warn(n);
+    }
+    det.meta.threshold = cal.image_threshold;
+    det.meta.heat_range = cal.pixel_normalizer().range();
+    let guaranteed = (held_out && cal.synthetic.is_none()).then_some(cal.conformal.guaranteed_fpr);
+    let (pixel_threshold, notes) = (cal.pixel_threshold, cal.notes.clone());
+    det.meta.calibration = Some(cal);
     det.meta.fit.seconds = start.elapsed().as_secs_f64();
     det.meta.fit.created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -471,12 +556,34 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     Ok(FitSummary {
         model: o.out.clone(),
         images: train.len(),
+        calibration_images: calib.len(),
         seconds: det.meta.fit.seconds,
         threshold: det.meta.threshold,
+        pixel_threshold,
+        guaranteed_fpr: guaranteed,
+        notes,
+        preprocess,
         backbone: det.meta.backbone.arch.name().into(),
         weights: det.meta.backbone.source.clone(),
         scorer_report,
         model_bytes: std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0),
         checksum,
     })
+}
+
+/// A whole-image geometry (short side, native size) made exact from the first training image,
+/// so every image of the model comes out at one size.
+fn resolve_preprocess(pre: &Preprocess, train: &[Sample]) -> Result<Preprocess> {
+    if pre.is_resolved() {
+        pre.validate()?;
+        return Ok(pre.clone());
+    }
+    let first = train
+        .first()
+        .ok_or_else(|| Error::Config("no training images".into()))?;
+    let size = tessera_data::verify::image_size(&first.path)
+        .map_err(|e| Error::bad_input(&first.path, format!("cannot read the image size: {e}")))?;
+    let r = pre.resolve(size);
+    r.validate()?;
+    Ok(r)
 }

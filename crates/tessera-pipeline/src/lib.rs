@@ -34,25 +34,32 @@
 //! ```
 
 mod batches;
+mod calibrate;
 mod data;
 mod detector;
 mod evaluate;
 mod fit;
+pub mod memory;
 mod meta;
 mod names;
 mod observer;
 mod predict;
 mod sbm;
 mod scorer;
+pub mod tiles;
 mod weights;
 
 pub use batches::batches;
+pub use calibrate::{
+    calibrate, split_holdout, Calibration, CalibrationMode, CalibrationOptions, CalibrationRun,
+    ScoreSummary, SyntheticCalibration,
+};
 pub use data::{dataset_info, demo_category, DatasetInfo};
-pub use detector::{extract, section, Detector, StageTimes};
+pub use detector::{extract, section, Detector, StageTimes, Verdict, TILE_CHUNK};
 pub use evaluate::{test, TestOptions};
 pub use fit::{
-    calibrate, fit, fit_scorer, load_pfam, sbm_output_path, sbm_stage, trainable_pfam, FitOptions,
-    FitSummary, PfamTraining, Prepared, SbmStage, TrainablePfam, CALIBRATION_IMAGES,
+    fit, fit_scorer, load_pfam, sbm_output_path, sbm_stage, trainable_pfam, FitOptions, FitSummary,
+    PfamTraining, Prepared, SbmStage, TrainablePfam, IN_SAMPLE_IMAGES,
 };
 pub use meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 pub use observer::{stage, Observer, Silent};

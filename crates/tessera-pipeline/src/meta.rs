@@ -127,10 +127,15 @@ pub struct ModelMeta {
     /// The scorer's kind and configuration.
     pub scorer: ScorerConfig,
     pub fit: FitMeta,
-    /// Default pixel threshold for predicted masks and the anomalous flag.
+    /// The image threshold: anomalous when the image score is above it (from calibration;
+    /// for format-1 files, the highest pixel score on training images).
     pub threshold: f32,
-    /// Score range used to colour heatmaps consistently across runs: (low, high).
+    /// Score range used to colour heatmaps consistently across runs: (low, high); the pixel
+    /// threshold sits in the middle.
     pub heat_range: (f32, f32),
+    /// How the thresholds were chosen and the calibration scores behind them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::Calibration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sbm: Option<SbmMeta>,
     /// `--method ours`: the PFAM configuration (its tensors are stored under `pfam.`); features

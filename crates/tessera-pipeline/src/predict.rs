@@ -35,9 +35,13 @@ pub struct PredictOptions {
 pub struct Prediction {
     /// The input file.
     pub path: PathBuf,
-    /// The image score.
+    /// The raw image score.
     pub score: f32,
-    /// `score >= threshold`.
+    /// The normalised score, 0.5 at the threshold.
+    pub normalized: f32,
+    /// How many calibration normals score this high (conformal p-value).
+    pub p_value: Option<f64>,
+    /// `score > threshold`.
     pub anomalous: bool,
     /// The heatmap panel, relative to the output folder.
     pub heatmap: PathBuf,
@@ -172,7 +176,12 @@ pub fn predict(
     }
     let device = o.device.open()?;
     let det = Detector::load(&o.model, &device)?;
-    let thr = o.threshold.unwrap_or(det.meta.threshold);
+    let thr = o.threshold.unwrap_or(det.image_threshold());
+    let pixel_thr = if o.threshold.is_some() {
+        thr
+    } else {
+        det.pixel_threshold()
+    };
     let samples: Vec<Sample> = jobs
         .iter()
         .map(|j| Sample {
@@ -185,8 +194,15 @@ pub fn predict(
     let root = dir.path()?.to_path_buf();
     let mut csv = csv::Writer::from_writer(Vec::new());
     let csv_err = |e: csv::Error| Error::Config(format!("scores.csv: {e}"));
-    csv.write_record(["path", "score", "anomalous", "heatmap"])
-        .map_err(csv_err)?;
+    csv.write_record([
+        "path",
+        "score",
+        "normalized",
+        "p_value",
+        "anomalous",
+        "heatmap",
+    ])
+    .map_err(csv_err)?;
     let mut anomalous = 0;
     {
         let count = Counter::start(obs, stage::PREDICT, samples.len() as u64);
@@ -196,21 +212,24 @@ pub fn predict(
             let (maps, _) = det.score(&b.tensor)?;
             let n = maps.len();
             for ((job, map), img) in jobs[at..at + n].iter().zip(maps).zip(&b.images) {
-                let score = map.image_score();
-                let is_anom = score >= thr;
-                anomalous += is_anom as usize;
+                let v = det.verdict(map.image_score(), o.threshold);
+                anomalous += v.anomalous as usize;
                 let heatmap = job.rel.with_extension("png");
-                let panel = render_panel(img, &map, None, thr, det.meta.heat_range)?;
+                let panel = render_panel(img, &map, None, pixel_thr, det.meta.heat_range)?;
                 save_png(&panel, &root.join(&heatmap))?;
                 let p = Prediction {
                     path: job.path.clone(),
-                    score,
-                    anomalous: is_anom,
+                    score: v.score,
+                    normalized: v.normalized,
+                    p_value: v.p_value,
+                    anomalous: v.anomalous,
                     heatmap,
                 };
                 csv.write_record([
                     p.path.display().to_string(),
                     p.score.to_string(),
+                    format!("{:.6}", p.normalized),
+                    p.p_value.map(|v| format!("{v:.6}")).unwrap_or_default(),
                     p.anomalous.to_string(),
                     p.heatmap.display().to_string(),
                 ])

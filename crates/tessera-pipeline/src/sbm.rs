@@ -108,17 +108,25 @@ pub fn sbm_train(o: &SbmOptions, obs: &dyn Observer) -> Result<SbmSummary> {
     sbm_inputs(o, &mut outs);
     outs.check_file(&o.out, "--out")?;
     outs.check_file(&checkpoint_path(&o.out), "--out (its checkpoint)")?;
-    sbm_train_checked(o, obs)
+    sbm_train_checked(o, None, obs)
 }
 
-/// [`sbm_train`] without the output checks (done by the caller).
-pub(crate) fn sbm_train_checked(o: &SbmOptions, obs: &dyn Observer) -> Result<SbmSummary> {
+/// [`sbm_train`] without the output checks (done by the caller), on `images` when given (the
+/// fit's training images: calibration images must not be seen), else the dataset's.
+pub(crate) fn sbm_train_checked(
+    o: &SbmOptions,
+    images: Option<&[tessera_data::Sample]>,
+    obs: &dyn Observer,
+) -> Result<SbmSummary> {
     let start = Instant::now();
     o.preprocess.validate()?;
     o.config.validate()?;
     let device = o.device.open()?;
     let ds = Dataset::open(&o.data)?;
-    let train = ds.train()?;
+    let train = match images {
+        Some(i) => i.to_vec(),
+        None => ds.train()?,
+    };
     let source = o.weights.source()?;
     let backbone = prepare_backbone(o.weights.backbone, &source, &device)?;
     let foreground = o

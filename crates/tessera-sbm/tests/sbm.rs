@@ -199,11 +199,7 @@ fn images(n: usize) -> (Vec<image::RgbImage>, Preprocess) {
         },
     )
     .unwrap();
-    let pre = Preprocess {
-        resize: 64,
-        crop: 64,
-        ..Preprocess::paper()
-    };
+    let pre = Preprocess::square(64, 64);
     let ds = tessera_data::Dataset::open(dir.path()).unwrap();
     let imgs = ds
         .train()

@@ -1,6 +1,6 @@
 //! The per-split and per-category checks.
 
-use super::images::sizes;
+use super::images::{inspect, Depth};
 use super::listing::{list, list_expecting, stem, subdirs};
 use super::manifest::CategorySpec;
 use super::report::{CategoryReport, CategoryStatus, Issue, IssueKind, SplitReport};
@@ -42,11 +42,12 @@ fn check_normal(
     dir: &Path,
     split: &str,
     expected: Option<u64>,
+    depth: Depth,
     issues: &mut Vec<Issue>,
 ) -> SplitReport {
     let found = list_expecting(dir, expected, issues).map(|l| {
         unknown_and_dirs(&l, issues, "images");
-        sizes(&l.images, issues);
+        inspect(&l.images, depth, false, issues);
         let n = l.images.len() as u64;
         count_issue(issues, dir, expected, n);
         n
@@ -65,6 +66,7 @@ fn check_defect(
     cat: &Path,
     t: &str,
     expected: Option<u64>,
+    depth: Depth,
     issues: &mut Vec<Issue>,
 ) -> SplitReport {
     let dir = cat.join("test").join(t);
@@ -83,7 +85,7 @@ fn check_defect(
     let n = l.images.len() as u64;
     report.found = Some(n);
     count_issue(issues, &dir, expected, n);
-    let img_sizes = sizes(&l.images, issues);
+    let img_sizes = inspect(&l.images, depth, false, issues);
 
     let mut gt_issues = Vec::new();
     let masks = if gt_dir.is_dir() {
@@ -133,7 +135,7 @@ fn check_defect(
     }
     report.masks = Some(pairs.len() as u64);
     let mask_paths: Vec<PathBuf> = pairs.iter().map(|(_, m, _)| (*m).clone()).collect();
-    let mask_sizes = sizes(&mask_paths, issues);
+    let mask_sizes = inspect(&mask_paths, depth, true, issues);
     for ((img, m, isz), msz) in pairs.iter().zip(mask_sizes) {
         if let (Some(a), Some(b)) = (isz, msz) {
             if *a != b {
@@ -168,7 +170,12 @@ fn check_defect(
 }
 
 /// Check one present category folder against its spec.
-pub(crate) fn check_category(name: &str, spec: &CategorySpec, dir: &Path) -> CategoryReport {
+pub(crate) fn check_category(
+    name: &str,
+    spec: &CategorySpec,
+    dir: &Path,
+    depth: Depth,
+) -> CategoryReport {
     let mut issues = Vec::new();
     let mut splits = Vec::new();
     // Top level: train, test, ground_truth (files such as readme.txt/license.txt are fine).
@@ -198,6 +205,7 @@ pub(crate) fn check_category(name: &str, spec: &CategorySpec, dir: &Path) -> Cat
         &train.join("good"),
         "train/good",
         spec.train_good,
+        depth,
         &mut issues,
     ));
     // test: good and the defect types.
@@ -217,6 +225,7 @@ pub(crate) fn check_category(name: &str, spec: &CategorySpec, dir: &Path) -> Cat
             &test.join("good"),
             "test/good",
             spec.test_good,
+            depth,
             &mut issues,
         ));
     } else {
@@ -247,7 +256,7 @@ pub(crate) fn check_category(name: &str, spec: &CategorySpec, dir: &Path) -> Cat
     }
     if test.is_dir() {
         for (t, expected) in &types {
-            splits.push(check_defect(dir, t, *expected, &mut issues));
+            splits.push(check_defect(dir, t, *expected, depth, &mut issues));
         }
     } else {
         for (t, expected) in &types {

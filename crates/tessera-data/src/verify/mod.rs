@@ -26,7 +26,7 @@ mod listing;
 mod manifest;
 mod report;
 
-pub use images::image_size;
+pub use images::{image_size, Depth};
 pub use manifest::{CategorySpec, Manifest, MTL_AD_MANIFEST, MVTEC_AD_MANIFEST};
 pub use report::{CategoryReport, CategoryStatus, Issue, IssueKind, SplitReport, VerifyReport};
 
@@ -48,6 +48,17 @@ use tessera_core::{Error, Result};
 /// Errors (rather than a failed report) only when `root` is not a folder or `only` names a
 /// category the manifest does not have.
 pub fn verify(root: &Path, manifest: &Manifest, only: Option<&[String]>) -> Result<VerifyReport> {
+    verify_with(root, manifest, only, Depth::Decode)
+}
+
+/// [`verify`] at a chosen depth ([`Depth::Headers`] reads only the image headers: fast, but
+/// blind to truncated files and mask values).
+pub fn verify_with(
+    root: &Path,
+    manifest: &Manifest,
+    only: Option<&[String]>,
+    depth: Depth,
+) -> Result<VerifyReport> {
     if !root.is_dir() {
         return Err(Error::bad_input(root, "dataset folder does not exist"));
     }
@@ -93,9 +104,9 @@ pub fn verify(root: &Path, manifest: &Manifest, only: Option<&[String]>) -> Resu
             None => folder.clone(),
         };
         categories.push(match manifest.category(&name) {
-            Some((n, spec)) => check_category(n, spec, root),
+            Some((n, spec)) => check_category(n, spec, root, depth),
             None => {
-                let mut c = check_category(&name, &CategorySpec::default(), root);
+                let mut c = check_category(&name, &CategorySpec::default(), root, depth);
                 c.issues.insert(
                     0,
                     Issue::new(
@@ -131,7 +142,7 @@ pub fn verify(root: &Path, manifest: &Manifest, only: Option<&[String]>) -> Resu
             .par_iter()
             .map(
                 |&(name, spec)| match dirs.iter().find(|d| d.eq_ignore_ascii_case(name)) {
-                    Some(d) => check_category(name, spec, &root.join(d)),
+                    Some(d) => check_category(name, spec, &root.join(d), depth),
                     None => CategoryReport {
                         name: name.into(),
                         kind: spec.kind,

@@ -20,8 +20,12 @@ pub enum IssueKind {
     OrphanMask,
     /// A mask whose width × height differs from its image's.
     MaskSizeMismatch,
-    /// An image or mask whose header cannot be read.
+    /// An image or mask that cannot be read or decoded.
     Unreadable,
+    /// A mask whose values are not 0/255 (e.g. a 0/1 mask, or anti-aliased edges).
+    MaskValues,
+    /// A mask of a defective image that marks nothing.
+    EmptyMask,
     /// A file that is not an image where images are expected.
     UnknownFile,
     /// A folder the layout does not have.
@@ -45,6 +49,8 @@ impl IssueKind {
             Self::OrphanMask => "mask without image",
             Self::MaskSizeMismatch => "mask size mismatch",
             Self::Unreadable => "unreadable",
+            Self::MaskValues => "mask values",
+            Self::EmptyMask => "empty mask",
             Self::UnknownFile => "unknown file",
             Self::UnexpectedFolder => "unexpected folder",
             Self::UnexpectedDefectType => "unexpected defect type",
