@@ -19,6 +19,27 @@ pub struct TestReport {
     pub feature_ms_per_image: f64,
     pub score_ms_per_image: f64,
     pub method: String,
+    /// Decisions at the model's stored thresholds.
+    #[serde(default)]
+    pub operating_point: Option<OperatingPoints>,
+}
+
+/// The decisions of a report at the model's thresholds.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct OperatingPoints {
+    pub image: OperatingPoint,
+    #[serde(default)]
+    pub pixel: Option<OperatingPoint>,
+}
+
+/// One operating point (the rates xtask tabulates).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct OperatingPoint {
+    pub threshold: f32,
+    pub false_alarm_rate: Option<f64>,
+    pub recall: Option<f64>,
+    pub precision: Option<f64>,
+    pub f1: Option<f64>,
 }
 
 impl TestReport {
@@ -30,6 +51,10 @@ impl TestReport {
             "pixel_aupro" => self.pixel_aupro,
             "image_f1_max" => self.image_f1_max,
             "pixel_f1_max" => self.pixel_f1_max,
+            "false_alarm_rate" => self.operating_point.as_ref()?.image.false_alarm_rate,
+            "recall" => self.operating_point.as_ref()?.image.recall,
+            "precision" => self.operating_point.as_ref()?.image.precision,
+            "f1_at_threshold" => self.operating_point.as_ref()?.image.f1,
             _ => None,
         }
     }
@@ -87,7 +112,8 @@ mod tests {
             method: "ours".into(),
             ..Default::default()
         };
-        let full = tessera_eval::evaluate(&samples, timings, info);
+        let mut full = tessera_eval::evaluate(&samples, timings, info);
+        full.operating_point = Some(tessera_eval::operating_points(&samples, 0.5, 0.5, "test"));
         let ours: TestReport =
             serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
         assert_eq!(ours.image_auroc, full.image_auroc);
@@ -105,5 +131,13 @@ mod tests {
             (1.5, 2.0, 1.25, 0.75)
         );
         assert_eq!(ours.method, "ours");
+        let (a, b) = (
+            &ours.operating_point.as_ref().unwrap().image,
+            &full.operating_point.as_ref().unwrap().image,
+        );
+        assert_eq!(
+            (a.threshold, a.false_alarm_rate, a.recall, a.precision, a.f1),
+            (b.threshold, b.false_alarm_rate, b.recall, b.precision, b.f1)
+        );
     }
 }

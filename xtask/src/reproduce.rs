@@ -280,7 +280,7 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     let tables = write_tables(&o)?;
     for (cat, _) in &o.categories {
         for scorer in &o.scorers {
-            if let Err(e) = gallery(&o, cat, scorer) {
+            if let Err(e) = gallery(&bin, &o, cat, scorer) {
                 eprintln!("reproduce: gallery {cat}/{scorer}: {e:#}");
             }
         }
@@ -346,6 +346,10 @@ fn write_tables(o: &Opts) -> Result<String> {
         ("pixel_aupro", "AUPRO"),
         ("image_f1_max", "I-F1max"),
         ("pixel_f1_max", "P-F1max"),
+        ("false_alarm_rate", "FAR@thr"),
+        ("recall", "recall@thr"),
+        ("precision", "precision@thr"),
+        ("f1_at_threshold", "F1@thr"),
     ];
     // values[(scorer, method, metric)][category]
     let mut rows: Vec<Value> = Vec::new();
@@ -454,17 +458,26 @@ fn write_tables(o: &Opts) -> Result<String> {
     )?;
     writeln!(
         md,
-        "\n## AUPRO (FPR ≤ 0.3) and F1-max (%)\n\n| class | scorer | method | AUPRO | I-F1max | P-F1max |\n|---|---|---|---|---|---|"
+        "\n## AUPRO (FPR ≤ 0.3), F1-max, and the model's own decisions (%)\n\n\
+         F1-max is chosen on the test labels (an oracle); the last four columns are at the \
+         threshold the model stores from its calibration (held-out normal images, conformal, \
+         `--target-fpr`): false-alarm rate on the good test images, recall, precision and F1.\n\n\
+         | class | scorer | method | AUPRO | I-F1max | P-F1max | FAR@thr | recall@thr | precision@thr | F1@thr |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     )?;
     for (cat, _) in &o.categories {
         for sc in &o.scorers {
             for m in METHODS {
                 writeln!(
                     md,
-                    "| {cat} | {sc} | {m} | {} | {} | {} |",
+                    "| {cat} | {sc} | {m} | {} | {} | {} | {} | {} | {} | {} |",
                     pct(get(sc, m, "pixel_aupro", cat)),
                     pct(get(sc, m, "image_f1_max", cat)),
-                    pct(get(sc, m, "pixel_f1_max", cat))
+                    pct(get(sc, m, "pixel_f1_max", cat)),
+                    pct(get(sc, m, "false_alarm_rate", cat)),
+                    pct(get(sc, m, "recall", cat)),
+                    pct(get(sc, m, "precision", cat)),
+                    pct(get(sc, m, "f1_at_threshold", cat))
                 )?;
             }
         }
@@ -560,83 +573,22 @@ fn write_tables(o: &Opts) -> Result<String> {
 }
 
 /// Fig. 5 style: per row image | GT | baseline heatmap | baseline mask | + method heatmap |
-/// + method mask, for the first `o.gallery` defect images of the class.
-fn gallery(o: &Opts, cat: &str, scorer: &str) -> Result<()> {
+/// + method mask, for the first `o.gallery` defect images of the class (`tessera gallery`).
+fn gallery(bin: &Path, o: &Opts, cat: &str, scorer: &str) -> Result<()> {
     let cells = o.out.join("cells").join(cat);
     let base = cells.join(format!("{scorer}-baseline/heatmaps"));
     let ours = cells.join(format!("{scorer}-method/heatmaps"));
     if !base.is_dir() || !ours.is_dir() {
         return Ok(());
     }
-    // Defect images: one per defect type in turn, until `gallery` rows.
-    let mut types: Vec<PathBuf> = std::fs::read_dir(&base)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.ends_with("good"))
-        .collect();
-    types.sort();
-    let mut lists: Vec<Vec<PathBuf>> = types
-        .iter()
-        .map(|t| {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(t)
-                .map(|r| r.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
-            v.sort();
-            v
-        })
-        .collect();
-    let mut picks = Vec::new();
-    let mut i = 0;
-    while picks.len() < o.gallery && lists.iter().any(|l| i < l.len()) {
-        for l in lists.iter_mut() {
-            if let Some(p) = l.get(i) {
-                if picks.len() < o.gallery {
-                    picks.push(p.clone());
-                }
-            }
-        }
-        i += 1;
-    }
-    if picks.is_empty() {
-        return Ok(());
-    }
-    let mut rows = Vec::new();
-    for p in &picks {
-        let rel = p.strip_prefix(&base)?;
-        let a = image::open(p).with_context(|| s(p))?.to_rgb8();
-        let q = ours.join(rel);
-        let b = image::open(&q).with_context(|| s(&q))?.to_rgb8();
-        rows.push((a, b));
-    }
-    let (pw, h) = rows[0].0.dimensions();
-    let gap = (pw - 4 * h) / 3; // panels are 4 square tiles with 3 gaps
-    let tile = |img: &image::RgbImage, k: u32| {
-        image::imageops::crop_imm(img, k * (h + gap), 0, h, h).to_image()
-    };
-    let width = 6 * h + 5 * gap;
-    let height = rows.len() as u32 * h + (rows.len() as u32 - 1) * gap;
-    let mut out = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    for (r, (a, b)) in rows.iter().enumerate() {
-        let y = r as u32 * (h + gap);
-        // image | GT | baseline heatmap | baseline mask | method heatmap | method mask
-        let tiles = [
-            tile(a, 0),
-            tile(a, 2),
-            tile(a, 1),
-            tile(a, 3),
-            tile(b, 1),
-            tile(b, 3),
-        ];
-        for (k, t) in tiles.iter().enumerate() {
-            image::imageops::replace(&mut out, t, (k as u32 * (h + gap)) as i64, y as i64);
-        }
-    }
     let dir = o.out.join("gallery");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{cat}-{scorer}.png"));
-    let tmp = dir.join(format!(".{cat}-{scorer}.png.tmp"));
-    out.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| s(&tmp))?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    let mut c = Command::new(bin);
+    c.args(["--quiet", "gallery", "--heatmaps"])
+        .arg(&base)
+        .arg("--heatmaps")
+        .arg(&ours)
+        .args(["--rows", &o.gallery.to_string(), "--out"])
+        .arg(dir.join(format!("{cat}-{scorer}.png")));
+    run_logged(&mut c, &dir.join(format!("{cat}-{scorer}.log")))
 }

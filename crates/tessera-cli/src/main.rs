@@ -56,6 +56,22 @@ enum Cmd {
     /// Datasets on disk.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Compare runs image by image (Fig. 5 style): image | ground truth | heatmap and mask of
+    /// each run, from the heatmap folders of `tessera test --heatmaps`.
+    Gallery(GalleryArgs),
+}
+
+#[derive(Args)]
+struct GalleryArgs {
+    /// A heatmap folder of `tessera test --heatmaps`; give one per run to compare.
+    #[arg(long = "heatmaps", required = true)]
+    heatmaps: Vec<PathBuf>,
+    /// Defect images to show (one per defect type in turn).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rows: u64,
+    /// The gallery PNG to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -773,6 +789,12 @@ fn run(cli: Cli) -> Result<()> {
                     s.images_per_second,
                     opts.out.display()
                 )
+            })?;
+        }
+        Cmd::Gallery(a) => {
+            let picked = tessera_pipeline::gallery(&a.heatmaps, a.rows as usize, &a.out)?;
+            summary(cli.json, &bars, &picked, |p| {
+                format!("{} images compared → {}", p.len(), a.out.display())
             })?;
         }
         Cmd::Data(DataCmd::Demo(a)) => {

@@ -124,6 +124,22 @@ fn fit_test_predict_round_trip() {
         .sum::<u64>();
     assert_eq!(counted, 10);
     assert!(r["images"][0]["anomalous"].is_boolean() && r["images"][0]["p_value"].is_number());
+    // A Fig.-5 gallery from two runs' heatmaps (here the same run twice): 6 tiles per row.
+    let gal = tmp.path().join("gallery.png");
+    ok(&tessera(&[
+        "--quiet",
+        "gallery",
+        "--heatmaps",
+        &s(&heat),
+        "--heatmaps",
+        &s(&heat),
+        "--rows",
+        "2",
+        "--out",
+        &s(&gal),
+    ]));
+    let g = image::open(&gal).unwrap();
+    assert_eq!((g.width(), g.height()), (6 * 224 + 5 * 4, 2 * 224 + 4));
 
     // predict scores exactly like test: same model file, same code path.
     let pred = tmp.path().join("pred");

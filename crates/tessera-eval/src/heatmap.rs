@@ -137,6 +137,52 @@ pub fn render_panel(
     Ok(panel)
 }
 
+/// Tile `k` (0..4) of a panel made by [`render_panel`]: 0 image, 1 heatmap overlay, 2 ground
+/// truth, 3 predicted mask.
+pub fn panel_tile(panel: &RgbImage, k: u32) -> RgbImage {
+    let tw = (panel.width().saturating_sub(3 * GAP)) / 4;
+    image::imageops::crop_imm(panel, k * (tw + GAP), 0, tw, panel.height()).to_image()
+}
+
+/// A Fig.-5-style comparison: one row per image, `image | ground truth | heatmap A | mask A |
+/// heatmap B | mask B …` from panels of the same image rendered by [`render_panel`] for each
+/// compared run (`rows[i][j]`: image `i`, run `j`; all panels of a row the same size).
+pub fn compose_gallery(rows: &[Vec<RgbImage>]) -> Result<RgbImage> {
+    let first = rows
+        .first()
+        .and_then(|r| r.first())
+        .ok_or_else(|| Error::Config("a gallery needs at least one panel".into()))?;
+    let tw = (first.width().saturating_sub(3 * GAP)) / 4;
+    let h = first.height();
+    let runs = rows[0].len() as u32;
+    let cols = 2 + 2 * runs;
+    let width = cols * tw + (cols - 1) * GAP;
+    let height = rows.len() as u32 * h + (rows.len() as u32 - 1) * GAP;
+    let mut out = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    for (r, panels) in rows.iter().enumerate() {
+        if panels.len() as u32 != runs
+            || panels.iter().any(|p| p.dimensions() != first.dimensions())
+        {
+            return Err(Error::Config(format!(
+                "gallery row {}: every run needs one panel of {}×{}",
+                r + 1,
+                first.width(),
+                first.height()
+            )));
+        }
+        let y = r as u32 * (h + GAP);
+        let mut tiles = vec![panel_tile(&panels[0], 0), panel_tile(&panels[0], 2)];
+        for p in panels {
+            tiles.push(panel_tile(p, 1));
+            tiles.push(panel_tile(p, 3));
+        }
+        for (k, t) in tiles.iter().enumerate() {
+            image::imageops::replace(&mut out, t, (k as u32 * (tw + GAP)) as i64, y as i64);
+        }
+    }
+    Ok(out)
+}
+
 /// Save an RGB image as PNG, atomically (encoded in memory, then written via temp file + rename).
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     let mut buf = std::io::Cursor::new(Vec::new());

@@ -54,7 +54,7 @@ pub mod metrics;
 pub mod pro;
 pub mod report;
 
-pub use heatmap::{jet, render_panel, save_png};
+pub use heatmap::{compose_gallery, jet, panel_tile, render_panel, save_png};
 pub use metrics::{auroc, f1_max};
 pub use pro::{
     aupro, connected_components, pro_curve, Components, ProCurve, ProImage, PRO_FPR_LIMIT,

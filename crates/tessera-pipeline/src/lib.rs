@@ -39,6 +39,7 @@ mod data;
 mod detector;
 mod evaluate;
 mod fit;
+mod gallery;
 pub mod memory;
 mod meta;
 mod names;
@@ -61,6 +62,7 @@ pub use fit::{
     fit, fit_scorer, load_pfam, sbm_output_path, sbm_stage, trainable_pfam, FitOptions, FitSummary,
     PfamTraining, Prepared, SbmStage, TrainablePfam, IN_SAMPLE_IMAGES,
 };
+pub use gallery::gallery;
 pub use meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 pub use observer::{stage, Observer, Silent};
 pub use predict::{expand_inputs, predict, Job, PredictOptions, PredictSummary, Prediction};
