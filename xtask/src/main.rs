@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod bench_serve;
 mod cuda;
 mod reports;
 mod reproduce;
@@ -24,6 +25,9 @@ const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|reproduce|cuda-bu
         Generate a synthetic category, fit PaDiM, test it, write heatmaps and the report.
         Uses --weights when given, else ImageNet ResNet-18 weights from the Hugging Face hub
         cache if present, else a seeded random backbone (and says so).
+  bench serve [--shared DIR] [--requests N]
+        tessera serve on loopback: images/s and p50/p99 latency at concurrency 1, 4, 16 with and
+        without batching, beside tessera predict; a 4x overload burst (503 rate, memory).
   bench [--shared DIR] [--skip-criterion] [--skip-torch]
         Criterion benches (features + PaDiM ms/image at batch 1 and 8, coreset, 1-NN); fit/test
         time, peak RSS, model size and AUROC for PaDiM and PatchCore (10 %, 1 %, f16 bank) on
@@ -312,6 +316,9 @@ fn demo(args: &[String]) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("serve") {
+        return bench_serve::bench_serve(&args[1..]);
+    }
     let shared = PathBuf::from(
         flag(args, "--shared").unwrap_or_else(|| root().join("../shared").display().to_string()),
     );

@@ -16,8 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const USAGE: &str = "  reproduce --data ROOT [--categories a,b] [--scorers padim,patchcore,cfa]
-            [--backbone resnet18|wide_resnet50_2] [--weights FILE] [--textures DIR]
-            [--run NAME] [--out DIR] [--cfa-epochs N] [--sbm-epochs N] [--gallery N]
+            [--backbone resnet18|wide_resnet50_2] [--weights FILE | --random-weights N]
+            [--textures DIR] [--preprocess P] [--run NAME] [--out DIR] [--cfa-epochs N]
+            [--sbm-epochs N] [--gallery N] [--shard I/N] [--tessera BIN]
+  reproduce --merge DIR,DIR,... --out DIR [--tessera BIN]
+        --shard I/N runs only shard I (0-based) of N: categories are dealt round-robin (cells,
+        when there are fewer categories than shards), so N machines (a Kubernetes Indexed Job,
+        a Slurm array) share a run; --merge gathers the shards' cells and writes the tables.
+        --tessera uses that binary instead of building one.
         For every category under ROOT (MVTec layout; ROOT may be one category) and every scorer,
         fit + test the baseline and '+ method' (--method ours: PFAM, plus SBM on object
         categories, per the paper), then write DIR/table1.{md,csv,json} (image/pixel AUROC, AUPRO,
@@ -25,6 +31,23 @@ pub const USAGE: &str = "  reproduce --data ROOT [--categories a,b] [--scorers p
         to results/<run> (run: the date). Resumable: finished cells are kept and skipped.";
 
 const METHODS: [&str; 2] = ["baseline", "method"];
+
+/// What defines a run's tables (written to `run.json`, compared when resuming and merging).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RunRecord {
+    data: PathBuf,
+    categories: Vec<(String, PathBuf)>,
+    kinds: BTreeMap<String, String>,
+    scorers: Vec<String>,
+    backbone: String,
+    weights: Option<String>,
+    random_weights: Option<String>,
+    preprocess: Option<String>,
+    textures: Option<String>,
+    cfa_epochs: Option<String>,
+    sbm_epochs: Option<String>,
+    gallery: usize,
+}
 
 struct Opts {
     data: PathBuf,
@@ -39,6 +62,12 @@ struct Opts {
     cfa_epochs: Option<String>,
     sbm_epochs: Option<String>,
     gallery: usize,
+    random_weights: Option<String>,
+    preprocess: Option<String>,
+    /// (index, count) of this shard.
+    shard: Option<(usize, usize)>,
+    /// A binary to use instead of building one.
+    tessera: Option<PathBuf>,
 }
 
 fn is_category(p: &Path) -> bool {
@@ -112,7 +141,160 @@ fn parse(args: &[String]) -> Result<Opts> {
             .transpose()
             .context("--gallery N")?
             .unwrap_or(4),
+        random_weights: crate::flag(args, "--random-weights"),
+        preprocess: crate::flag(args, "--preprocess"),
+        shard: crate::flag(args, "--shard")
+            .map(|s| parse_shard(&s))
+            .transpose()?,
+        tessera: crate::flag(args, "--tessera").map(PathBuf::from),
     })
+}
+
+/// `I/N` with `I < N`.
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s
+        .split_once('/')
+        .with_context(|| format!("--shard {s}: expected I/N, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().with_context(|| format!("--shard {s}"))?,
+        n.trim().parse().with_context(|| format!("--shard {s}"))?,
+    );
+    if n == 0 || i >= n {
+        bail!("--shard {s}: need 0 <= I < N");
+    }
+    Ok((i, n))
+}
+
+/// A cell of the run: (category, its folder, scorer, method).
+type Cell = (String, PathBuf, String, &'static str);
+
+impl Opts {
+    fn record(&self) -> RunRecord {
+        RunRecord {
+            data: self.data.clone(),
+            categories: self.categories.clone(),
+            kinds: self
+                .kinds
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            scorers: self.scorers.clone(),
+            backbone: self.backbone.clone(),
+            weights: self.weights.clone(),
+            random_weights: self.random_weights.clone(),
+            preprocess: self.preprocess.clone(),
+            textures: self.textures.clone(),
+            cfa_epochs: self.cfa_epochs.clone(),
+            sbm_epochs: self.sbm_epochs.clone(),
+            gallery: self.gallery,
+        }
+    }
+
+    fn from_record(r: RunRecord, out: PathBuf, tessera: Option<PathBuf>) -> Self {
+        let kind = |k: &str| match k {
+            "texture" => "texture",
+            "object" => "object",
+            _ => "other",
+        };
+        Opts {
+            data: r.data,
+            categories: r.categories,
+            kinds: r.kinds.iter().map(|(c, k)| (c.clone(), kind(k))).collect(),
+            scorers: r.scorers,
+            backbone: r.backbone,
+            weights: r.weights,
+            textures: r.textures,
+            out,
+            cfa_epochs: r.cfa_epochs,
+            sbm_epochs: r.sbm_epochs,
+            gallery: r.gallery,
+            random_weights: r.random_weights,
+            preprocess: r.preprocess,
+            shard: None,
+            tessera,
+        }
+    }
+
+    /// Every cell of the run, in table order.
+    fn cells(&self) -> Vec<Cell> {
+        let mut v = Vec::new();
+        for (cat, dir) in &self.categories {
+            for scorer in &self.scorers {
+                for method in METHODS {
+                    v.push((cat.clone(), dir.clone(), scorer.clone(), method));
+                }
+            }
+        }
+        v
+    }
+
+    /// The cells this shard runs: categories dealt round-robin (a category's cells share its
+    /// SBM weights), or cells when there are fewer categories than shards.
+    fn my_cells(&self) -> Vec<Cell> {
+        let all = self.cells();
+        let Some((i, n)) = self.shard else {
+            return all;
+        };
+        if self.categories.len() >= n {
+            let mine: Vec<&String> = self
+                .categories
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| k % n == i)
+                .map(|(_, (c, _))| c)
+                .collect();
+            all.into_iter().filter(|c| mine.contains(&&c.0)).collect()
+        } else {
+            all.into_iter()
+                .enumerate()
+                .filter(|(k, _)| k % n == i)
+                .map(|(_, c)| c)
+                .collect()
+        }
+    }
+
+    /// `--weights` / `--random-weights` and `--preprocess` for `fit` and `sbm train`.
+    fn source_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if let Some(w) = &self.weights {
+            a.extend(["--weights".to_string(), w.clone()]);
+        }
+        if let Some(r) = &self.random_weights {
+            a.extend(["--random-weights".to_string(), r.clone()]);
+        }
+        if let Some(p) = &self.preprocess {
+            a.extend(["--preprocess".to_string(), p.clone()]);
+        }
+        a
+    }
+
+    fn binary(&self) -> Result<PathBuf> {
+        match &self.tessera {
+            Some(b) if b.is_file() => Ok(b.clone()),
+            Some(b) => bail!("--tessera {}: no such file", b.display()),
+            None => crate::build_tessera(),
+        }
+    }
+}
+
+/// Write or check `run.json`: a folder holds one run's cells, never a mix.
+fn record_run(o: &Opts) -> Result<()> {
+    let p = o.out.join("run.json");
+    let mine = o.record();
+    if p.is_file() {
+        let theirs: RunRecord = reports::read(&p)?;
+        if theirs != mine {
+            bail!(
+                "{} holds a run with other settings ({}); resume it with the same options or \
+                 choose another --out",
+                o.out.display(),
+                p.display()
+            );
+        }
+        return Ok(());
+    }
+    std::fs::write(&p, serde_json::to_string_pretty(&mine)?)
+        .with_context(|| format!("writing {}", p.display()))
 }
 
 fn today() -> String {
@@ -193,9 +375,7 @@ fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<PathBuf> {
     if o.kind(cat) != "object" {
         c.args(["--sbm-layers", "none"]);
     }
-    if let Some(w) = &o.weights {
-        c.args(["--weights", w]);
-    }
+    c.args(o.source_args());
     if let Some(t) = &o.textures {
         c.args(["--textures", t]);
     }
@@ -219,9 +399,7 @@ fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &
     let mut fit = Command::new(bin);
     fit.args(["--quiet", "fit", "--data", &s(dir), "--scorer", scorer])
         .args(["--backbone", &o.backbone, "--out", &s(&model)]);
-    if let Some(w) = &o.weights {
-        fit.args(["--weights", w]);
-    }
+    fit.args(o.source_args());
     if let (Some(e), "cfa") = (&o.cfa_epochs, scorer) {
         fit.args(["--epochs", e]);
     }
@@ -241,46 +419,60 @@ fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &
 }
 
 pub fn reproduce(args: &[String]) -> Result<()> {
+    if let Some(dirs) = crate::flag(args, "--merge") {
+        return merge(&dirs, args);
+    }
     let mut o = parse(args)?;
     std::fs::create_dir_all(&o.out)?;
-    let bin = crate::build_tessera()?;
+    let bin = o.binary()?;
     category_kinds(&bin, &mut o)?;
+    record_run(&o)?;
+    let cells = o.my_cells();
     println!(
-        "reproduce: {} categories × {} scorers × 2 methods → {}",
+        "reproduce: {} categories × {} scorers × 2 methods{} → {}",
         o.categories.len(),
         o.scorers.len(),
+        match o.shard {
+            Some((i, n)) => format!(", shard {i}/{n}: {} cells", cells.len()),
+            None => String::new(),
+        },
         o.out.display()
     );
     let mut failed = Vec::new();
-    for (cat, dir) in &o.categories {
-        for scorer in &o.scorers {
-            for method in METHODS {
-                let cell = o
-                    .out
-                    .join("cells")
-                    .join(cat)
-                    .join(format!("{scorer}-{method}"));
-                if cell.join("report.json").is_file() {
-                    println!("reproduce: {cat} {scorer} {method}: done earlier, kept");
-                    continue;
-                }
-                println!("reproduce: {cat} {scorer} {method}: running");
-                if let Err(e) = run_cell(&bin, &o, cat, dir, scorer, method) {
-                    let msg = format!("{e:#}");
-                    eprintln!("reproduce: {cat} {scorer} {method}: FAILED: {msg}");
-                    std::fs::create_dir_all(&cell).ok();
-                    std::fs::write(cell.join("error.txt"), &msg).ok();
-                    failed.push(format!("{cat}/{scorer}/{method}"));
-                } else {
-                    std::fs::remove_file(cell.join("error.txt")).ok();
-                }
-            }
+    for (cat, dir, scorer, method) in &cells {
+        let cell = o
+            .out
+            .join("cells")
+            .join(cat)
+            .join(format!("{scorer}-{method}"));
+        if cell.join("report.json").is_file() {
+            println!("reproduce: {cat} {scorer} {method}: done earlier, kept");
+            continue;
+        }
+        println!("reproduce: {cat} {scorer} {method}: running");
+        if let Err(e) = run_cell(&bin, &o, cat, dir, scorer, method) {
+            let msg = format!("{e:#}");
+            eprintln!("reproduce: {cat} {scorer} {method}: FAILED: {msg}");
+            std::fs::create_dir_all(&cell).ok();
+            std::fs::write(cell.join("error.txt"), &msg).ok();
+            failed.push(format!("{cat}/{scorer}/{method}"));
+        } else {
+            std::fs::remove_file(cell.join("error.txt")).ok();
         }
     }
-    let tables = write_tables(&o)?;
+    finish(&o, &bin)?;
+    if !failed.is_empty() {
+        bail!("{} cell(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The tables and galleries of what `o.out` holds.
+fn finish(o: &Opts, bin: &Path) -> Result<()> {
+    let tables = write_tables(o)?;
     for (cat, _) in &o.categories {
         for scorer in &o.scorers {
-            if let Err(e) = gallery(&bin, &o, cat, scorer) {
+            if let Err(e) = gallery(bin, o, cat, scorer) {
                 eprintln!("reproduce: gallery {cat}/{scorer}: {e:#}");
             }
         }
@@ -291,10 +483,81 @@ pub fn reproduce(args: &[String]) -> Result<()> {
         o.out.display(),
         o.out.display()
     );
-    if !failed.is_empty() {
-        bail!("{} cell(s) failed: {}", failed.len(), failed.join(", "));
+    Ok(())
+}
+
+/// Copy a folder tree (files and folders only).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} → {}", src.display(), dst.display()))?;
+        }
     }
     Ok(())
+}
+
+/// `--merge A,B,… --out C`: the shards' cells into C, then C's tables and galleries.
+fn merge(dirs: &str, args: &[String]) -> Result<()> {
+    let out = PathBuf::from(crate::flag(args, "--out").context("--merge needs --out DIR")?);
+    let shards: Vec<PathBuf> = dirs.split(',').map(|d| PathBuf::from(d.trim())).collect();
+    let mut record: Option<RunRecord> = None;
+    for d in &shards {
+        let r: RunRecord = reports::read(&d.join("run.json"))
+            .with_context(|| format!("{} is not a reproduce run", d.display()))?;
+        match &record {
+            None => record = Some(r),
+            Some(first) if *first != r => bail!(
+                "{} was run with other settings than {}: shards of one run only",
+                d.display(),
+                shards[0].display()
+            ),
+            Some(_) => {}
+        }
+    }
+    let record = record.context("--merge names no folder")?;
+    std::fs::create_dir_all(&out)?;
+    let o = Opts::from_record(
+        record,
+        out.clone(),
+        crate::flag(args, "--tessera").map(PathBuf::from),
+    );
+    record_run(&o)?;
+    let mut merged = 0;
+    for (cat, _, scorer, method) in o.cells() {
+        let rel = Path::new("cells")
+            .join(&cat)
+            .join(format!("{scorer}-{method}"));
+        // The shard that finished the cell (a report), else one that tried (an error).
+        let src = shards
+            .iter()
+            .map(|d| d.join(&rel))
+            .find(|c| c.join("report.json").is_file())
+            .or_else(|| shards.iter().map(|d| d.join(&rel)).find(|c| c.is_dir()));
+        if let Some(src) = src {
+            let dst = out.join(&rel);
+            if dst != src {
+                if dst.exists() {
+                    std::fs::remove_dir_all(&dst)?;
+                }
+                copy_tree(&src, &dst)?;
+            }
+            merged += 1;
+        }
+    }
+    println!(
+        "reproduce: merged {merged} of {} cells from {} shard(s) into {}",
+        o.cells().len(),
+        shards.len(),
+        out.display()
+    );
+    let bin = o.binary()?;
+    finish(&o, &bin)
 }
 
 fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<TestReport> {

@@ -73,6 +73,9 @@ fn wrong_shape_missing_tensor_and_missing_file() {
         e.contains("junk.safetensors") && e.contains("not a safetensors file"),
         "{e}"
     );
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("tessera-bb-{}", std::process::id())),
+    );
 }
 
 #[test]

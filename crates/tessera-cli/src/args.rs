@@ -49,9 +49,67 @@ pub(crate) enum Cmd {
     /// Datasets on disk.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Serve models over HTTP for line software and cameras: predict, reload, metrics, an
+    /// inspection page at `/`.
+    Serve(ServeArgs),
     /// Compare runs image by image (Fig. 5 style): image | ground truth | heatmap and mask of
     /// each run, from the heatmap folders of `tessera test --heatmaps`.
     Gallery(GalleryArgs),
+}
+
+/// `NAME=FILE`.
+fn model_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, f)) if !n.is_empty() && !f.is_empty() => Ok((n.to_string(), PathBuf::from(f))),
+        _ => Err(format!(
+            "'{s}': expected NAME=FILE, e.g. bottle=bottle.padim.safetensors"
+        )),
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// A model to serve as NAME=FILE (repeat for several).
+    #[arg(long = "model", required = true, value_parser = model_arg)]
+    pub(crate) models: Vec<(String, PathBuf)>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) addr: std::net::SocketAddr,
+    /// Most images per backbone batch (concurrent requests are gathered).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub(crate) max_batch: u64,
+    /// Longest wait for more requests before a batch runs, milliseconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub(crate) max_wait_ms: u64,
+    /// Requests that may wait per model; beyond it, 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) queue: u64,
+    /// Largest request body, MiB (413 beyond).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) body_limit_mib: u64,
+    /// Longest wait for an answer, seconds (504 beyond).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) timeout_s: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: DeviceSpec,
+}
+
+impl ServeArgs {
+    pub(crate) fn options(&self) -> tessera_serve::ServeOptions {
+        tessera_serve::ServeOptions {
+            models: self.models.clone(),
+            addr: self.addr,
+            device: self.device,
+            batch: tessera_serve::batcher::BatchConfig {
+                max_batch: self.max_batch as usize,
+                max_wait: std::time::Duration::from_millis(self.max_wait_ms),
+                queue: self.queue as usize,
+            },
+            body_limit: (self.body_limit_mib as usize) << 20,
+            timeout: std::time::Duration::from_secs(self.timeout_s),
+        }
+    }
 }
 
 #[derive(Args)]

@@ -165,6 +165,22 @@ fn run(cli: Cli) -> Result<()> {
                 )
             })?;
         }
+        Cmd::Serve(a) => {
+            let opts = a.options();
+            bars.say(&format!(
+                "serving {} model(s) on http://{} (max batch {}, queue {}); SIGTERM or Ctrl-C \
+                 drains and stops, SIGHUP reloads",
+                opts.models.len(),
+                opts.addr,
+                opts.batch.max_batch,
+                opts.batch.queue
+            ));
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(tessera_serve::serve(opts, tessera_serve::shutdown_signal()))?;
+            bars.say("stopped: every request in flight was answered");
+        }
         Cmd::Gallery(a) => {
             let picked = tessera_pipeline::gallery(&a.heatmaps, a.rows as usize, &a.out)?;
             summary(cli.json, &bars, &picked, |p| {

@@ -33,6 +33,7 @@ pub use layout::{
     CategoryKind, Dataset, FolderEntries, FolderSpec, Layout, Sample, FOLDER_SPEC_FILE, IMAGE_EXTS,
 };
 pub use preprocess::{
-    load_batch, load_image, load_mask, load_mask_checked, normalize, Batch, LoadedImage, LoadedMask,
+    decode_bytes, load_batch, load_image, load_mask, load_mask_checked, normalize,
+    preprocess_image, Batch, LoadedImage, LoadedMask,
 };
 pub use synthetic::{generate_category, SyntheticSpec};

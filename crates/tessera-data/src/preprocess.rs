@@ -59,6 +59,24 @@ fn decode(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| Error::bad_input(path, format!("cannot decode image: {e}")))
 }
 
+/// Decode an image held in memory (a request body); `origin` names it in errors. The same
+/// decoders and limits as for files, so an image scores the same from a file or from bytes.
+pub fn decode_bytes(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::bad_input(origin, format!("cannot read the image: {e}")))?;
+    if reader.format().is_none() {
+        return Err(Error::bad_input(
+            origin,
+            "not an image in a known format (PNG, JPEG, BMP or TIFF)",
+        ));
+    }
+    reader.limits(decode_limits());
+    reader
+        .decode()
+        .map_err(|e| Error::bad_input(origin, format!("cannot decode image: {e}")))
+}
+
 fn center_crop_offset(size: u32, crop: u32) -> u32 {
     // torchvision's CenterCrop: int(round((size - crop) / 2)).
     ((size - crop) as f64 / 2.0).round() as u32
@@ -100,10 +118,18 @@ fn fit_geometry<P: image::Pixel + 'static>(
 
 /// Decode, resize, crop and normalise one image. Gray and 16-bit images become 8-bit RGB.
 pub fn load_image(path: &Path, pre: &Preprocess) -> Result<LoadedImage> {
-    let img = decode(path)?;
+    preprocess_image(&decode(path)?, pre, path)
+}
+
+/// Resize, crop and normalise a decoded image (`origin` names it in errors).
+pub fn preprocess_image(
+    img: &DynamicImage,
+    pre: &Preprocess,
+    origin: impl AsRef<Path>,
+) -> Result<LoadedImage> {
     let original_size = (img.width(), img.height());
     if original_size.0 == 0 || original_size.1 == 0 {
-        return Err(Error::bad_input(path, "image is empty (0 pixels)"));
+        return Err(Error::bad_input(origin, "image is empty (0 pixels)"));
     }
     let rgb = img.to_rgb8();
     let g = geometry_of(pre, original_size);
