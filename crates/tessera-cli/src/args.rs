@@ -8,7 +8,7 @@ use tessera_backbone::Arch;
 use tessera_cfa::CfaConfig;
 use tessera_core::model::{Geometry, Preprocess, Tiling};
 use tessera_core::DeviceSpec;
-use tessera_padim::PadimConfig;
+use tessera_padim::{PadimConfig, Reduction};
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
 use tessera_pipeline::{
     CalibrationMode, CalibrationOptions, FitOptions, Method, PfamTraining, SbmMode, SbmStage,
@@ -540,9 +540,14 @@ pub(crate) struct FitArgs {
     /// The false-alarm rate the image threshold must keep on normal parts.
     #[arg(long, default_value_t = 0.05, value_parser = float_in(0.0, 0.5, true))]
     pub(crate) target_fpr: f64,
-    /// PaDiM: channels kept (default 100 for ResNet-18/34, 550 for wider backbones).
+    /// PaDiM: dimensions kept (default 100 for ResNet-18/34, 550 for wider backbones).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub(crate) padim_dims: Option<u64>,
+    /// PaDiM: how channels are reduced. orthogonal: a seeded semi-orthogonal projection of all
+    /// channels (Kim et al. 2021; far less seed-dependent); subset: a seeded random channel
+    /// subset (the paper's).
+    #[arg(long, default_value = "orthogonal", value_parser = named::<Reduction>(Reduction::NAMES))]
+    pub(crate) padim_reduction: Reduction,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
     #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     pub(crate) coreset_ratio: f64,
@@ -596,6 +601,7 @@ impl FitArgs {
         match self.scorer {
             ScorerKind::Padim => ScorerConfig::Padim(PadimConfig {
                 dims: self.padim_dims.map(|d| d as usize),
+                reduction: self.padim_reduction,
                 ..Default::default()
             }),
             ScorerKind::Patchcore => ScorerConfig::Patchcore(PatchcoreConfig {

@@ -4,7 +4,12 @@
 //! Follows the reference implementation:
 //!
 //! 1. layer1..3 features, deeper levels upsampled (nearest) to layer1's grid and concatenated;
-//! 2. a seeded random subset of `d` channels (100 for ResNet-18, 550 for wider backbones);
+//! 2. channel reduction to `d` dimensions (100 for ResNet-18, 550 for wider backbones):
+//!    [`Reduction::Subset`], the paper's seeded random subset of channels, or
+//!    [`Reduction::Orthogonal`], a seeded random semi-orthogonal projection of every channel
+//!    (Kim et al., 2021, "Semi-orthogonal embedding for efficient unsupervised anomaly
+//!    segmentation"), which keeps information from all channels and so depends far less on
+//!    the seed;
 //! 3. per position: mean and covariance + 0.01·I, inverted in f64 through a Cholesky
 //!    factorisation (faer), one position per task on all cores;
 //! 4. scoring: Mahalanobis distance per position; the caller upsamples (bilinear) and blurs
@@ -37,14 +42,92 @@ use serde::{Deserialize, Serialize};
 use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
+/// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// A seeded random subset of the channels (the paper's and the reference's).
+    Subset,
+    /// A seeded random semi-orthogonal projection `W` (`C × d`, `WᵀW = I`) of all channels.
+    #[default]
+    Orthogonal,
+}
+
+impl Reduction {
+    /// The names on the command line.
+    pub const NAMES: &'static [&'static str] = &["orthogonal", "subset"];
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduction::Subset => "subset",
+            Reduction::Orthogonal => "orthogonal",
+        }
+    }
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "subset" => Ok(Reduction::Subset),
+            "orthogonal" => Ok(Reduction::Orthogonal),
+            _ => Err(Error::Config(format!(
+                "padim reduction '{s}': expected orthogonal or subset"
+            ))),
+        }
+    }
+}
+
+/// A seeded random `total × d` matrix with orthonormal columns, row-major: Gaussian entries
+/// (Box–Muller on ChaCha8), orthonormalised by modified Gram–Schmidt, twice (in f64).
+pub fn semi_orthogonal(total: usize, d: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let d = d.min(total);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x50e0_0000_0000_0001);
+    let mut gauss = move || -> f64 {
+        // 1 − u ∈ (0, 1]: no log(0).
+        let u: f64 = 1.0 - rng.random::<f64>();
+        let v: f64 = rng.random::<f64>();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    };
+    // Columns as rows of `q` (d × total).
+    let mut q: Vec<Vec<f64>> = (0..d)
+        .map(|_| (0..total).map(|_| gauss()).collect())
+        .collect();
+    for _pass in 0..2 {
+        for j in 0..d {
+            let (done, rest) = q.split_at_mut(j);
+            let col = &mut rest[0];
+            for prev in done.iter() {
+                let dot: f64 = prev.iter().zip(col.iter()).map(|(a, b)| a * b).sum();
+                for (c, p) in col.iter_mut().zip(prev) {
+                    *c -= dot * p;
+                }
+            }
+            let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+            for c in col.iter_mut() {
+                *c /= norm;
+            }
+        }
+    }
+    let mut w = vec![0f32; total * d];
+    for (j, col) in q.iter().enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            w[i * d + j] = *v as f32;
+        }
+    }
+    w
+}
+
 /// PaDiM hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PadimConfig {
-    /// Channels kept; `None` = 100 when the backbone gives ≤ 448 channels (ResNet-18/34),
+    /// Dimensions kept; `None` = 100 when the backbone gives ≤ 448 channels (ResNet-18/34),
     /// else 550 (as the reference for Wide-ResNet-50-2).
     pub dims: Option<usize>,
-    /// Seed of the channel subset.
+    /// How the channels are reduced to `dims`.
+    pub reduction: Reduction,
+    /// Seed of the channel subset or projection.
     pub seed: u64,
     /// Covariance regulariser ε in Σ + ε·I.
     pub reg: f64,
@@ -56,6 +139,7 @@ impl Default for PadimConfig {
     fn default() -> Self {
         Self {
             dims: None,
+            reduction: Reduction::default(),
             seed: 0,
             reg: 0.01,
             levels: vec![1, 2, 3],
@@ -109,12 +193,95 @@ pub fn channel_subset(total: usize, d: usize, seed: u64) -> Vec<u32> {
     idx
 }
 
+/// The fitted channel reduction.
+#[derive(Debug, Clone)]
+enum Reduce {
+    /// Selected channel indices into the concatenated embedding (`d`, u32, increasing).
+    Index(Tensor),
+    /// The semi-orthogonal projection (`C × d`).
+    Project(Tensor),
+}
+
+impl Reduce {
+    fn fit(reduction: Reduction, c: usize, d: usize, seed: u64, dev: &Device) -> Result<Self> {
+        Ok(match reduction {
+            Reduction::Subset => {
+                Reduce::Index(Tensor::from_vec(channel_subset(c, d, seed), d, dev)?)
+            }
+            Reduction::Orthogonal => {
+                Reduce::Project(Tensor::from_vec(semi_orthogonal(c, d, seed), (c, d), dev)?)
+            }
+        })
+    }
+
+    fn dims(&self) -> usize {
+        match self {
+            Reduce::Index(i) => i.dims()[0],
+            Reduce::Project(w) => w.dims()[1],
+        }
+    }
+
+    fn reduction(&self) -> Reduction {
+        match self {
+            Reduce::Index(_) => Reduction::Subset,
+            Reduce::Project(_) => Reduction::Orthogonal,
+        }
+    }
+
+    /// Refuse features this reduction was not fitted for.
+    fn check_channels(&self, c: usize) -> Result<()> {
+        let bad = match self {
+            Reduce::Index(i) => {
+                let last = i.i(i.dims()[0] - 1)?.to_scalar::<u32>()? as usize;
+                (last >= c).then(|| format!("selects channel {last}"))
+            }
+            Reduce::Project(w) => {
+                (w.dims()[0] != c).then(|| format!("projects {} channels", w.dims()[0]))
+            }
+        };
+        match bad {
+            Some(what) => Err(Error::Config(format!(
+                "padim model {what}, but the features have {c} channels: the model does not \
+                 fit this backbone"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// `(B, C, H, W)` → `(P, B, d)`.
+    fn apply(&self, emb: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = emb.dims4()?;
+        let d = self.dims();
+        Ok(match self {
+            Reduce::Index(index) => emb
+                .index_select(index, 1)?
+                .reshape((b, d, h * w))?
+                .permute((2, 0, 1))?
+                .contiguous()?,
+            Reduce::Project(p) => emb
+                .reshape((b, c, h * w))?
+                .permute((2, 0, 1))?
+                .contiguous()?
+                .reshape((h * w * b, c))?
+                .matmul(&p.to_device(emb.device())?)?
+                .reshape((h * w, b, d))?,
+        })
+    }
+
+    fn tensor(&self) -> (&'static str, Tensor) {
+        match self {
+            Reduce::Index(i) => ("index", i.clone()),
+            Reduce::Project(w) => ("projection", w.clone()),
+        }
+    }
+}
+
 /// A fitted PaDiM model.
 #[derive(Debug, Clone)]
 pub struct Padim {
     config: PadimConfig,
-    /// Selected channel indices into the concatenated embedding.
-    index: Tensor,
+    /// Channels → `d` dimensions.
+    reduce: Reduce,
     /// `P × d` means (P = H·W positions).
     mean: Tensor,
     /// `P × d × d` inverse covariances.
@@ -123,37 +290,25 @@ pub struct Padim {
     width: usize,
 }
 
-fn select(emb: &Tensor, index: &Tensor) -> Result<Tensor> {
-    // (B, C, H, W) → (P, B, d)
-    let (b, _, h, w) = emb.dims4()?;
-    let sel = emb.index_select(index, 1)?;
-    let d = index.dims1()?;
-    Ok(sel
-        .reshape((b, d, h * w))?
-        .permute((2, 0, 1))?
-        .contiguous()?)
-}
-
 impl FitScorer for PadimConfig {
     type Fitted = Padim;
 
     fn fit(&self, batches: &mut dyn Iterator<Item = Result<FeatureMaps>>) -> Result<Padim> {
         self.validate()?;
         let mut chunks: Vec<Tensor> = Vec::new();
-        let mut index: Option<Tensor> = None;
+        let mut reduce: Option<Reduce> = None;
         let mut grid = (0, 0);
         for batch in batches {
             let emb = embed(&batch?, &self.levels)?;
             let (_, c, h, w) = emb.dims4()?;
-            if index.is_none() {
+            if reduce.is_none() {
                 if let Some(d) = self.dims.filter(|&d| d > c) {
                     return Err(Error::Config(format!(
                         "padim: {d} channels asked for, but the features have {c}; choose at most {c}"
                     )));
                 }
                 let d = self.dims.unwrap_or(if c <= 448 { 100 } else { 550 }).min(c);
-                let idx = channel_subset(c, d, self.seed);
-                index = Some(Tensor::from_vec(idx, d, emb.device())?);
+                reduce = Some(Reduce::fit(self.reduction, c, d, self.seed, emb.device())?);
                 grid = (h, w);
             }
             if (h, w) != grid {
@@ -162,11 +317,13 @@ impl FitScorer for PadimConfig {
                     (h, w)
                 )));
             }
-            // Keep the selected channels only: (P, B, d), moved to the CPU (statistics are
+            // Keep the reduced embedding only: (P, B, d), moved to the CPU (statistics are
             // computed there in f64).
-            chunks.push(select(&emb, index.as_ref().unwrap())?.to_device(&Device::Cpu)?);
+            if let Some(r) = &reduce {
+                chunks.push(r.apply(&emb)?.to_device(&Device::Cpu)?);
+            }
         }
-        let index = index.ok_or_else(|| Error::Config("padim: no training images".into()))?;
+        let reduce = reduce.ok_or_else(|| Error::Config("padim: no training images".into()))?;
         let x = Tensor::cat(&chunks, 1)?; // (P, N, d)
         drop(chunks);
         let (p, n, d) = x.dims3()?;
@@ -199,12 +356,14 @@ impl FitScorer for PadimConfig {
             })
             .collect::<Result<Vec<Vec<f32>>>>()?
             .concat();
-        let dev = index.device().clone();
+        let dev = match &reduce {
+            Reduce::Index(t) | Reduce::Project(t) => t.device().clone(),
+        };
         let inv_cov = Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?.to_device(&dev)?;
         let mean = mean.squeeze(1)?.to_device(&dev)?;
         Ok(Padim {
             config: self.clone(),
-            index,
+            reduce,
             mean,
             inv_cov,
             height: grid.0,
@@ -222,27 +381,44 @@ impl Restore for Padim {
         tensors: std::collections::HashMap<String, Tensor>,
     ) -> Result<Self> {
         config.validate()?;
+        // The stored tensor says which reduction was fitted (files from before the projection
+        // existed carry `index` and no `reduction` in their configuration).
+        let projected = tensors.contains_key("projection");
         let mut t = StoredTensors::new("padim", tensors);
-        let index = t.take("index")?.to_dtype(DType::U32)?;
+        let reduce = if projected {
+            Reduce::Project(t.take("projection")?.to_dtype(DType::F32)?)
+        } else {
+            Reduce::Index(t.take("index")?.to_dtype(DType::U32)?)
+        };
         let mean = t.take("mean")?;
         let inv_cov = t.take("inv_cov")?;
         let (height, width) = t.take_grid()?;
-        if mean.rank() != 2 || index.rank() != 1 {
+        let reduce_ok = match &reduce {
+            Reduce::Index(i) => i.rank() == 1,
+            Reduce::Project(w) => w.rank() == 2 && w.dims()[0] >= w.dims()[1],
+        };
+        if mean.rank() != 2 || !reduce_ok {
             return Err(t.inconsistent());
         }
         let (p, d) = mean.dims2()?;
-        if height * width != p || inv_cov.dims() != [p, d, d] || index.dims1()? != d {
+        if height * width != p || inv_cov.dims() != [p, d, d] || reduce.dims() != d {
             return Err(t.inconsistent());
         }
-        let idx: Vec<u32> = index.to_vec1()?;
-        if idx.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::Config(
-                "padim model has a channel index that is not strictly increasing".into(),
-            ));
+        if let Reduce::Index(index) = &reduce {
+            let idx: Vec<u32> = index.to_vec1()?;
+            if idx.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(Error::Config(
+                    "padim model has a channel index that is not strictly increasing".into(),
+                ));
+            }
         }
+        let config = PadimConfig {
+            reduction: reduce.reduction(),
+            ..config
+        };
         Ok(Self {
             config,
-            index,
+            reduce,
             mean,
             inv_cov,
             height,
@@ -252,9 +428,14 @@ impl Restore for Padim {
 }
 
 impl Padim {
-    /// Number of channels kept.
+    /// Number of dimensions kept.
     pub fn dims(&self) -> usize {
-        self.index.dims()[0]
+        self.reduce.dims()
+    }
+
+    /// The reduction this model was fitted with.
+    pub fn reduction(&self) -> Reduction {
+        self.reduce.reduction()
     }
 }
 
@@ -274,20 +455,14 @@ impl Scorer for Padim {
     fn score(&self, features: &FeatureMaps) -> Result<RawMaps> {
         let emb = embed(features, &self.config.levels)?;
         let (b, c, h, w) = emb.dims4()?;
-        let last = self.index.i(self.dims() - 1)?.to_scalar::<u32>()? as usize;
-        if last >= c {
-            return Err(Error::Config(format!(
-                "padim model selects channel {last}, but the features have {c} channels: the \
-                 model does not fit this backbone"
-            )));
-        }
+        self.reduce.check_channels(c)?;
         if (h, w) != (self.height, self.width) {
             return Err(Error::Config(format!(
                 "padim model was fitted on a {}×{} feature grid, got {h}×{w}: use the model's preprocessing",
                 self.height, self.width
             )));
         }
-        let x = select(&emb, &self.index)?.to_device(self.mean.device())?; // (P, B, d)
+        let x = self.reduce.apply(&emb)?.to_device(self.mean.device())?; // (P, B, d)
         let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
         let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
         let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
@@ -297,8 +472,9 @@ impl Scorer for Padim {
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let grid = grid_tensor(self.height, self.width)?;
+        let (name, reduce) = self.reduce.tensor();
         Ok(vec![
-            ("index".into(), self.index.clone()),
+            (name.into(), reduce),
             ("mean".into(), self.mean.clone()),
             ("inv_cov".into(), self.inv_cov.clone()),
             ("grid".into(), grid),

@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 use tessera_core::scorer::{FitScorer, Scorer};
 use tessera_core::FeatureMaps;
-use tessera_padim::{Padim, PadimConfig};
+use tessera_padim::{Padim, PadimConfig, Reduction};
 
 fn golden() -> std::collections::HashMap<String, Tensor> {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,9 +14,11 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
 #[test]
 fn mahalanobis_matches_numpy() {
     let g = golden();
+    // The reference selects channels (here all of them: the features have fewer than 100).
     let cfg = PadimConfig {
         dims: None,
         levels: vec![1, 2],
+        reduction: Reduction::Subset,
         ..Default::default()
     };
     // Two training batches (6 + 6 images) to exercise streaming.
@@ -83,4 +85,84 @@ fn rejects_bad_config_and_grid_changes() {
     assert!(bad.fit(&mut vec![Ok(f(4))].into_iter()).is_err());
     let e = cfg.fit(&mut std::iter::empty()).unwrap_err().to_string();
     assert!(e.contains("no training images"), "{e}");
+}
+
+#[test]
+fn projection_is_seeded_and_semi_orthogonal() {
+    let (c, d) = (448, 100);
+    let w = tessera_padim::semi_orthogonal(c, d, 3);
+    assert_eq!(w, tessera_padim::semi_orthogonal(c, d, 3));
+    assert_ne!(w, tessera_padim::semi_orthogonal(c, d, 4));
+    assert_eq!(w.len(), c * d);
+    // WᵀW = I.
+    for a in 0..d {
+        for b in 0..d {
+            let dot: f64 = (0..c)
+                .map(|i| w[i * d + a] as f64 * w[i * d + b] as f64)
+                .sum();
+            let want = if a == b { 1.0 } else { 0.0 };
+            assert!((dot - want).abs() < 1e-5, "({a}, {b}): {dot}");
+        }
+    }
+}
+
+/// With every dimension kept, an orthogonal projection leaves Mahalanobis distances unchanged
+/// (Σ + εI rotates with the data), so the projected model scores as the reference does; with
+/// fewer dimensions it differs, is seeded, and survives a round trip through stored tensors.
+#[test]
+fn projected_model_matches_the_full_reference_and_round_trips() {
+    let g = golden();
+    let batches = || -> Vec<tessera_core::Result<FeatureMaps>> {
+        (0..2)
+            .map(|i| {
+                Ok(FeatureMaps::new(vec![
+                    g["train1"].narrow(0, i * 6, 6).unwrap(),
+                    g["train2"].narrow(0, i * 6, 6).unwrap(),
+                ]))
+            })
+            .collect()
+    };
+    let test = FeatureMaps::new(vec![g["test1"].clone(), g["test2"].clone()]);
+    let c = g["train1"].dims()[1] + g["train2"].dims()[1];
+    let fit = |dims: usize, seed: u64| {
+        PadimConfig {
+            dims: Some(dims),
+            levels: vec![1, 2],
+            reduction: Reduction::Orthogonal,
+            seed,
+            ..Default::default()
+        }
+        .fit(&mut batches().into_iter())
+        .unwrap()
+    };
+    let full = fit(c, 0);
+    assert_eq!(full.reduction(), Reduction::Orthogonal);
+    let raw = full.score(&test).unwrap();
+    let want: Vec<f32> = g["dist"].flatten_all().unwrap().to_vec1().unwrap();
+    for (a, b) in raw.data.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    let small = fit(c / 2, 5);
+    assert_eq!(small.dims(), c / 2);
+    let s = small.score(&test).unwrap();
+    assert_ne!(s.data, raw.data);
+    assert_eq!(fit(c / 2, 5).score(&test).unwrap(), s, "seeded");
+    assert_ne!(fit(c / 2, 6).score(&test).unwrap(), s);
+    let t: std::collections::HashMap<String, Tensor> =
+        small.tensors().unwrap().into_iter().collect();
+    assert!(t.contains_key("projection") && !t.contains_key("index"));
+    // The stored tensor decides, whatever the configuration says (files written before the
+    // projection existed have no `reduction` and default to it).
+    let mut cfg: PadimConfig = serde_json::from_value(small.config()).unwrap();
+    cfg.reduction = Reduction::Subset;
+    let back = <Padim as tessera_core::scorer::Restore>::restore(cfg, t).unwrap();
+    assert_eq!(back.reduction(), Reduction::Orthogonal);
+    assert_eq!(back.score(&test).unwrap(), s);
+    // A model fitted for other features is refused in words, not inside candle.
+    let other = FeatureMaps::new(vec![g["test1"].clone()]);
+    let e = small.score(&other).unwrap_err().to_string();
+    assert!(
+        e.contains("does not fit this backbone") || e.contains("level"),
+        "{e}"
+    );
 }

@@ -9,9 +9,10 @@
 //! random backbone, so no download), then scores that category's test images.
 
 use std::path::PathBuf;
+use tessera_core::model::Preprocess;
 use tessera_core::Result;
 use tessera_data::{generate_category, Sample, SyntheticSpec};
-use tessera_pipeline::{batches, fit, Detector, FitOptions, Silent, WeightsArgs};
+use tessera_pipeline::{batches, fit, Detector, FitOptions, Silent};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,18 +35,8 @@ fn main() -> Result<()> {
             },
         )?;
         let model = tmp.join("model.safetensors");
-        let s = fit(
-            &FitOptions {
-                data: data.clone(),
-                weights: WeightsArgs {
-                    random_weights: Some(0),
-                    ..Default::default()
-                },
-                out: model.clone(),
-                ..Default::default()
-            },
-            &Silent,
-        )?;
+        let o = FitOptions::random_backbone(&data, &model, Preprocess::paper(), 0);
+        let s = fit(&o, &Silent)?;
         println!("fitted {} in {:.1} s", s.model.display(), s.seconds);
         let test = tessera_data::Dataset::open(&data)?.test()?;
         (model, test.into_iter().map(|s| s.path).collect())

@@ -93,6 +93,29 @@ impl Default for FitOptions {
     }
 }
 
+impl FitOptions {
+    /// PaDiM on a seeded random backbone at `preprocess` (no weights file, no download): the
+    /// quick model of demos, examples and tests; every other option at its default.
+    pub fn random_backbone(
+        data: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+        preprocess: Preprocess,
+        seed: u64,
+    ) -> Self {
+        Self {
+            data: data.into(),
+            weights: WeightsArgs {
+                random_weights: Some(seed),
+                ..Default::default()
+            },
+            preprocess,
+            out: out.into(),
+            seed,
+            ..Default::default()
+        }
+    }
+}
+
 /// What `fit` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct FitSummary {

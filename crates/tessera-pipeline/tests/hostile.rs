@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use tessera_backbone::{Arch, Backbone, WeightsSource};
 use tessera_core::model::Preprocess;
 use tessera_data::{generate_category, Dataset, SyntheticSpec};
-use tessera_pipeline::{fit, Detector, FitOptions, Silent, WeightsArgs};
+use tessera_pipeline::{fit, Detector, FitOptions, Silent};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -66,20 +66,8 @@ fn fixture() -> &'static Fixture {
         tessera_core::io::save_safetensors(&weights, &items, Default::default()).unwrap();
         files.push(("weights", weights.clone(), std::fs::read(&weights).unwrap()));
         let model = dir.path().join("m.safetensors");
-        fit(
-            &FitOptions {
-                data: data.clone(),
-                weights: WeightsArgs {
-                    random_weights: Some(0),
-                    ..Default::default()
-                },
-                preprocess: Preprocess::square(64, 64),
-                out: model.clone(),
-                ..Default::default()
-            },
-            &Silent,
-        )
-        .unwrap();
+        let o = FitOptions::random_backbone(&data, &model, Preprocess::square(64, 64), 0);
+        fit(&o, &Silent).unwrap();
         files.push(("model", model.clone(), std::fs::read(&model).unwrap()));
         // The spec is written last: the fit above reads the MVTec layout.
         std::fs::write(data.join("tessera-dataset.json"), spec).unwrap();

@@ -9,7 +9,7 @@
 use std::time::Duration;
 use tessera_core::model::Preprocess;
 use tessera_data::{generate_category, SyntheticSpec};
-use tessera_pipeline::{fit, FitOptions, Silent, WeightsArgs};
+use tessera_pipeline::{fit, FitOptions, Silent};
 use tessera_serve::{Outcome, ServeOptions, Service};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -27,19 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let model = tmp.join("ring.padim.safetensors");
-    fit(
-        &FitOptions {
-            data: data.clone(),
-            weights: WeightsArgs {
-                random_weights: Some(0),
-                ..Default::default()
-            },
-            preprocess: Preprocess::exact(96, 96),
-            out: model.clone(),
-            ..Default::default()
-        },
-        &Silent,
-    )?;
+    let o = FitOptions::random_backbone(&data, &model, Preprocess::exact(96, 96), 0);
+    fit(&o, &Silent)?;
 
     let opts = ServeOptions {
         models: vec![("ring".into(), model)],

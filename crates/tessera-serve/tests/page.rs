@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 use tessera_core::model::Preprocess;
 use tessera_data::{generate_category, SyntheticSpec};
-use tessera_pipeline::{fit, FitOptions, Silent, WeightsArgs};
+use tessera_pipeline::{fit, FitOptions, Silent};
 use tessera_serve::{ServeOptions, Service};
 
 fn browser() -> Option<&'static str> {
@@ -44,20 +44,8 @@ async fn the_page_inspects_an_image_in_a_real_browser() {
     )
     .unwrap();
     let model = dir.path().join("m.safetensors");
-    fit(
-        &FitOptions {
-            data,
-            weights: WeightsArgs {
-                random_weights: Some(0),
-                ..Default::default()
-            },
-            preprocess: Preprocess::exact(96, 96),
-            out: model.clone(),
-            ..Default::default()
-        },
-        &Silent,
-    )
-    .unwrap();
+    let o = FitOptions::random_backbone(data, &model, Preprocess::exact(96, 96), 0);
+    fit(&o, &Silent).unwrap();
     let opts = ServeOptions {
         models: vec![("ring".into(), model)],
         ..Default::default()

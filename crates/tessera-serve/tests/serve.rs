@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tessera_core::model::Preprocess;
 use tessera_data::{generate_category, SyntheticSpec};
-use tessera_pipeline::{fit, FitOptions, PredictOptions, Silent, WeightsArgs};
+use tessera_pipeline::{fit, FitOptions, PredictOptions, Silent};
 use tessera_serve::batcher::BatchConfig;
 use tessera_serve::{Outcome, ServeOptions, Service};
 
@@ -24,21 +24,8 @@ struct Fixture {
 }
 
 fn fit_model(data: &Path, out: &Path, seed: u64) {
-    fit(
-        &FitOptions {
-            data: data.to_path_buf(),
-            weights: WeightsArgs {
-                random_weights: Some(seed),
-                ..Default::default()
-            },
-            preprocess: Preprocess::exact(96, 64),
-            out: out.to_path_buf(),
-            seed,
-            ..Default::default()
-        },
-        &Silent,
-    )
-    .unwrap();
+    let o = FitOptions::random_backbone(data, out, Preprocess::exact(96, 64), seed);
+    fit(&o, &Silent).unwrap();
 }
 
 fn fixture() -> &'static Fixture {
