@@ -24,9 +24,10 @@ fn run(cli: Cli) -> Result<()> {
                     None => String::new(),
                 };
                 format!(
-                    "wrote {} ({} images fitted, {} held out for calibration, {:.1} s); image \
-                     threshold {:.4}{guarantee}, pixel threshold {:.4}",
+                    "wrote {} (method {}, {} images fitted, {} held out for calibration, {:.1} \
+                     s); image threshold {:.4}{guarantee}, pixel threshold {:.4}",
                     s.model.display(),
+                    s.method,
                     s.images,
                     s.calibration_images,
                     s.seconds,

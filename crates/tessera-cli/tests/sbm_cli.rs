@@ -313,3 +313,56 @@ fn method_ours_applies_pfam_from_the_model_and_cfa_can_train_it_end_to_end() {
     ]);
     assert!(stderr(&bad).contains("--scorer cfa"), "{}", stderr(&bad));
 }
+
+/// `fit --method sbm|ours` whose jigsaw cannot be learned falls back to the baseline instead of
+/// failing, says so, and records it; the explicit `--sbm-weights` path still refuses.
+#[test]
+fn fit_falls_back_to_the_baseline_when_the_jigsaw_is_not_learned() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    for method in ["sbm", "ours"] {
+        let model = dir.path().join(format!("{method}.safetensors"));
+        let out = tessera(&[
+            "--json",
+            "fit",
+            "--data",
+            &s(&data),
+            "--random-weights",
+            "1",
+            "--preprocess",
+            "anomalib",
+            "--method",
+            method,
+            "--sbm",
+            "on",
+            "--sbm-epochs",
+            "1",
+            "--sbm-grid",
+            "2",
+            "--sbm-permutations",
+            "5",
+            "--sbm-lr",
+            "0",
+            "--sbm-head-lr",
+            "1e-12",
+            "--out",
+            &s(&model),
+        ]);
+        let e = stderr(&out);
+        assert!(out.status.success(), "{method}: {e}");
+        assert!(
+            e.contains("the jigsaw was not learned") && e.contains("falling back"),
+            "{method}: {e}"
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["method"], "baseline", "{summary}");
+        let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
+        assert_eq!(meta["method"], "baseline");
+        assert_eq!(meta["sbm"]["applied"], false);
+        assert_eq!(meta["sbm"]["gate"]["passed"], false);
+        assert!(meta["pfam"].is_null(), "no PFAM after the fallback: {meta}");
+        assert!(meta["sbm"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fell back")));
+    }
+}

@@ -120,6 +120,8 @@ impl FitOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct FitSummary {
     pub model: PathBuf,
+    /// The method the model uses (`baseline` when `--method sbm|ours` fell back).
+    pub method: Method,
     /// Images the scorer was fitted on.
     pub images: usize,
     /// Normal images held out for calibration.
@@ -164,6 +166,9 @@ pub struct Prepared {
     pub pfam_from: Option<(PathBuf, PfamConfig)>,
     /// What SBM did, for the model file.
     pub sbm: Option<SbmMeta>,
+    /// The method the model really uses: the one asked for, or `Baseline` when the jigsaw
+    /// was not learned and `fit` fell back.
+    pub method: Method,
 }
 
 impl FitOptions {
@@ -241,6 +246,7 @@ pub fn sbm_stage(
             source,
             pfam_from: None,
             sbm: None,
+            method: Method::Baseline,
         });
     }
     let ours = o.method == Method::Ours;
@@ -297,6 +303,36 @@ pub fn sbm_stage(
             Some(train),
             obs,
         )?;
+        let g = &s.report.gate;
+        if !g.passed && !o.sbm.force {
+            // A jigsaw that cannot be learned (a uniform texture, a featureless surface) says
+            // nothing about the category: fit the baseline instead of failing, and say so.
+            let why = format!(
+                "the jigsaw was not learned (held-out accuracy {:.1}% < gate {:.1}%, chance \
+                 {:.1}%)",
+                g.accuracy * 100.0,
+                g.threshold * 100.0,
+                g.chance * 100.0
+            );
+            obs.warn(&format!(
+                "--method {}: {why}; falling back to --method baseline (the pretrained \
+                 backbone{}). The SBM output stays at {} for inspection; --sbm-force uses it \
+                 anyway.",
+                o.method,
+                if ours { ", no PFAM" } else { "" },
+                tuned.display()
+            ));
+            return Ok(Prepared {
+                source: o.weights.source()?,
+                pfam_from: None,
+                sbm: Some(SbmMeta {
+                    applied: false,
+                    reason: Some(format!("{why}: fell back to the baseline")),
+                    ..SbmMeta::from_report(&s.report)
+                }),
+                method: Method::Baseline,
+            });
+        }
         check_sbm_weights(&tuned, o.sbm.force)?;
         if let Some(cfg) = &s.report.config.pfam {
             pfam_from = Some((tuned.clone(), cfg.clone()));
@@ -313,6 +349,7 @@ pub fn sbm_stage(
         source,
         pfam_from,
         sbm,
+        method: o.method,
     })
 }
 
@@ -523,7 +560,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         meta: ModelMeta {
             format: FORMAT_VERSION,
             tessera_version: tessera_core::VERSION.into(),
-            method: o.method,
+            method: prepared.method,
             seed: o.seed,
             preprocess: preprocess.clone(),
             backbone: BackboneMeta {
@@ -578,6 +615,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     let checksum = det.save(&o.out)?;
     Ok(FitSummary {
         model: o.out.clone(),
+        method: det.meta.method,
         images: train.len(),
         calibration_images: calib.len(),
         seconds: det.meta.fit.seconds,
