@@ -234,8 +234,8 @@ pub(crate) fn sbm_train_checked(
         // A tuned backbone that learned nothing must not pass unseen.
         obs.warn(&format!(
             "SBM did NOT learn the jigsaw: held-out accuracy on shuffled images {:.1}% is below \
-             the gate {:.1}% (chance {:.1}%). {} was written for inspection, but `tessera fit` \
-             refuses it unless --sbm-force is given.",
+             the gate {:.1}% (chance {:.1}%). {} was written for inspection, but `tessera fit \
+             --sbm-weights` refuses it unless --sbm-force is given.",
             g.accuracy * 100.0,
             g.threshold * 100.0,
             g.chance * 100.0,
