@@ -20,8 +20,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &data,
         &SyntheticSpec {
             size: 96,
-            train: 10,
-            test_good: 1,
+            // 20 % of these are held out to calibrate the threshold.
+            train: 40,
+            test_good: 2,
             test_defect: 1,
             ..Default::default()
         },
