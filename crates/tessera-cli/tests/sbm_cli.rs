@@ -33,35 +33,42 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// SBM settings under which the jigsaw cannot be learned: head learning rate ~0 and a frozen
+/// backbone.
+const UNLEARNABLE: [&str; 10] = [
+    "--sbm-epochs",
+    "1",
+    "--sbm-grid",
+    "2",
+    "--sbm-permutations",
+    "5",
+    "--sbm-lr",
+    "0",
+    "--sbm-head-lr",
+    "1e-12",
+];
+
 #[test]
 fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = category(dir.path());
     let tuned = dir.path().join("tuned.safetensors");
-    // Head learning rate ~0 and a frozen backbone: the jigsaw cannot be learned.
-    let out = tessera(&[
+    let (d, t) = (s(&data), s(&tuned));
+    let mut args = vec![
         "--json",
         "sbm",
         "train",
         "--data",
-        &s(&data),
+        &d,
         "--random-weights",
         "1",
         "--out",
-        &s(&tuned),
+        &t,
         "--preprocess",
         "anomalib",
-        "--sbm-epochs",
-        "1",
-        "--sbm-grid",
-        "2",
-        "--sbm-permutations",
-        "5",
-        "--sbm-lr",
-        "0",
-        "--sbm-head-lr",
-        "1e-12",
-    ]);
+    ];
+    args.extend(UNLEARNABLE);
+    let out = tessera(&args);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("did NOT learn"), "{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -322,11 +329,12 @@ fn fit_falls_back_to_the_baseline_when_the_jigsaw_is_not_learned() {
     let data = category(dir.path());
     for method in ["sbm", "ours"] {
         let model = dir.path().join(format!("{method}.safetensors"));
-        let out = tessera(&[
+        let (d, m) = (s(&data), s(&model));
+        let mut args = vec![
             "--json",
             "fit",
             "--data",
-            &s(&data),
+            &d,
             "--random-weights",
             "1",
             "--preprocess",
@@ -335,19 +343,11 @@ fn fit_falls_back_to_the_baseline_when_the_jigsaw_is_not_learned() {
             method,
             "--sbm",
             "on",
-            "--sbm-epochs",
-            "1",
-            "--sbm-grid",
-            "2",
-            "--sbm-permutations",
-            "5",
-            "--sbm-lr",
-            "0",
-            "--sbm-head-lr",
-            "1e-12",
             "--out",
-            &s(&model),
-        ]);
+            &m,
+        ];
+        args.extend(UNLEARNABLE);
+        let out = tessera(&args);
         let e = stderr(&out);
         assert!(out.status.success(), "{method}: {e}");
         assert!(
