@@ -134,21 +134,13 @@ fn load(gen: &Path, port: u16, images: &Path, conc: usize, n: usize) -> Result<s
 }
 
 pub fn bench_serve(args: &[String]) -> Result<()> {
-    let shared = PathBuf::from(
-        crate::flag(args, "--shared")
-            .unwrap_or_else(|| crate::root().join("../shared").display().to_string()),
-    );
     let requests: usize = crate::flag(args, "--requests").map_or(Ok(160), |v| v.parse())?;
-    let bottle = shared.join("data/mvtec_ad/bottle");
-    let weights = shared.join("weights/resnet18-imagenet1k-l3.safetensors");
-    if !bottle.is_dir() || !weights.is_file() {
-        println!(
-            "bench serve: SKIPPED — {} or {} is absent",
-            bottle.display(),
-            weights.display()
-        );
+    let real = crate::RealData::from_args(args);
+    if let Some(why) = real.absent() {
+        println!("bench serve: SKIPPED — {why}");
         return Ok(());
     }
+    let crate::RealData { bottle, weights } = real;
     let bin = crate::build_tessera()?;
     let gen = loadgen()?;
     let tmp = std::env::temp_dir().join(format!("tessera-bench-serve-{}", std::process::id()));

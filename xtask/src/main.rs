@@ -315,13 +315,41 @@ fn demo(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The real data the gate and the benches run on: `../shared` (or `--shared DIR`) bottle and
+/// the ResNet-18 ImageNet weights.
+pub(crate) struct RealData {
+    pub(crate) bottle: PathBuf,
+    pub(crate) weights: PathBuf,
+}
+
+impl RealData {
+    pub(crate) fn from_args(args: &[String]) -> Self {
+        let shared = flag(args, "--shared")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("../shared"));
+        Self {
+            bottle: shared.join("data/mvtec_ad/bottle"),
+            weights: shared.join("weights/resnet18-imagenet1k-l3.safetensors"),
+        }
+    }
+
+    /// Why the data cannot be used (naming both paths), or `None` when it is there.
+    pub(crate) fn absent(&self) -> Option<String> {
+        (!self.bottle.is_dir() || !self.weights.is_file()).then(|| {
+            format!(
+                "{} or {} is absent",
+                self.bottle.display(),
+                self.weights.display()
+            )
+        })
+    }
+}
+
 fn bench(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("serve") {
         return bench_serve::bench_serve(&args[1..]);
     }
-    let shared = PathBuf::from(
-        flag(args, "--shared").unwrap_or_else(|| root().join("../shared").display().to_string()),
-    );
+    let real = RealData::from_args(args);
     let skip_criterion = args.iter().any(|a| a == "--skip-criterion");
     let skip_torch = args.iter().any(|a| a == "--skip-torch");
     let threads = std::thread::available_parallelism()
@@ -402,9 +430,9 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
     }
-    let bottle = shared.join("data/mvtec_ad/bottle");
-    let weights = shared.join("weights/resnet18-imagenet1k-l3.safetensors");
-    if bottle.is_dir() && weights.is_file() {
+    let absent = real.absent();
+    if absent.is_none() {
+        let (bottle, weights) = (real.bottle.clone(), real.weights.clone());
         let bin = build_tessera()?;
         let tmp = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
@@ -528,11 +556,8 @@ fn bench(args: &[String]) -> Result<()> {
                 }
             }
         }
-    } else {
-        println!(
-            "bench: ../shared not found at {}: real-data fit/test timings SKIPPED",
-            shared.display()
-        );
+    } else if let Some(why) = absent {
+        println!("bench: {why}: real-data fit/test timings SKIPPED");
     }
     for (what, ours, theirs) in [
         (
@@ -607,19 +632,12 @@ const REAL_IMAGE_AUROC: f64 = 0.990;
 const REAL_PIXEL_AUROC: f64 = 0.975;
 
 fn real_check(args: &[String]) -> Result<()> {
-    let shared = PathBuf::from(
-        flag(args, "--shared").unwrap_or_else(|| root().join("../shared").display().to_string()),
-    );
-    let bottle = shared.join("data/mvtec_ad/bottle");
-    let weights = shared.join("weights/resnet18-imagenet1k-l3.safetensors");
-    if !bottle.is_dir() || !weights.is_file() {
-        println!(
-            "real-check: SKIPPED — {} or {} is absent; the real-data gate did not run",
-            bottle.display(),
-            weights.display()
-        );
+    let real = RealData::from_args(args);
+    if let Some(why) = real.absent() {
+        println!("real-check: SKIPPED — {why}; the real-data gate did not run");
         return Ok(());
     }
+    let RealData { bottle, weights } = real;
     let bin = build_tessera()?;
     let tmp = std::env::temp_dir().join(format!("tessera-real-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;

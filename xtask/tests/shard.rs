@@ -127,14 +127,15 @@ fn two_shards_and_a_merge_give_the_unsharded_table() {
         );
     }
     let merged = tmp.path().join("merged");
+    let shards = format!(
+        "{},{}",
+        s(&tmp.path().join("s0")),
+        s(&tmp.path().join("s1"))
+    );
     run(&[
         "reproduce",
         "--merge",
-        &format!(
-            "{},{}",
-            s(&tmp.path().join("s0")),
-            s(&tmp.path().join("s1"))
-        ),
+        &shards,
         "--out",
         &s(&merged),
         "--tessera",
@@ -154,11 +155,7 @@ fn two_shards_and_a_merge_give_the_unsharded_table() {
         .args([
             "reproduce",
             "--merge",
-            &format!(
-                "{},{}",
-                s(&tmp.path().join("s0")),
-                s(&tmp.path().join("s1"))
-            ),
+            &shards,
             "--out",
             &s(&tmp.path().join("bad")),
         ])

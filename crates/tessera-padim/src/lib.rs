@@ -54,7 +54,9 @@ pub enum Reduction {
 }
 
 impl Reduction {
-    /// The names on the command line.
+    /// Every reduction, the default first.
+    pub const ALL: [Reduction; 2] = [Reduction::Orthogonal, Reduction::Subset];
+    /// The names on the command line, in [`Self::ALL`]'s order.
     pub const NAMES: &'static [&'static str] = &["orthogonal", "subset"];
     pub fn name(self) -> &'static str {
         match self {
@@ -67,13 +69,16 @@ impl Reduction {
 impl std::str::FromStr for Reduction {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "subset" => Ok(Reduction::Subset),
-            "orthogonal" => Ok(Reduction::Orthogonal),
-            _ => Err(Error::Config(format!(
-                "padim reduction '{s}': expected orthogonal or subset"
-            ))),
-        }
+        let k = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == k)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "padim reduction '{s}': expected one of {}",
+                    Self::NAMES.join(", ")
+                ))
+            })
     }
 }
 

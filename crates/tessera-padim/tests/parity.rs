@@ -166,3 +166,19 @@ fn projected_model_matches_the_full_reference_and_round_trips() {
         "{e}"
     );
 }
+
+#[test]
+fn reduction_names_round_trip() {
+    for (r, n) in Reduction::ALL.into_iter().zip(Reduction::NAMES) {
+        assert_eq!(r.name(), *n);
+        assert_eq!(n.parse::<Reduction>().unwrap(), r);
+        assert_eq!(
+            format!(" {} ", n.to_uppercase())
+                .parse::<Reduction>()
+                .unwrap(),
+            r
+        );
+    }
+    let e = "random".parse::<Reduction>().unwrap_err().to_string();
+    assert!(e.contains("orthogonal, subset"), "{e}");
+}

@@ -67,6 +67,13 @@ impl Detector {
     /// Load a model file onto `device`. Its checksum and every tensor are checked; every error
     /// names the file.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Ok(Self::load_with_checksum(path, device)?.0)
+    }
+
+    /// [`Detector::load`], also returning the tensor checksum the file was verified against
+    /// (`None` for format-1 files): the one that describes the tensors actually loaded, even
+    /// if the file is replaced right after.
+    pub fn load_with_checksum(path: &Path, device: &Device) -> Result<(Self, Option<String>)> {
         let file = ModelFile::load(path, device)?;
         let meta: ModelMeta = file.meta(path)?;
         let arch = meta.backbone.arch;
@@ -126,12 +133,13 @@ impl Detector {
             }
         };
         let scorer = meta.scorer.restore(file.section(section::SCORER), path)?;
-        Ok(Self {
+        let det = Self {
             backbone,
             pfam,
             scorer,
             meta,
-        })
+        };
+        Ok((det, file.checksum))
     }
 
     /// The model file this detector is: backbone checkpoint, PFAM, scorer state, metadata.
@@ -277,6 +285,12 @@ impl Detector {
             .calibration
             .as_ref()
             .map_or(self.meta.threshold, |c| c.pixel_threshold)
+    }
+
+    /// The pixel threshold masks are drawn at: `threshold` when the caller decides at its own
+    /// image threshold (one number for both), else the model's [`Self::pixel_threshold`].
+    pub fn pixel_threshold_at(&self, threshold: Option<f32>) -> f32 {
+        threshold.unwrap_or_else(|| self.pixel_threshold())
     }
 
     /// The decision on an image score at the model's threshold, or at `threshold`.

@@ -105,11 +105,7 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
     }
     let mut report = evaluate(&evals, timings, info);
     let image_thr = o.threshold.unwrap_or(det.image_threshold());
-    let pixel_thr = if o.threshold.is_some() {
-        image_thr
-    } else {
-        det.pixel_threshold()
-    };
+    let pixel_thr = det.pixel_threshold_at(o.threshold);
     report.operating_point = Some(tessera_eval::operating_points(
         &evals,
         image_thr,

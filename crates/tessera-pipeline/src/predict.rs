@@ -177,11 +177,7 @@ pub fn predict(
     let device = o.device.open()?;
     let det = Detector::load(&o.model, &device)?;
     let thr = o.threshold.unwrap_or(det.image_threshold());
-    let pixel_thr = if o.threshold.is_some() {
-        thr
-    } else {
-        det.pixel_threshold()
-    };
+    let pixel_thr = det.pixel_threshold_at(o.threshold);
     let samples: Vec<Sample> = jobs
         .iter()
         .map(|j| Sample {

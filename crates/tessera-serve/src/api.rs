@@ -283,10 +283,10 @@ async fn predict(
         enqueued: Instant::now(),
         reply: tx,
     };
-    slot.queued.fetch_add(1, Ordering::Relaxed);
     let Some(queue) = app.queues.get(&slot.name) else {
         return Err(ApiError::internal("the model has no queue"));
     };
+    slot.queued.fetch_add(1, Ordering::Relaxed);
     if queue.offer(job).is_err() {
         slot.queued.fetch_sub(1, Ordering::Relaxed);
         return Err(ApiError::new(

@@ -184,11 +184,7 @@ fn outcome(
     original: (u32, u32),
 ) -> Result<Outcome, ApiError> {
     let v = det.verdict(map.image_score(), want.threshold);
-    let pixel_thr = if want.threshold.is_some() {
-        v.threshold
-    } else {
-        det.pixel_threshold()
-    };
+    let pixel_thr = det.pixel_threshold_at(want.threshold);
     let heatmap = if want.heatmap {
         let panel = tessera_eval::render_panel(display, map, None, pixel_thr, det.meta.heat_range)
             .map_err(|e| ApiError::internal(e.to_string()))?;

@@ -20,12 +20,8 @@ impl Loaded {
     /// Load and check a model file, and run it once on a blank image (warm-up: weights packed,
     /// buffers allocated, before the first request).
     pub fn load(path: &Path, device: &candle_core::Device) -> Result<Self> {
-        let detector = Detector::load(path, device)?;
-        let checksum = tessera_core::st::Mapped::open(path)?
-            .metadata()
-            .get(tessera_core::model::CHECKSUM_KEY)
-            .cloned()
-            .unwrap_or_else(|| "none (format 1)".into());
+        let (detector, checksum) = Detector::load_with_checksum(path, device)?;
+        let checksum = checksum.unwrap_or_else(|| "none (format 1)".into());
         warm_up(&detector)?;
         Ok(Self {
             detector,
