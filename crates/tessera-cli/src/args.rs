@@ -11,8 +11,8 @@ use tessera_core::DeviceSpec;
 use tessera_padim::{PadimConfig, Reduction};
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
 use tessera_pipeline::{
-    CalibrationMode, CalibrationOptions, FitOptions, Method, PfamTraining, SbmMode, SbmStage,
-    ScorerConfig, ScorerKind, WeightsArgs,
+    CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, SbmMode,
+    SbmStage, ScorerConfig, ScorerKind, WeightsArgs,
 };
 use tessera_sbm::{Anchor, OptimizerKind, SbmConfig};
 
@@ -545,7 +545,8 @@ pub(crate) struct FitArgs {
     pub(crate) padim_dims: Option<u64>,
     /// PaDiM: how channels are reduced. orthogonal: a seeded semi-orthogonal projection of all
     /// channels (Kim et al. 2021; far less seed-dependent); subset: a seeded random channel
-    /// subset (the paper's).
+    /// subset (the paper's); pca / npca: the principal directions of largest / smallest
+    /// variance of the training features (no random choice).
     #[arg(long, default_value = "orthogonal", value_parser = named::<Reduction>(Reduction::NAMES))]
     pub(crate) padim_reduction: Reduction,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
@@ -590,6 +591,11 @@ pub(crate) struct FitArgs {
     /// stage only; `cfa`: then also end to end with CFA's loss (PFAM is stored as trained).
     #[arg(long, default_value = "jigsaw", value_parser = named::<PfamTraining>(PfamTraining::NAMES))]
     pub(crate) pfam_train: PfamTraining,
+    /// --method sbm|ours: on: fit the baseline too and keep the method only when it scores
+    /// better on held-out normals + synthetic defects; report: measure and record that, but
+    /// keep the method; off: the method as asked, no comparison.
+    #[arg(long, default_value = "on", value_parser = named::<GateMode>(GateMode::NAMES))]
+    pub(crate) method_gate: GateMode,
     #[command(flatten)]
     pub(crate) sbm_args: SbmArgs,
     #[command(flatten)]
@@ -649,6 +655,7 @@ impl FitArgs {
                 target_fpr: self.target_fpr,
                 textures: self.sbm_args.textures.clone(),
             },
+            method_gate: self.method_gate,
         }
     }
 }

@@ -23,9 +23,13 @@ fn run(cli: Cli) -> Result<()> {
                     Some(g) => format!(", false alarms on normal parts ≤ {:.1} %", g * 100.0),
                     None => String::new(),
                 };
+                let gate = match &s.gate {
+                    Some(g) => format!("\n  method gate: {}", g.reason),
+                    None => String::new(),
+                };
                 format!(
                     "wrote {} (method {}, {} images fitted, {} held out for calibration, {:.1} \
-                     s); image threshold {:.4}{guarantee}, pixel threshold {:.4}",
+                     s); image threshold {:.4}{guarantee}, pixel threshold {:.4}{gate}",
                     s.model.display(),
                     s.method,
                     s.images,
@@ -214,14 +218,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&i)?);
             } else {
                 println!(
-                    "{}: category {} ({}), {} layout, {} training images, {} test images ({} anomalous)",
+                    "{}: category {} ({}), {} layout, {} training images, {} test images ({} anomalous)\n  kind: {}",
                     i.root.display(),
                     i.category,
                     i.kind.map_or("kind unknown".to_string(), |k| format!("{k:?}").to_lowercase()),
                     i.layout,
                     i.train_images,
                     i.test_images,
-                    i.test_anomalous
+                    i.test_anomalous,
+                    i.kind_reason
                 );
             }
         }

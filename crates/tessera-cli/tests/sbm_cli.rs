@@ -112,20 +112,66 @@ fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
     assert!(!model.exists());
     let forced = fit(true);
     assert!(forced.status.success(), "{}", stderr(&forced));
+    // No pretrained weights to fit a baseline with (no network here): the gate is skipped, and
+    // the user told so.
+    assert!(
+        stderr(&forced).contains("method gate skipped"),
+        "{}",
+        stderr(&forced)
+    );
     let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
     assert_eq!(meta["method"], "sbm");
     assert_eq!(meta["sbm"]["gate"]["passed"], false);
 }
 
+/// A category Tessera has no name for, made of seeded noise images (a texture: alike
+/// everywhere in the frame), in MVTec layout.
+fn noise_category(dir: &Path) -> PathBuf {
+    use rand::{Rng, SeedableRng};
+    let root = dir.join("speckle");
+    let good = root.join("train/good");
+    std::fs::create_dir_all(&good).unwrap();
+    let test = root.join("test/good");
+    std::fs::create_dir_all(&test).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for i in 0..10 {
+        let img = image::RgbImage::from_fn(64, 64, |_, _| {
+            let v: u8 = rng.random_range(60..200);
+            image::Rgb([v, v, v])
+        });
+        let dir = if i < 8 { &good } else { &test };
+        img.save(dir.join(format!("{i:03}.png"))).unwrap();
+    }
+    root
+}
+
+/// `--sbm auto` on a category outside MVTec AD's name list decides texture or object from the
+/// images and says why: the ring demo is an object, a noise surface a texture (SBM skipped).
 #[test]
-fn sbm_auto_skips_a_category_of_unknown_kind_and_says_why() {
+fn sbm_auto_decides_the_kind_from_the_images_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let data = category(dir.path());
+    let info = |d: &Path| {
+        let out = tessera(&["--json", "data", "info", &s(d)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let ring = info(&data);
+    assert_eq!(ring["kind"], "object", "{ring}");
+    assert!(
+        ring["kind_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("look like") && r.contains("contrast spread")),
+        "{ring}"
+    );
+    let noise = noise_category(dir.path());
+    let tex = info(&noise);
+    assert_eq!(tex["kind"], "texture", "{tex}");
     let model = dir.path().join("m.safetensors");
     let out = tessera(&[
         "fit",
         "--data",
-        &s(&data),
+        &s(&noise),
         "--random-weights",
         "1",
         "--preprocess",
@@ -136,7 +182,11 @@ fn sbm_auto_skips_a_category_of_unknown_kind_and_says_why() {
         &s(&model),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("sbm: skipped"), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("sbm: skipped") && e.contains("texture from 8 images"),
+        "{e}"
+    );
     let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
     assert_eq!(meta["sbm"]["applied"], false);
     // --sbm-weights without --method sbm is a usage error, not silently ignored.
@@ -265,8 +315,10 @@ fn method_ours_applies_pfam_from_the_model_and_cfa_can_train_it_end_to_end() {
     };
     let load =
         |p: &Path| tessera_core::model::ModelFile::load(p, &candle_core::Device::Cpu).unwrap();
+    // The method gate would keep whichever model scores better on synthetic defects: off here,
+    // this test is about PFAM's path (the gate has its own test).
     let m1 = dir.path().join("padim.safetensors");
-    fit("padim", &[], &m1);
+    fit("padim", &["--method-gate", "off"], &m1);
     let f1 = load(&m1);
     assert_eq!(f1.meta["method"], "ours");
     assert!(f1.meta["pfam"].is_object());
@@ -295,7 +347,18 @@ fn method_ours_applies_pfam_from_the_model_and_cfa_can_train_it_end_to_end() {
     assert!(out.status.success(), "{}", stderr(&out));
     // CFA end to end: PFAM keeps training with CFA's loss and the model stores the new PFAM.
     let m2 = dir.path().join("cfa.safetensors");
-    fit("cfa", &["--pfam-train", "cfa", "--epochs", "2"], &m2);
+    fit(
+        "cfa",
+        &[
+            "--pfam-train",
+            "cfa",
+            "--epochs",
+            "2",
+            "--method-gate",
+            "off",
+        ],
+        &m2,
+    );
     let f2 = load(&m2);
     assert!(
         !same(&f2.tensors[key], &stored[key]),
@@ -365,4 +428,86 @@ fn fit_falls_back_to_the_baseline_when_the_jigsaw_is_not_learned() {
             .as_str()
             .is_some_and(|r| r.contains("fell back")));
     }
+}
+
+/// `fit --method ours` fits the baseline too, scores both on the held-out normals + synthetic
+/// defects, keeps the better one, and records both numbers; the model is the one kept.
+#[test]
+fn the_method_gate_keeps_the_better_model_and_records_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let w = dir.path().join("ours.safetensors");
+    ours_weights(&data, &w);
+    let fit = |model: &Path, extra: &[&str]| {
+        let (d, ws, m) = (s(&data), s(&w), s(model));
+        let mut args = vec![
+            "--json",
+            "fit",
+            "--data",
+            &d,
+            "--preprocess",
+            "anomalib",
+            "--method",
+            "ours",
+            "--sbm-weights",
+            &ws,
+            "--sbm-force",
+            // The backbone the SBM file started from: the baseline the gate compares with.
+            "--random-weights",
+            "1",
+            "--out",
+            &m,
+        ];
+        args.extend(extra);
+        let out = tessera(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (summary, stderr(&out))
+    };
+    let gated = dir.path().join("gated.safetensors");
+    let (summary, err) = fit(&gated, &[]);
+    let gate = &summary["gate"];
+    assert!(gate.is_object(), "{summary}");
+    let value = |g: &serde_json::Value| {
+        let (i, p) = (
+            g["image_auroc"].as_f64().unwrap(),
+            g["pixel_auroc"].as_f64().unwrap(),
+        );
+        assert!((0.0..=1.0).contains(&i) && (0.0..=1.0).contains(&p), "{g}");
+        (i + p) / 2.0
+    };
+    let (b, m) = (value(&gate["baseline"]), value(&gate["method"]));
+    let kept = if m > b { "ours" } else { "baseline" };
+    assert_eq!(gate["kept"], kept, "{gate}");
+    assert_eq!(gate["choice"], kept);
+    // Keeping the baseline against the request is a warning (shown even with --json).
+    assert_eq!(err.contains("method gate:"), kept == "baseline", "{err}");
+    assert!(gate["reason"].as_str().unwrap().contains("kept"), "{gate}");
+    assert_eq!(summary["method"], kept);
+    // 14 training images, 20 % held out: 3 normals and a synthetic defect on each.
+    assert_eq!(
+        (gate["normals"].as_u64(), gate["synthetic"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(gate["source"], "holdout");
+    let meta = tessera_core::model::ModelFile::read_meta(&gated).unwrap();
+    assert_eq!(meta["method"], kept);
+    assert_eq!(meta["gate"], *gate);
+    assert_eq!(meta["pfam"].is_object(), kept == "ours", "{meta}");
+    // Without the gate the method's model is written as asked, with no gate record.
+    let forced = dir.path().join("forced.safetensors");
+    let (summary, _) = fit(&forced, &["--method-gate", "off"]);
+    assert_eq!(summary["method"], "ours");
+    assert!(summary["gate"].is_null(), "{summary}");
+    // Report mode measures the same evidence and records the same choice, but keeps the method.
+    let reported = dir.path().join("reported.safetensors");
+    let (summary, _) = fit(&reported, &["--method-gate", "report"]);
+    assert_eq!(summary["method"], "ours");
+    let r = &summary["gate"];
+    assert_eq!(r["kept"], "ours");
+    assert_eq!(r["choice"], gate["choice"]);
+    assert_eq!(
+        (&r["baseline"], &r["method"]),
+        (&gate["baseline"], &gate["method"])
+    );
 }

@@ -188,6 +188,40 @@ impl Dataset {
         }
     }
 
+    /// Texture or object, and why: `tessera-dataset.json`'s `category`, else MVTec AD's name
+    /// list, else inferred from (a few of) the training images ([`crate::infer_kind`]).
+    pub fn resolve_kind(&self) -> Result<(CategoryKind, String)> {
+        let name = self.category();
+        let word = |k: CategoryKind| match k {
+            CategoryKind::Object => "object",
+            CategoryKind::Texture => "texture",
+        };
+        if let Layout::Folder(FolderSpec {
+            category: Some(k), ..
+        }) = &self.layout
+        {
+            return Ok((
+                *k,
+                format!(
+                    "{FOLDER_SPEC_FILE} says '{name}' is a {} category",
+                    word(*k)
+                ),
+            ));
+        }
+        if let Some(k) = mvtec_category_kind(&name) {
+            return Ok((k, format!("'{name}' is an MVTec AD {} category", word(k))));
+        }
+        let paths: Vec<PathBuf> = self.train()?.into_iter().map(|s| s.path).collect();
+        let e = crate::infer_kind(&paths)?;
+        Ok((
+            e.kind,
+            format!(
+                "'{name}' is not a known category; its images look like an {}",
+                e.describe()
+            ),
+        ))
+    }
+
     /// Normal training images (error when the folder is missing or holds no image).
     pub fn train(&self) -> Result<Vec<Sample>> {
         match &self.layout {

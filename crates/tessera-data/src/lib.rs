@@ -23,11 +23,13 @@
 //! # Ok::<(), tessera_core::Error>(())
 //! ```
 
+pub mod kind;
 mod layout;
 mod preprocess;
 pub mod synthetic;
 pub mod verify;
 
+pub use kind::{infer_kind, KindEvidence};
 pub use layout::{
     is_image_path, list_images, mvtec_category_kind, not_a_folder, read_folder, walk_images,
     CategoryKind, Dataset, FolderEntries, FolderSpec, Layout, Sample, FOLDER_SPEC_FILE, IMAGE_EXTS,

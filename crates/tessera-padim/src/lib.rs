@@ -9,7 +9,8 @@
 //!    [`Reduction::Orthogonal`], a seeded random semi-orthogonal projection of every channel
 //!    (Kim et al., 2021, "Semi-orthogonal embedding for efficient unsupervised anomaly
 //!    segmentation"), which keeps information from all channels and so depends far less on
-//!    the seed;
+//!    the seed; or [`Reduction::Pca`] / [`Reduction::Npca`], the principal directions of
+//!    largest / smallest variance of the first training batch (no random choice);
 //! 3. per position: mean and covariance + 0.01·I, inverted in f64 through a Cholesky
 //!    factorisation (faer), one position per task on all cores;
 //! 4. scoring: Mahalanobis distance per position; the caller upsamples (bilinear) and blurs
@@ -51,18 +52,36 @@ pub enum Reduction {
     /// A seeded random semi-orthogonal projection `W` (`C × d`, `WᵀW = I`) of all channels.
     #[default]
     Orthogonal,
+    /// The `d` principal directions of largest variance of the first training batch's
+    /// embeddings (all positions pooled): no random choice at all.
+    Pca,
+    /// The `d` principal directions of *smallest* variance (Rippel et al., 2020: for a
+    /// Gaussian model of normal features, the low-variance directions carry the anomalies).
+    Npca,
 }
 
 impl Reduction {
     /// Every reduction, the default first.
-    pub const ALL: [Reduction; 2] = [Reduction::Orthogonal, Reduction::Subset];
+    pub const ALL: [Reduction; 4] = [
+        Reduction::Orthogonal,
+        Reduction::Subset,
+        Reduction::Pca,
+        Reduction::Npca,
+    ];
     /// The names on the command line, in [`Self::ALL`]'s order.
-    pub const NAMES: &'static [&'static str] = &["orthogonal", "subset"];
+    pub const NAMES: &'static [&'static str] = &["orthogonal", "subset", "pca", "npca"];
     pub fn name(self) -> &'static str {
         match self {
             Reduction::Subset => "subset",
             Reduction::Orthogonal => "orthogonal",
+            Reduction::Pca => "pca",
+            Reduction::Npca => "npca",
         }
+    }
+
+    /// Whether the fitted reduction is a projection matrix (else a channel index).
+    pub fn projects(self) -> bool {
+        self != Reduction::Subset
     }
 }
 
@@ -121,6 +140,90 @@ pub fn semi_orthogonal(total: usize, d: usize, seed: u64) -> Vec<f32> {
         }
     }
     w
+}
+
+/// The `C × d` matrix (row-major) of the principal directions of `x` (`n × C`, row-major):
+/// the `d` of largest variance (`largest`) or of smallest. Eigen-decomposition of the
+/// covariance in f64 (faer); directions ordered by variance, each with its largest entry
+/// positive, so the result depends on the data only.
+pub fn principal_directions(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    d: usize,
+    largest: bool,
+) -> Result<Vec<f32>> {
+    if n < 2 || x.len() != n * c {
+        return Err(Error::Config(format!(
+            "padim: principal directions need at least 2 samples of {c} channels, got {n}"
+        )));
+    }
+    let d = d.min(c);
+    let mut mean = vec![0f64; c];
+    for row in x.chunks(c) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += *v as f64;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    // Covariance by rows, in parallel over blocks of samples.
+    let cov = x
+        .par_chunks(c * 256)
+        .map(|block| {
+            let mut acc = vec![0f64; c * c];
+            let mut centred = vec![0f64; c];
+            for row in block.chunks(c) {
+                for ((z, v), m) in centred.iter_mut().zip(row).zip(&mean) {
+                    *z = *v as f64 - m;
+                }
+                for i in 0..c {
+                    let zi = centred[i];
+                    if zi != 0.0 {
+                        let dst = &mut acc[i * c..i * c + i + 1];
+                        for (a, zj) in dst.iter_mut().zip(&centred[..=i]) {
+                            *a += zi * zj;
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; c * c],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let m = faer::Mat::<f64>::from_fn(c, c, |i, j| {
+        let (i, j) = if i >= j { (i, j) } else { (j, i) };
+        cov[i * c + j] / (n as f64 - 1.0)
+    });
+    let evd = m
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| Error::Config(format!("padim: eigen-decomposition failed ({e:?})")))?;
+    let u = evd.U();
+    // Eigenvalues ascend: the largest are the last columns.
+    let cols: Vec<usize> = if largest {
+        (c - d..c).rev().collect()
+    } else {
+        (0..d).collect()
+    };
+    let mut w = vec![0f32; c * d];
+    for (j, &col) in cols.iter().enumerate() {
+        let (mut big, mut sign) = (0f64, 1f64);
+        for i in 0..c {
+            let v = u[(i, col)];
+            if v.abs() > big {
+                big = v.abs();
+                sign = v.signum();
+            }
+        }
+        for i in 0..c {
+            w[i * d + j] = (u[(i, col)] * sign) as f32;
+        }
+    }
+    Ok(w)
 }
 
 /// PaDiM hyper-parameters.
@@ -208,15 +311,36 @@ enum Reduce {
 }
 
 impl Reduce {
-    fn fit(reduction: Reduction, c: usize, d: usize, seed: u64, dev: &Device) -> Result<Self> {
-        Ok(match reduction {
-            Reduction::Subset => {
-                Reduce::Index(Tensor::from_vec(channel_subset(c, d, seed), d, dev)?)
+    /// The reduction for `emb` (`B × C × H × W`, the first training batch: the data-driven
+    /// reductions learn from it).
+    fn fit(reduction: Reduction, emb: &Tensor, d: usize, seed: u64) -> Result<Self> {
+        let (b, c, h, w) = emb.dims4()?;
+        let dev = emb.device();
+        let project = |m: Vec<f32>| -> Result<Self> {
+            Ok(Reduce::Project(Tensor::from_vec(m, (c, d), dev)?))
+        };
+        match reduction {
+            Reduction::Subset => Ok(Reduce::Index(Tensor::from_vec(
+                channel_subset(c, d, seed),
+                d,
+                dev,
+            )?)),
+            Reduction::Orthogonal => project(semi_orthogonal(c, d, seed)),
+            Reduction::Pca | Reduction::Npca => {
+                let x: Vec<f32> = emb
+                    .to_device(&Device::Cpu)?
+                    .permute((0, 2, 3, 1))?
+                    .flatten_all()?
+                    .to_vec1()?;
+                project(principal_directions(
+                    &x,
+                    b * h * w,
+                    c,
+                    d,
+                    reduction == Reduction::Pca,
+                )?)
             }
-            Reduction::Orthogonal => {
-                Reduce::Project(Tensor::from_vec(semi_orthogonal(c, d, seed), (c, d), dev)?)
-            }
-        })
+        }
     }
 
     fn dims(&self) -> usize {
@@ -313,7 +437,7 @@ impl FitScorer for PadimConfig {
                     )));
                 }
                 let d = self.dims.unwrap_or(if c <= 448 { 100 } else { 550 }).min(c);
-                reduce = Some(Reduce::fit(self.reduction, c, d, self.seed, emb.device())?);
+                reduce = Some(Reduce::fit(self.reduction, &emb, d, self.seed)?);
                 grid = (h, w);
             }
             if (h, w) != grid {
@@ -417,8 +541,13 @@ impl Restore for Padim {
                 ));
             }
         }
+        // A projection's kind (random or principal) is only in the configuration.
+        let reduction = match reduce.reduction() {
+            Reduction::Orthogonal if config.reduction.projects() => config.reduction,
+            r => r,
+        };
         let config = PadimConfig {
-            reduction: reduce.reduction(),
+            reduction,
             ..config
         };
         Ok(Self {
@@ -440,7 +569,7 @@ impl Padim {
 
     /// The reduction this model was fitted with.
     pub fn reduction(&self) -> Reduction {
-        self.reduce.reduction()
+        self.config.reduction
     }
 }
 

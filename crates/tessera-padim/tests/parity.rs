@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 use tessera_core::scorer::{FitScorer, Scorer};
 use tessera_core::FeatureMaps;
-use tessera_padim::{Padim, PadimConfig, Reduction};
+use tessera_padim::{principal_directions, Padim, PadimConfig, Reduction};
 
 fn golden() -> std::collections::HashMap<String, Tensor> {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -181,4 +181,63 @@ fn reduction_names_round_trip() {
     }
     let e = "random".parse::<Reduction>().unwrap_err().to_string();
     assert!(e.contains("orthogonal, subset"), "{e}");
+}
+
+/// The principal directions of data with a known covariance: axis-aligned variances 9, 4, 1
+/// and 0.25 on four channels give the axes in that order (largest first) or reversed (smallest
+/// first), orthonormal, sign fixed; a PCA model restores as PCA and scores identically.
+#[test]
+fn principal_directions_find_the_known_axes_and_pca_models_restore() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let sd = [3.0f32, 2.0, 1.0, 0.5];
+    let n = 4000;
+    let mut x = Vec::with_capacity(n * 4);
+    for _ in 0..n {
+        for s in sd {
+            // Uniform on [-√3, √3]·s has variance s².
+            x.push(s * 3f32.sqrt() * (2.0 * rng.random::<f32>() - 1.0));
+        }
+    }
+    let top = principal_directions(&x, n, 4, 2, true).unwrap();
+    let low = principal_directions(&x, n, 4, 2, false).unwrap();
+    // Row-major 4 × 2: column j is direction j.
+    let col = |w: &[f32], j: usize| (0..4).map(|i| w[i * 2 + j]).collect::<Vec<_>>();
+    let near = |v: Vec<f32>, axis: usize| {
+        v.iter()
+            .enumerate()
+            .all(|(i, &a)| (a - if i == axis { 1.0 } else { 0.0 }).abs() < 0.05)
+    };
+    assert!(near(col(&top, 0), 0) && near(col(&top, 1), 1), "{top:?}");
+    assert!(near(col(&low, 0), 3) && near(col(&low, 1), 2), "{low:?}");
+    assert!(principal_directions(&x[..4], 1, 4, 2, true).is_err());
+
+    let dev = candle_core::Device::Cpu;
+    let feats = |seed: u64| {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..3 * 6 * 4 * 4).map(|_| r.random::<f32>()).collect();
+        FeatureMaps::new(vec![Tensor::from_vec(v, (3, 6, 4, 4), &dev).unwrap()])
+    };
+    let cfg = PadimConfig {
+        dims: Some(3),
+        levels: vec![1],
+        reduction: Reduction::Pca,
+        ..Default::default()
+    };
+    let m = cfg.fit(&mut (0..3).map(|s| Ok(feats(s)))).unwrap();
+    assert_eq!(m.reduction(), Reduction::Pca);
+    let s = m.score(&feats(9)).unwrap();
+    // No random choice: another seed gives the same model.
+    let other = PadimConfig {
+        seed: 7,
+        ..cfg.clone()
+    }
+    .fit(&mut (0..3).map(|s| Ok(feats(s))))
+    .unwrap();
+    assert_eq!(other.score(&feats(9)).unwrap(), s);
+    let t: std::collections::HashMap<String, Tensor> = m.tensors().unwrap().into_iter().collect();
+    let conf: PadimConfig = serde_json::from_value(m.config()).unwrap();
+    let back = <Padim as tessera_core::scorer::Restore>::restore(conf, t).unwrap();
+    assert_eq!(back.reduction(), Reduction::Pca);
+    assert_eq!(back.score(&feats(9)).unwrap(), s);
 }

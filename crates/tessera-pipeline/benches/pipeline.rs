@@ -50,6 +50,7 @@ fn detector() -> Detector {
         calibration: None,
         sbm: None,
         pfam: None,
+        gate: None,
     };
     Detector {
         backbone,

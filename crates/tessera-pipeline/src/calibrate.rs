@@ -222,7 +222,7 @@ fn just_below(f: f32) -> f32 {
 }
 
 /// Score images through the detector; the maps.
-fn score_all(
+pub(crate) fn score_all(
     det: &Detector,
     samples: &[Sample],
     batch_size: usize,
@@ -243,7 +243,7 @@ fn score_all(
 type Synthesized = (Vec<f32>, Vec<bool>, (u32, u32));
 
 /// Synthetic defects on the calibration images, scored: (maps, masks).
-fn score_synthetic(
+pub(crate) fn score_synthetic(
     det: &Detector,
     samples: &[Sample],
     synth: &Synthesizer,

@@ -20,9 +20,11 @@ pub fn demo_category(out: &Path, spec: &SyntheticSpec, overwrite: bool) -> Resul
 pub struct DatasetInfo {
     pub root: PathBuf,
     pub category: String,
-    /// `object`, `texture`, or `None` when neither the folder spec nor the MVTec AD name list
-    /// says.
+    /// `object` or `texture`: from the folder spec, the MVTec AD name list, or inferred from
+    /// the training images (`None` when they cannot be read).
     pub kind: Option<CategoryKind>,
+    /// Where the kind comes from, with the evidence when inferred.
+    pub kind_reason: String,
     /// MVTec layout or a `tessera-dataset.json` folder.
     pub layout: &'static str,
     pub train_images: usize,
@@ -35,10 +37,15 @@ pub fn dataset_info(root: &Path) -> Result<DatasetInfo> {
     let ds = Dataset::open(root)?;
     let train = ds.train()?;
     let test = ds.test()?;
+    let (kind, kind_reason) = match ds.resolve_kind() {
+        Ok((k, why)) => (Some(k), why),
+        Err(e) => (None, format!("undecided: {e}")),
+    };
     Ok(DatasetInfo {
         root: root.to_path_buf(),
         category: ds.category(),
-        kind: ds.category_kind(),
+        kind,
+        kind_reason,
         layout: match ds.layout {
             tessera_data::Layout::MvTec => "mvtec",
             tessera_data::Layout::Folder(_) => "folder",

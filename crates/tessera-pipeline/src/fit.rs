@@ -6,6 +6,7 @@ use crate::batches::batches;
 use crate::calibrate::{calibrate, split_holdout, CalibrationOptions, CalibrationRun};
 use crate::detector::TILE_CHUNK;
 use crate::detector::{extract, Detector};
+use crate::gate::{gate_score, MethodGate};
 use crate::memory::{available_bytes, check_fit_memory, estimate_fit};
 use crate::meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 use crate::names::named_enum;
@@ -36,6 +37,22 @@ named_enum! {
         Jigsaw => "jigsaw",
         /// Then also end to end with CFA's loss (`--scorer cfa` only).
         Cfa => "cfa",
+    }
+}
+
+named_enum! {
+    /// What the method gate of `--method sbm|ours` does ([`MethodGate`]).
+    #[derive(Default)]
+    pub enum GateMode {
+        /// Fit the baseline too; keep the method only when it is better on held-out normals +
+        /// synthetic defects.
+        #[default]
+        On => "on",
+        /// Measure and record the gate's choice, but keep the method (research runs that
+        /// report the method's own numbers).
+        Report => "report",
+        /// No baseline fit, no comparison: the method as asked.
+        Off => "off",
     }
 }
 
@@ -72,6 +89,9 @@ pub struct FitOptions {
     pub out: PathBuf,
     /// How the thresholds are chosen.
     pub calibration: CalibrationOptions,
+    /// `--method sbm|ours`: also fit the baseline and keep the method only when it is better
+    /// on held-out normals + synthetic defects ([`MethodGate`]).
+    pub method_gate: GateMode,
 }
 
 impl Default for FitOptions {
@@ -89,6 +109,7 @@ impl Default for FitOptions {
             out: PathBuf::from("model.safetensors"),
             batch_size: 8,
             calibration: CalibrationOptions::default(),
+            method_gate: GateMode::On,
         }
     }
 }
@@ -146,6 +167,8 @@ pub struct FitSummary {
     pub model_bytes: u64,
     /// SHA-256 of the model's tensors (stored in the file, verified at load).
     pub checksum: String,
+    /// `--method sbm|ours`: the method gate's evidence and choice.
+    pub gate: Option<MethodGate>,
 }
 
 /// Where `fit --method sbm` writes the tuned backbone: beside the model, `<out>.sbm.safetensors`.
@@ -523,67 +546,9 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     }
     let mut scorer_cfg = o.scorer.clone();
     scorer_cfg.set_seed(o.seed);
-    let prepared = sbm_stage(o, &ds, &train, obs)?;
-    let backbone = prepare_backbone(o.weights.backbone, &prepared.source, &device)?;
-    let pfam = match &prepared.pfam_from {
-        Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone)?),
-        None => None,
-    };
-    let e2e = match (&prepared.pfam_from, o.pfam_training) {
-        (Some((p, cfg)), PfamTraining::Cfa) => Some(trainable_pfam(p, cfg, &backbone)?),
-        _ => None,
-    };
-    obs.note(&format!(
-        "fit: {} training images from {}, {} ({}), scorer {}, device {}",
-        train.len(),
-        o.data.display(),
-        o.weights.backbone,
-        prepared.source.describe(),
-        scorer_cfg.kind(),
-        o.device
-    ));
-    let (scorer, pfam) = fit_scorer(
-        &scorer_cfg,
-        &backbone,
-        pfam.as_ref(),
-        e2e.as_ref(),
-        &train,
-        &preprocess,
-        o.batch_size,
-        obs,
-    )?;
-    let scorer_report = scorer.fit_report();
-    let mut det = Detector {
-        backbone,
-        pfam,
-        scorer,
-        meta: ModelMeta {
-            format: FORMAT_VERSION,
-            tessera_version: tessera_core::VERSION.into(),
-            method: prepared.method,
-            seed: o.seed,
-            preprocess: preprocess.clone(),
-            backbone: BackboneMeta {
-                arch: o.weights.backbone,
-                layers: scorer_cfg.levels().to_vec(),
-                source: prepared.source.describe(),
-            },
-            scorer: scorer_cfg,
-            fit: FitMeta {
-                seconds: 0.0,
-                images: train.len(),
-                data: o.data.display().to_string(),
-                created_unix: 0,
-            },
-            threshold: 0.0,
-            heat_range: (0.0, 1.0),
-            calibration: None,
-            sbm: prepared.sbm,
-            pfam: prepared.pfam_from.map(|(_, c)| c),
-        },
-    };
-    // Calibration through the same path as `test`: held-out normals, or (fraction 0) evenly
-    // spaced training images, said to be optimistic.
+    let mut prepared = sbm_stage(o, &ds, &train, obs)?;
+    // Calibration (and the method gate) score these normals through the same path as `test`:
+    // held-out normals, or (fraction 0) evenly spaced training images, said to be optimistic.
     let held_out = !calib.is_empty();
     let normals: Vec<Sample> = if held_out {
         calib.clone()
@@ -591,7 +556,100 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         let step = train.len().div_ceil(IN_SAMPLE_IMAGES).max(1);
         train.iter().step_by(step).cloned().collect()
     };
-    let foreground = ds.category_kind() == Some(tessera_data::CategoryKind::Object);
+    // Synthetic defects go on the object's foreground for object categories (named, or
+    // inferred from the images).
+    let foreground = matches!(
+        ds.resolve_kind(),
+        Ok((tessera_data::CategoryKind::Object, _))
+    );
+    let fitted = |prepared: &Prepared, backbone: Backbone| -> Result<Detector> {
+        fit_detector(o, &scorer_cfg, prepared, backbone, &train, &preprocess, obs)
+    };
+    let mut det = fitted(
+        &prepared,
+        prepare_backbone(o.weights.backbone, &prepared.source, &device)?,
+    )?;
+    let mut gate = None;
+    let base = Prepared {
+        source: o.weights.source()?,
+        pfam_from: None,
+        sbm: None,
+        method: Method::Baseline,
+    };
+    // The baseline needs the pretrained weights; with only `--sbm-weights` given they may be
+    // out of reach (no network): then there is nothing to compare with, and the user is told.
+    let base_backbone = if prepared.method != Method::Baseline && o.method_gate != GateMode::Off {
+        match prepare_backbone(o.weights.backbone, &base.source, &device) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                obs.warn(&format!(
+                    "method gate skipped: the baseline's backbone cannot be loaded ({e}); pass \
+                     the pretrained weights with --weights to compare, or --method-gate off"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(base_backbone) = base_backbone {
+        obs.note(&format!(
+            "method gate: fitting the baseline too, to compare with --method {} on {} normals +              synthetic defects",
+            prepared.method,
+            normals.len()
+        ));
+        let base_det = fitted(&base, base_backbone)?;
+        let synth = tessera_synth::Synthesizer::new(
+            tessera_synth::SynthConfig {
+                foreground,
+                ..Default::default()
+            },
+            o.calibration
+                .textures
+                .as_deref()
+                .or(o.sbm.textures.as_deref()),
+        )?;
+        // Its own seed stream: not the calibration's synthetic images.
+        let gseed = o.seed ^ 0x9a7e_0000_0000_0001;
+        let m = gate_score(&det, &normals, &synth, gseed, o.batch_size, obs)?;
+        let b = gate_score(&base_det, &normals, &synth, gseed, o.batch_size, obs)?;
+        let mut g = MethodGate::decide(
+            prepared.method,
+            b,
+            m,
+            normals.len(),
+            normals.len(),
+            held_out,
+        );
+        if o.method_gate == GateMode::Report {
+            g.kept = prepared.method;
+            g.reason.push_str(&format!(
+                " (--method-gate report: the model keeps --method {})",
+                g.asked
+            ));
+        }
+        // Keeping the baseline although the method was asked for is worth a warning.
+        if g.kept == Method::Baseline {
+            obs.warn(&format!("method gate: {}", g.reason));
+        } else {
+            obs.note(&format!("method gate: {}", g.reason));
+        }
+        if g.kept == Method::Baseline {
+            det = base_det;
+            prepared.sbm = Some(SbmMeta {
+                applied: false,
+                reason: Some(format!("the method gate kept the baseline ({})", g.reason)),
+                ..prepared.sbm.unwrap_or_else(|| SbmMeta::skipped(""))
+            });
+            prepared.method = Method::Baseline;
+            prepared.pfam_from = None;
+            prepared.source = base.source;
+        }
+        gate = Some(g);
+    }
+    det.meta.sbm = prepared.sbm.clone();
+    det.meta.gate = gate.clone();
+    let scorer_report = det.scorer.fit_report();
     let run = CalibrationRun {
         held_out,
         foreground,
@@ -629,6 +687,78 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         scorer_report,
         model_bytes: std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0),
         checksum,
+        gate,
+    })
+}
+
+/// With the backbone `prepared` names (and its PFAM), fit the scorer on `train`: an uncalibrated
+/// detector (threshold 0 until [`calibrate`]).
+fn fit_detector(
+    o: &FitOptions,
+    scorer_cfg: &ScorerConfig,
+    prepared: &Prepared,
+    backbone: Backbone,
+    train: &[Sample],
+    preprocess: &Preprocess,
+    obs: &dyn Observer,
+) -> Result<Detector> {
+    let pfam = match &prepared.pfam_from {
+        Some((p, cfg)) => Some(load_pfam(p, cfg, &backbone)?),
+        None => None,
+    };
+    let e2e = match (&prepared.pfam_from, o.pfam_training) {
+        (Some((p, cfg)), PfamTraining::Cfa) => Some(trainable_pfam(p, cfg, &backbone)?),
+        _ => None,
+    };
+    obs.note(&format!(
+        "fit: {} training images from {}, {} ({}), method {}, scorer {}, device {}",
+        train.len(),
+        o.data.display(),
+        o.weights.backbone,
+        prepared.source.describe(),
+        prepared.method,
+        scorer_cfg.kind(),
+        o.device
+    ));
+    let (scorer, pfam) = fit_scorer(
+        scorer_cfg,
+        &backbone,
+        pfam.as_ref(),
+        e2e.as_ref(),
+        train,
+        preprocess,
+        o.batch_size,
+        obs,
+    )?;
+    Ok(Detector {
+        backbone,
+        pfam,
+        scorer,
+        meta: ModelMeta {
+            format: FORMAT_VERSION,
+            tessera_version: tessera_core::VERSION.into(),
+            method: prepared.method,
+            seed: o.seed,
+            preprocess: preprocess.clone(),
+            backbone: BackboneMeta {
+                arch: o.weights.backbone,
+                layers: scorer_cfg.levels().to_vec(),
+                source: prepared.source.describe(),
+            },
+            scorer: scorer_cfg.clone(),
+            fit: FitMeta {
+                seconds: 0.0,
+                images: train.len(),
+                data: o.data.display().to_string(),
+                created_unix: 0,
+            },
+            threshold: 0.0,
+            heat_range: (0.0, 1.0),
+            calibration: None,
+            sbm: prepared.sbm.clone(),
+            pfam: prepared.pfam_from.as_ref().map(|(_, c)| c.clone()),
+            gate: None,
+        },
     })
 }
 

@@ -7,7 +7,9 @@
 //!   model file (memory-mapped, checksum-verified), [`Detector::score`] is the one path from a
 //!   preprocessed batch to anomaly maps.
 //! - [`fit()`] and its stages: [`prepare_backbone`] → optional SBM ([`sbm_stage`]) → optional
-//!   PFAM ([`load_pfam`]) → [`fit_scorer`] → [`calibrate`] → [`Detector::to_model_file`].
+//!   PFAM ([`load_pfam`]) → [`fit_scorer`] → the method gate ([`MethodGate`]: `--method
+//!   sbm|ours` is kept only when it beats the baseline on held-out normals + synthetic
+//!   defects) → [`calibrate`] → [`Detector::to_model_file`].
 //! - [`test()`] (report + heatmaps) and [`predict()`] (heatmaps + `scores.csv`, one
 //!   [`Prediction`] per image), [`sbm_train`] and [`synth`].
 //! - [`ScorerConfig`]: the scorers this build knows, as one serde-tagged configuration; each
@@ -40,6 +42,7 @@ mod detector;
 mod evaluate;
 mod fit;
 mod gallery;
+mod gate;
 pub mod memory;
 mod meta;
 mod names;
@@ -60,9 +63,10 @@ pub use detector::{extract, section, Detector, StageTimes, Verdict, TILE_CHUNK};
 pub use evaluate::{test, TestOptions};
 pub use fit::{
     fit, fit_scorer, load_pfam, sbm_output_path, sbm_stage, trainable_pfam, FitOptions, FitSummary,
-    PfamTraining, Prepared, SbmStage, TrainablePfam, IN_SAMPLE_IMAGES,
+    GateMode, PfamTraining, Prepared, SbmStage, TrainablePfam, IN_SAMPLE_IMAGES,
 };
 pub use gallery::gallery;
+pub use gate::{gate_score, GateScore, MethodGate};
 pub use meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 pub use observer::{stage, Observer, Silent};
 pub use predict::{expand_inputs, predict, Job, PredictOptions, PredictSummary, Prediction};

@@ -142,6 +142,9 @@ pub struct ModelMeta {
     /// pass through PFAM before the scorer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pfam: Option<tessera_pfam::PfamConfig>,
+    /// `--method sbm|ours`: the method gate's evidence and which model it kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::MethodGate>,
 }
 
 #[cfg(test)]

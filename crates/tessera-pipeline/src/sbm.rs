@@ -30,27 +30,22 @@ named_enum! {
 impl SbmMode {
     /// Decide for a dataset; the string says why, for the log.
     pub fn applies(self, ds: &Dataset) -> (bool, String) {
-        match (self, ds.category_kind()) {
-            (SbmMode::On, _) => (true, "--sbm on".into()),
-            (SbmMode::Off, _) => (false, "--sbm off".into()),
-            (SbmMode::Auto, Some(CategoryKind::Object)) => {
-                (true, format!("'{}' is an object category", ds.category()))
-            }
-            (SbmMode::Auto, Some(CategoryKind::Texture)) => (
-                false,
-                format!(
-                    "'{}' is a texture category (the paper applies SBM to objects only)",
-                    ds.category()
+        match self {
+            SbmMode::On => (true, "--sbm on".into()),
+            SbmMode::Off => (false, "--sbm off".into()),
+            SbmMode::Auto => match ds.resolve_kind() {
+                Ok((CategoryKind::Object, why)) => (true, why),
+                Ok((CategoryKind::Texture, why)) => (
+                    false,
+                    format!("{why} (the paper applies SBM to objects only)"),
                 ),
-            ),
-            (SbmMode::Auto, None) => (
-                false,
-                format!(
-                    "'{}' is not a known MVTec AD category and its tessera-dataset.json names no \
-                     \"category\" kind; pass --sbm on to use SBM",
-                    ds.category()
+                Err(e) => (
+                    false,
+                    format!(
+                        "the category's kind could not be decided ({e}); pass --sbm on to use SBM"
+                    ),
                 ),
-            ),
+            },
         }
     }
 }
@@ -131,7 +126,7 @@ pub(crate) fn sbm_train_checked(
     let backbone = prepare_backbone(o.weights.backbone, &source, &device)?;
     let foreground = o
         .foreground
-        .unwrap_or(ds.category_kind() == Some(CategoryKind::Object));
+        .unwrap_or(matches!(ds.resolve_kind(), Ok((CategoryKind::Object, _))));
     let synth = if o.no_synth {
         None
     } else {
