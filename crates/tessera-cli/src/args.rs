@@ -297,6 +297,10 @@ pub(crate) struct SbmArgs {
     /// Jigsaw head learning rate.
     #[arg(long, value_parser = positive)]
     pub(crate) sbm_head_lr: Option<f64>,
+    /// PFAM learning rate (--pfam / --method ours); 0 keeps PFAM at its seeded initial values
+    /// (the "untrained PFAM" of the ablation in docs/pfam.md).
+    #[arg(long, value_parser = non_negative)]
+    pub(crate) sbm_pfam_lr: Option<f64>,
     #[arg(long, value_parser = named::<OptimizerKind>(OptimizerKind::NAMES))]
     pub(crate) sbm_optimizer: Option<OptimizerKind>,
     /// Tiles per side of the jigsaw grid.
@@ -333,6 +337,7 @@ impl SbmArgs {
             anchor_weight: self.sbm_anchor_weight.unwrap_or(d.anchor_weight),
             lr_backbone: self.sbm_lr.unwrap_or(d.lr_backbone),
             lr_head: self.sbm_head_lr.unwrap_or(d.lr_head),
+            lr_pfam: self.sbm_pfam_lr.unwrap_or(d.lr_pfam),
             optimizer: self.sbm_optimizer.unwrap_or(d.optimizer),
             grid: self.sbm_grid.map_or(d.grid, |v| v as usize),
             permutations: self.sbm_permutations.map_or(d.permutations, |v| v as usize),

@@ -159,9 +159,9 @@ fn sbm_auto_decides_the_kind_from_the_images_and_says_why() {
     let ring = info(&data);
     assert_eq!(ring["kind"], "object", "{ring}");
     assert!(
-        ring["kind_reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("look like") && r.contains("contrast spread")),
+        ring["kind_reason"].as_str().is_some_and(
+            |r| r.contains("judged from its images: object") && r.contains("contrast spread")
+        ),
         "{ring}"
     );
     let noise = noise_category(dir.path());
@@ -184,7 +184,7 @@ fn sbm_auto_decides_the_kind_from_the_images_and_says_why() {
     assert!(out.status.success(), "{}", stderr(&out));
     let e = stderr(&out);
     assert!(
-        e.contains("sbm: skipped") && e.contains("texture from 8 images"),
+        e.contains("sbm: skipped") && e.contains("judged from its images: texture (8 images"),
         "{e}"
     );
     let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();

@@ -51,8 +51,8 @@ impl KindEvidence {
     /// One sentence with the numbers and the rule.
     pub fn describe(&self) -> String {
         format!(
-            "{} from {} images: contrast spread {:.2} (object above {OBJECT_SPREAD}), background \
-             share {:.2} (object above {OBJECT_BACKGROUND})",
+            "{} ({} images: contrast spread {:.2}, object above {OBJECT_SPREAD}; background \
+             share {:.2}, object above {OBJECT_BACKGROUND})",
             match self.kind {
                 CategoryKind::Object => "object",
                 CategoryKind::Texture => "texture",

@@ -216,7 +216,7 @@ impl Dataset {
         Ok((
             e.kind,
             format!(
-                "'{name}' is not a known category; its images look like an {}",
+                "'{name}' is not a known category; judged from its images: {}",
                 e.describe()
             ),
         ))

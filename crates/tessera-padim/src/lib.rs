@@ -290,6 +290,27 @@ pub fn embed(features: &FeatureMaps, levels: &[usize]) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 1)?)
 }
 
+/// For every position of an `h × w` grid, the row-major index of its nearest source position
+/// in an `sh × sw` grid, exactly as candle's `upsample_nearest2d` (`⌊i · sh / h⌋`, clamped).
+fn nearest_index((sh, sw): (usize, usize), (h, w): (usize, usize)) -> Vec<u32> {
+    let src = |i: usize, n_in: usize, n_out: usize| {
+        ((i as f64 * (n_in as f64 / n_out as f64)) as usize).min(n_in - 1)
+    };
+    let mut idx = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let sy = src(y, sh, h);
+        for x in 0..w {
+            idx.push((sy * sw + src(x, sw, w)) as u32);
+        }
+    }
+    idx
+}
+
+/// The chosen levels of `features` (1-based), checked.
+fn pick_levels<'a>(features: &'a FeatureMaps, levels: &[usize]) -> Result<Vec<&'a Tensor>> {
+    levels.iter().map(|&l| features.level(l, "padim")).collect()
+}
+
 /// Seeded channel subset of size `d` from `total`, sorted.
 pub fn channel_subset(total: usize, d: usize, seed: u64) -> Vec<u32> {
     use rand::seq::SliceRandom;
@@ -311,11 +332,15 @@ enum Reduce {
 }
 
 impl Reduce {
-    /// The reduction for `emb` (`B × C × H × W`, the first training batch: the data-driven
-    /// reductions learn from it).
-    fn fit(reduction: Reduction, emb: &Tensor, d: usize, seed: u64) -> Result<Self> {
-        let (b, c, h, w) = emb.dims4()?;
-        let dev = emb.device();
+    /// The reduction of `c` channels to `d`; `emb` (`B × C × H × W`, the first training
+    /// batch's embedding) is what the data-driven reductions learn from.
+    fn fit(
+        reduction: Reduction,
+        emb: Option<&Tensor>,
+        (c, d): (usize, usize),
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Self> {
         let project = |m: Vec<f32>| -> Result<Self> {
             Ok(Reduce::Project(Tensor::from_vec(m, (c, d), dev)?))
         };
@@ -327,6 +352,10 @@ impl Reduce {
             )?)),
             Reduction::Orthogonal => project(semi_orthogonal(c, d, seed)),
             Reduction::Pca | Reduction::Npca => {
+                let emb = emb.ok_or_else(|| {
+                    Error::Config("padim: principal directions need the first batch".into())
+                })?;
+                let (b, _, h, w) = emb.dims4()?;
                 let x: Vec<f32> = emb
                     .to_device(&Device::Cpu)?
                     .permute((0, 2, 3, 1))?
@@ -377,7 +406,9 @@ impl Reduce {
         }
     }
 
-    /// `(B, C, H, W)` → `(P, B, d)`.
+    /// `(B, C, H, W)` → `(P, B, d)` from the whole embedding: the reference
+    /// [`Self::apply_levels`] is tested against.
+    #[cfg(test)]
     fn apply(&self, emb: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = emb.dims4()?;
         let d = self.dims();
@@ -395,6 +426,87 @@ impl Reduce {
                 .matmul(&p.to_device(emb.device())?)?
                 .reshape((h * w, b, d))?,
         })
+    }
+
+    /// The chosen levels (`B × C_l × H_l × W_l`, the first level's grid first) → `(P, B, d)`,
+    /// without building the concatenated embedding: each level is reduced on its own grid and
+    /// then brought to the first level's grid (nearest, as [`embed`]). A channel-wise linear
+    /// map commutes with nearest upsampling, so this equals `apply(embed(..))` (up to the
+    /// order of float additions for a projection), with layer2's and layer3's products on
+    /// their 4× and 16× smaller grids and no `C`-channel copy of the whole grid.
+    fn apply_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
+        let (b, _, h, w) = maps[0].dims4()?;
+        let dev = maps[0].device().clone();
+        let picked: Option<Vec<u32>> = match self {
+            Reduce::Index(i) => Some(i.to_vec1()?),
+            Reduce::Project(_) => None,
+        };
+        let mut offset = 0usize;
+        let mut sum: Option<Tensor> = None;
+        let mut parts: Vec<Tensor> = Vec::new();
+        for m in maps {
+            let (_, c, sh, sw) = m.dims4()?;
+            // (B, c, S): channels by positions.
+            let x = m.reshape((b, c, sh * sw))?;
+            let y = match (self, &picked) {
+                (Reduce::Project(p), _) => {
+                    let wl = p.narrow(0, offset, c)?.to_device(&dev)?;
+                    let d = wl.dims()[1];
+                    Some(
+                        x.transpose(1, 2)?
+                            .contiguous()?
+                            .reshape((b * sh * sw, c))?
+                            .matmul(&wl)?
+                            .reshape((b, sh * sw, d))?,
+                    )
+                }
+                (Reduce::Index(_), Some(all)) => {
+                    let mine: Vec<u32> = all
+                        .iter()
+                        .filter(|&&k| (offset..offset + c).contains(&(k as usize)))
+                        .map(|&k| k - offset as u32)
+                        .collect();
+                    if mine.is_empty() {
+                        None
+                    } else {
+                        let n = mine.len();
+                        Some(
+                            x.contiguous()?
+                                .index_select(&Tensor::from_vec(mine, n, &dev)?, 1)?
+                                .transpose(1, 2)?
+                                .contiguous()?,
+                        )
+                    }
+                }
+                _ => None,
+            };
+            offset += c;
+            let Some(y) = y else { continue };
+            let y = if (sh, sw) == (h, w) {
+                y
+            } else {
+                let idx = nearest_index((sh, sw), (h, w));
+                let n = idx.len();
+                y.index_select(&Tensor::from_vec(idx, n, &dev)?, 1)?
+            };
+            match self {
+                Reduce::Project(_) => {
+                    sum = Some(match sum {
+                        None => y,
+                        Some(s) => (s + y)?,
+                    })
+                }
+                Reduce::Index(_) => parts.push(y),
+            }
+        }
+        let out = match self {
+            Reduce::Project(_) => {
+                sum.ok_or_else(|| Error::Config("padim: no feature level".into()))?
+            }
+            // The index is increasing, so the levels' picks concatenate in its order.
+            Reduce::Index(_) => Tensor::cat(&parts, 2)?,
+        };
+        Ok(out.transpose(0, 1)?.contiguous()?)
     }
 
     fn tensor(&self) -> (&'static str, Tensor) {
@@ -428,8 +540,10 @@ impl FitScorer for PadimConfig {
         let mut reduce: Option<Reduce> = None;
         let mut grid = (0, 0);
         for batch in batches {
-            let emb = embed(&batch?, &self.levels)?;
-            let (_, c, h, w) = emb.dims4()?;
+            let batch = batch?;
+            let maps = pick_levels(&batch, &self.levels)?;
+            let (_, _, h, w) = maps[0].dims4()?;
+            let c: usize = maps.iter().map(|m| m.dims()[1]).sum();
             if reduce.is_none() {
                 if let Some(d) = self.dims.filter(|&d| d > c) {
                     return Err(Error::Config(format!(
@@ -437,7 +551,19 @@ impl FitScorer for PadimConfig {
                     )));
                 }
                 let d = self.dims.unwrap_or(if c <= 448 { 100 } else { 550 }).min(c);
-                reduce = Some(Reduce::fit(self.reduction, &emb, d, self.seed)?);
+                // The data-driven reductions learn from the first batch's whole embedding.
+                let emb = if matches!(self.reduction, Reduction::Pca | Reduction::Npca) {
+                    Some(embed(&batch, &self.levels)?)
+                } else {
+                    None
+                };
+                reduce = Some(Reduce::fit(
+                    self.reduction,
+                    emb.as_ref(),
+                    (c, d),
+                    self.seed,
+                    maps[0].device(),
+                )?);
                 grid = (h, w);
             }
             if (h, w) != grid {
@@ -449,7 +575,8 @@ impl FitScorer for PadimConfig {
             // Keep the reduced embedding only: (P, B, d), moved to the CPU (statistics are
             // computed there in f64).
             if let Some(r) = &reduce {
-                chunks.push(r.apply(&emb)?.to_device(&Device::Cpu)?);
+                r.check_channels(c)?;
+                chunks.push(r.apply_levels(&maps)?.to_device(&Device::Cpu)?);
             }
         }
         let reduce = reduce.ok_or_else(|| Error::Config("padim: no training images".into()))?;
@@ -587,8 +714,9 @@ impl Scorer for Padim {
     }
 
     fn score(&self, features: &FeatureMaps) -> Result<RawMaps> {
-        let emb = embed(features, &self.config.levels)?;
-        let (b, c, h, w) = emb.dims4()?;
+        let maps = pick_levels(features, &self.config.levels)?;
+        let (b, _, h, w) = maps[0].dims4()?;
+        let c: usize = maps.iter().map(|m| m.dims()[1]).sum();
         self.reduce.check_channels(c)?;
         if (h, w) != (self.height, self.width) {
             return Err(Error::Config(format!(
@@ -596,7 +724,10 @@ impl Scorer for Padim {
                 self.height, self.width
             )));
         }
-        let x = self.reduce.apply(&emb)?.to_device(self.mean.device())?; // (P, B, d)
+        let x = self
+            .reduce
+            .apply_levels(&maps)?
+            .to_device(self.mean.device())?; // (P, B, d)
         let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
         let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
         let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
@@ -613,5 +744,57 @@ impl Scorer for Padim {
             ("inv_cov".into(), self.inv_cov.clone()),
             ("grid".into(), grid),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reducing each level on its own grid then upsampling equals reducing the concatenated
+    /// embedding: exactly for a channel subset, to float rounding for a projection; on grids
+    /// that divide evenly and on ones that do not (odd sizes, as non-square inputs give).
+    #[test]
+    fn per_level_reduction_equals_reducing_the_embedding() {
+        let dev = Device::Cpu;
+        for (g1, g2, g3) in [((8, 8), (4, 4), (2, 2)), ((10, 15), (5, 8), (3, 4))] {
+            let t = |c: usize, (h, w): (usize, usize), s: f64| {
+                Tensor::rand(0f32, 1., (2, c, h, w), &dev)
+                    .unwrap()
+                    .affine(s, 0.0)
+                    .unwrap()
+            };
+            let f = FeatureMaps::new(vec![t(6, g1, 1.0), t(5, g2, 2.0), t(7, g3, 3.0)]);
+            let levels = [1, 2, 3];
+            let emb = embed(&f, &levels).unwrap();
+            let maps = pick_levels(&f, &levels).unwrap();
+            let idx =
+                Reduce::Index(Tensor::from_vec(vec![0u32, 3, 6, 7, 12, 17], 6, &dev).unwrap());
+            assert_eq!(
+                idx.apply_levels(&maps).unwrap().to_vec3::<f32>().unwrap(),
+                idx.apply(&emb).unwrap().to_vec3::<f32>().unwrap()
+            );
+            let proj = Reduce::Project(
+                Tensor::from_vec(semi_orthogonal(18, 4, 1), (18, 4), &dev).unwrap(),
+            );
+            let a: Vec<f32> = proj
+                .apply_levels(&maps)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = proj
+                .apply(&emb)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+            }
+        }
     }
 }
