@@ -379,6 +379,8 @@ fn bench(args: &[String]) -> Result<()> {
         let mut entries: Vec<(String, String, f64)> = [
             ("r18_features_padim", "batch1", 1.0),
             ("r18_features_padim", "batch8", 8.0),
+            ("padim_after_features", "batch1", 1.0),
+            ("padim_after_features", "batch8", 8.0),
             ("coreset_20k_128d", "ratio_0.1", 1.0),
             ("coreset_20k_128d", "ratio_0.01", 1.0),
             ("nearest_784x16k_384d", "chunk4096", 1.0),

@@ -128,7 +128,9 @@ mod tests {
     #[test]
     fn blur_equals_the_direct_loop_bit_for_bit() {
         let (h, w) = (13, 37);
-        let src: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 101) as f32 / 7.0).collect();
+        let src: Vec<f32> = (0..h * w)
+            .map(|i| ((i * 7919) % 101) as f32 / 7.0)
+            .collect();
         let k = gaussian_kernel(4.0);
         let r = (k.len() / 2) as i64;
         let mut tmp = vec![0f32; h * w];

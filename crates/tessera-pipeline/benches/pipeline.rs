@@ -1,9 +1,10 @@
 //! ms/image of the inference path (ResNet-18 layer1..3 features + PaDiM Mahalanobis +
-//! upsample/blur) at 224 px, batch 1 and 8. Uses `../shared` weights when present (the speed
+//! upsample/blur) at 224 px, batch 1 and 8, and of the part after the features alone. Uses `../shared` weights when present (the speed
 //! is the same with random weights, which are used otherwise).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rayon::prelude::*;
 use std::path::PathBuf;
 use tessera_backbone::{Arch, Backbone, WeightsSource};
 use tessera_core::model::*;
@@ -69,6 +70,35 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(b as u64));
         g.bench_function(format!("batch{b}"), |bench| {
             bench.iter(|| det.score(&x).unwrap())
+        });
+    }
+    g.finish();
+    // Everything after the features: PaDiM's reduction + Mahalanobis, upsampling to the input
+    // and the blur (the part `Detector::score` adds to the backbone), per image.
+    let mut g = c.benchmark_group("padim_after_features");
+    g.sample_size(10);
+    for b in [1usize, 8] {
+        let x = Tensor::rand(0f32, 1., (b, 3, 224, 224), &Device::Cpu).unwrap();
+        let f = det.features(&x).unwrap();
+        g.throughput(Throughput::Elements(b as u64));
+        g.bench_function(format!("batch{b}"), |bench| {
+            bench.iter(|| {
+                let raw = det.scorer.score(&f).unwrap();
+                let maps: Vec<_> = (0..raw.batch)
+                    .into_par_iter()
+                    .map(|i| {
+                        tessera_core::postprocess::finish_map(
+                            raw.image(i),
+                            raw.height,
+                            raw.width,
+                            224,
+                            224,
+                            det.scorer.blur_sigma(),
+                        )
+                    })
+                    .collect();
+                maps
+            })
         });
     }
     g.finish();
