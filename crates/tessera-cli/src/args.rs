@@ -297,9 +297,9 @@ pub(crate) struct SbmArgs {
     /// Jigsaw head learning rate.
     #[arg(long, value_parser = positive)]
     pub(crate) sbm_head_lr: Option<f64>,
-    /// PFAM learning rate (--pfam / --method ours); 0 keeps PFAM at its seeded initial values
-    /// (the "untrained PFAM" of the ablation in docs/pfam.md).
-    #[arg(long, value_parser = non_negative)]
+    /// PFAM learning rate (--pfam / --method ours); a tiny one (1e-12) keeps PFAM at its
+    /// seeded initial values (the "untrained PFAM" of the ablation in docs/pfam.md).
+    #[arg(long, value_parser = positive)]
     pub(crate) sbm_pfam_lr: Option<f64>,
     #[arg(long, value_parser = named::<OptimizerKind>(OptimizerKind::NAMES))]
     pub(crate) sbm_optimizer: Option<OptimizerKind>,

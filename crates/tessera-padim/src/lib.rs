@@ -41,6 +41,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
+use tessera_core::tensor::with_f32_slice;
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
@@ -290,6 +291,155 @@ pub fn embed(features: &FeatureMaps, levels: &[usize]) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 1)?)
 }
 
+/// Positions per task of [`mahalanobis`]: their `(B, d)` differences fit in L1/L2.
+const MAHA_BLOCK: usize = 16;
+
+/// Dot product with 16 independent lanes (vectorised; the order of additions differs from a
+/// sequential sum by float rounding only).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One block of [`mahalanobis`] (positions `blk·MAHA_BLOCK …`), `(n, B)` squared distances,
+/// compiled for the widest vector unit the CPU has (the same IEEE operations in the same order
+/// on every path, so the results do not depend on it).
+fn maha_block(
+    y: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    dims: (usize, usize, usize),
+    blk: usize,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { maha_block_avx512(y, mean, inv, dims, blk) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { maha_block_avx2(y, mean, inv, dims, blk) };
+        }
+    }
+    maha_block_generic(y, mean, inv, dims, blk)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn maha_block_avx512(
+    y: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    dims: (usize, usize, usize),
+    blk: usize,
+) -> Vec<f32> {
+    maha_block_generic(y, mean, inv, dims, blk)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn maha_block_avx2(
+    y: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    dims: (usize, usize, usize),
+    blk: usize,
+) -> Vec<f32> {
+    maha_block_generic(y, mean, inv, dims, blk)
+}
+
+#[inline(always)]
+fn maha_block_generic(
+    y: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    (b, d, p): (usize, usize, usize),
+    blk: usize,
+) -> Vec<f32> {
+    let p0 = blk * MAHA_BLOCK;
+    let n = MAHA_BLOCK.min(p - p0);
+    // diff[(k·b + bi)·d + i] = y[bi, i, p0 + k] − μ[p0 + k, i]
+    let mut diff = vec![0f32; n * b * d];
+    for bi in 0..b {
+        for i in 0..d {
+            let src = &y[(bi * d + i) * p + p0..][..n];
+            for (k, v) in src.iter().enumerate() {
+                diff[(k * b + bi) * d + i] = v - mean[(p0 + k) * d + i];
+            }
+        }
+    }
+    let mut out = vec![0f32; n * b];
+    let mut t = vec![0f32; b * d];
+    for k in 0..n {
+        let s = &inv[(p0 + k) * d * d..][..d * d];
+        let dk = &diff[k * b * d..][..b * d];
+        // T = D · Σ⁻¹ (rows of Σ⁻¹ scaled and added: vectorised, no horizontal sums),
+        // then q_b = ⟨T_b, D_b⟩.
+        t.fill(0.0);
+        for (i, row) in s.chunks_exact(d).enumerate() {
+            for (tb, db) in t.chunks_exact_mut(d).zip(dk.chunks_exact(d)) {
+                let c = db[i];
+                for (tv, rv) in tb.iter_mut().zip(row) {
+                    *tv += c * rv;
+                }
+            }
+        }
+        for ((q, tb), db) in out[k * b..][..b]
+            .iter_mut()
+            .zip(t.chunks_exact(d))
+            .zip(dk.chunks_exact(d))
+        {
+            *q = dot(tb, db);
+        }
+    }
+    out
+}
+
+/// Mahalanobis distances `√((y − μ)ᵀ Σ⁻¹ (y − μ))` of `b` images at every position, fused:
+/// `y` is `(B, d, P)`, `mean` `(P, d)`, `inv` `(P, d, d)`; the result is `(B, P)`. Blocks of
+/// positions run in parallel; each position's `Σ⁻¹` is read once for all `b` images (row by
+/// row, each row dotted with every image's difference while it is in cache), with no
+/// intermediate tensors.
+fn mahalanobis(y: &[f32], mean: &[f32], inv: &[f32], b: usize, d: usize) -> Result<Vec<f32>> {
+    let p = mean.len() / d.max(1);
+    if d == 0 || y.len() != b * d * p || inv.len() != p * d * d {
+        return Err(Error::Config(format!(
+            "padim: mahalanobis on inconsistent sizes (y {}, mean {}, inv {}, b {b}, d {d})",
+            y.len(),
+            mean.len(),
+            inv.len()
+        )));
+    }
+    let blocks: Vec<Vec<f32>> = (0..p.div_ceil(MAHA_BLOCK))
+        .into_par_iter()
+        .map(|blk| maha_block(y, mean, inv, (b, d, p), blk))
+        .collect();
+    // (P, B) blocks → (B, P), clamped at 0 (rounding) before the root.
+    let mut dist = vec![0f32; b * p];
+    for (blk, out) in blocks.iter().enumerate() {
+        for (j, v) in out.iter().enumerate() {
+            let (k, bi) = (j / b, j % b);
+            dist[bi * p + blk * MAHA_BLOCK + k] = v.max(0.0).sqrt();
+        }
+    }
+    Ok(dist)
+}
+
 /// For every position of an `h × w` grid, the row-major index of its nearest source position
 /// in an `sh × sw` grid, exactly as candle's `upsample_nearest2d` (`⌊i · sh / h⌋`, clamped).
 fn nearest_index((sh, sw): (usize, usize), (h, w): (usize, usize)) -> Vec<u32> {
@@ -428,66 +578,25 @@ impl Reduce {
         })
     }
 
-    /// The chosen levels (`B × C_l × H_l × W_l`, the first level's grid first) → `(P, B, d)`,
+    /// The chosen levels (`B × C_l × H_l × W_l`, the first level's grid first) → `(B, d, P)`,
     /// without building the concatenated embedding: each level is reduced on its own grid and
     /// then brought to the first level's grid (nearest, as [`embed`]). A channel-wise linear
-    /// map commutes with nearest upsampling, so this equals `apply(embed(..))` (up to the
+    /// map commutes with nearest upsampling, so this equals reducing `embed(..)` (up to the
     /// order of float additions for a projection), with layer2's and layer3's products on
-    /// their 4× and 16× smaller grids and no `C`-channel copy of the whole grid.
-    fn apply_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
-        let (b, _, h, w) = maps[0].dims4()?;
+    /// their 4× and 16× smaller grids, no `C`-channel copy of the whole grid, and no
+    /// transposition of the inputs (`Wᵀ · X` per image).
+    fn reduce_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
+        let (_, _, h, w) = maps[0].dims4()?;
         let dev = maps[0].device().clone();
-        let picked: Option<Vec<u32>> = match self {
-            Reduce::Index(i) => Some(i.to_vec1()?),
-            Reduce::Project(_) => None,
-        };
-        let mut offset = 0usize;
         let mut sum: Option<Tensor> = None;
         let mut parts: Vec<Tensor> = Vec::new();
-        for m in maps {
-            let (_, c, sh, sw) = m.dims4()?;
-            // (B, c, S): channels by positions.
-            let x = m.reshape((b, c, sh * sw))?;
-            let y = match (self, &picked) {
-                (Reduce::Project(p), _) => {
-                    let wl = p.narrow(0, offset, c)?.to_device(&dev)?;
-                    let d = wl.dims()[1];
-                    Some(
-                        x.transpose(1, 2)?
-                            .contiguous()?
-                            .reshape((b * sh * sw, c))?
-                            .matmul(&wl)?
-                            .reshape((b, sh * sw, d))?,
-                    )
-                }
-                (Reduce::Index(_), Some(all)) => {
-                    let mine: Vec<u32> = all
-                        .iter()
-                        .filter(|&&k| (offset..offset + c).contains(&(k as usize)))
-                        .map(|&k| k - offset as u32)
-                        .collect();
-                    if mine.is_empty() {
-                        None
-                    } else {
-                        let n = mine.len();
-                        Some(
-                            x.contiguous()?
-                                .index_select(&Tensor::from_vec(mine, n, &dev)?, 1)?
-                                .transpose(1, 2)?
-                                .contiguous()?,
-                        )
-                    }
-                }
-                _ => None,
-            };
-            offset += c;
-            let Some(y) = y else { continue };
-            let y = if (sh, sw) == (h, w) {
-                y
+        for part in self.reduce_parts(maps)? {
+            let y = if part.grid == (h, w) {
+                part.y
             } else {
-                let idx = nearest_index((sh, sw), (h, w));
+                let idx = nearest_index(part.grid, (h, w));
                 let n = idx.len();
-                y.index_select(&Tensor::from_vec(idx, n, &dev)?, 1)?
+                part.y.index_select(&Tensor::from_vec(idx, n, &dev)?, 2)?
             };
             match self {
                 Reduce::Project(_) => {
@@ -499,14 +608,66 @@ impl Reduce {
                 Reduce::Index(_) => parts.push(y),
             }
         }
-        let out = match self {
+        match self {
             Reduce::Project(_) => {
-                sum.ok_or_else(|| Error::Config("padim: no feature level".into()))?
+                sum.ok_or_else(|| Error::Config("padim: no feature level".into()))
             }
             // The index is increasing, so the levels' picks concatenate in its order.
-            Reduce::Index(_) => Tensor::cat(&parts, 2)?,
+            Reduce::Index(_) => Ok(Tensor::cat(&parts, 1)?),
+        }
+    }
+
+    /// Each level reduced on its own grid: `(B, d_l, S_l)` with the first output channel it
+    /// fills (a projection: all `d`, summed over the levels; a subset: the level's picks).
+    fn reduce_parts(&self, maps: &[&Tensor]) -> Result<Vec<Part>> {
+        let dev = maps[0].device().clone();
+        let picked: Option<Vec<u32>> = match self {
+            Reduce::Index(i) => Some(i.to_vec1()?),
+            Reduce::Project(_) => None,
         };
-        Ok(out.transpose(0, 1)?.contiguous()?)
+        let (mut offset, mut filled) = (0usize, 0usize);
+        let mut parts = Vec::new();
+        for m in maps {
+            let (b, c, sh, sw) = m.dims4()?;
+            // (B, c, S): channels by positions.
+            let x = m.contiguous()?.reshape((b, c, sh * sw))?;
+            let y = match (self, &picked) {
+                (Reduce::Project(p), _) => {
+                    let wt = p.narrow(0, offset, c)?.t()?.contiguous()?.to_device(&dev)?;
+                    Some((wt.broadcast_matmul(&x)?, 0))
+                }
+                (Reduce::Index(_), Some(all)) => {
+                    let mine: Vec<u32> = all
+                        .iter()
+                        .filter(|&&k| (offset..offset + c).contains(&(k as usize)))
+                        .map(|&k| k - offset as u32)
+                        .collect();
+                    let n = mine.len();
+                    let first = filled;
+                    filled += n;
+                    if n == 0 {
+                        None
+                    } else {
+                        Some((x.index_select(&Tensor::from_vec(mine, n, &dev)?, 1)?, first))
+                    }
+                }
+                _ => None,
+            };
+            offset += c;
+            if let Some((y, first)) = y {
+                parts.push(Part {
+                    y,
+                    grid: (sh, sw),
+                    first,
+                });
+            }
+        }
+        Ok(parts)
+    }
+
+    /// [`Self::reduce_levels`] as `(P, B, d)`, the layout of the statistics.
+    fn apply_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
+        Ok(self.reduce_levels(maps)?.permute((2, 0, 1))?.contiguous()?)
     }
 
     fn tensor(&self) -> (&'static str, Tensor) {
@@ -515,6 +676,58 @@ impl Reduce {
             Reduce::Project(w) => ("projection", w.clone()),
         }
     }
+}
+
+/// One level reduced on its own grid ([`Reduce::reduce_parts`]).
+struct Part {
+    /// `(B, d_l, S_l)`.
+    y: Tensor,
+    grid: (usize, usize),
+    /// The first output channel it fills.
+    first: usize,
+}
+
+/// The parts brought to the `h × w` grid (nearest) and summed (projection) or placed
+/// (subset) into one `(B, d, P)` buffer, in plain loops over whole rows: what
+/// [`Reduce::reduce_levels`] does with tensor ops, without its gathers' overhead.
+fn assemble(
+    parts: &[Part],
+    b: usize,
+    d: usize,
+    (h, w): (usize, usize),
+    sum: bool,
+) -> Result<Vec<f32>> {
+    let p = h * w;
+    let mut y = vec![0f32; b * d * p];
+    for part in parts {
+        let (pb, dl, s) = part.y.dims3()?;
+        if pb != b || part.first + dl > d || s != part.grid.0 * part.grid.1 {
+            return Err(Error::Config("padim: inconsistent reduced level".into()));
+        }
+        let idx = (part.grid != (h, w)).then(|| nearest_index(part.grid, (h, w)));
+        with_f32_slice(&part.y.contiguous()?, |src| {
+            y.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
+                let (bi, ch) = (row / d, row % d);
+                if ch < part.first || ch >= part.first + dl {
+                    return;
+                }
+                let src = &src[(bi * dl + ch - part.first) * s..][..s];
+                match (&idx, sum) {
+                    (None, true) => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
+                    (None, false) => dst.copy_from_slice(src),
+                    (Some(idx), true) => dst
+                        .iter_mut()
+                        .zip(idx)
+                        .for_each(|(o, &j)| *o += src[j as usize]),
+                    (Some(idx), false) => dst
+                        .iter_mut()
+                        .zip(idx)
+                        .for_each(|(o, &j)| *o = src[j as usize]),
+                }
+            })
+        })?;
+    }
+    Ok(y)
 }
 
 /// A fitted PaDiM model.
@@ -724,14 +937,24 @@ impl Scorer for Padim {
                 self.height, self.width
             )));
         }
-        let x = self
-            .reduce
-            .apply_levels(&maps)?
-            .to_device(self.mean.device())?; // (P, B, d)
-        let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
-        let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
-        let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
-        let data: Vec<f32> = dist.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        let data = if self.mean.device().is_cpu() {
+            let d = self.dims();
+            let sum = matches!(self.reduce, Reduce::Project(_));
+            let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
+            with_f32_slice(&self.mean, |mean| {
+                with_f32_slice(&self.inv_cov, |inv| mahalanobis(&y, mean, inv, b, d))
+            })???
+        } else {
+            let y = self
+                .reduce
+                .reduce_levels(&maps)?
+                .to_device(self.mean.device())?;
+            let x = y.permute((2, 0, 1))?.contiguous()?; // (P, B, d)
+            let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
+            let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
+            let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
+            dist.t()?.contiguous()?.flatten_all()?.to_vec1()?
+        };
         Ok(RawMaps::new(b, h, w, data))
     }
 
@@ -774,9 +997,22 @@ mod tests {
                 idx.apply_levels(&maps).unwrap().to_vec3::<f32>().unwrap(),
                 idx.apply(&emb).unwrap().to_vec3::<f32>().unwrap()
             );
+            // The CPU scoring path assembles the parts itself: the same values.
+            let bdp = |r: &Reduce, d: usize, sum: bool| -> (Vec<f32>, Vec<f32>) {
+                let parts = r.reduce_parts(&maps).unwrap();
+                let a = assemble(&parts, 2, d, g1, sum).unwrap();
+                let t = r.reduce_levels(&maps).unwrap();
+                (a, t.flatten_all().unwrap().to_vec1().unwrap())
+            };
+            let (a, t) = bdp(&idx, 6, false);
+            assert_eq!(a, t);
             let proj = Reduce::Project(
                 Tensor::from_vec(semi_orthogonal(18, 4, 1), (18, 4), &dev).unwrap(),
             );
+            let (a, t) = bdp(&proj, 4, true);
+            for (x, y) in a.iter().zip(&t) {
+                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+            }
             let a: Vec<f32> = proj
                 .apply_levels(&maps)
                 .unwrap()
@@ -796,5 +1032,46 @@ mod tests {
                 assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
             }
         }
+    }
+
+    /// The fused CPU Mahalanobis equals the tensor formulation (the one other devices run),
+    /// with sizes that are not multiples of the block or the lanes, and refuses bad sizes.
+    #[test]
+    fn fused_mahalanobis_equals_the_tensor_formulation() {
+        let dev = Device::Cpu;
+        let (b, d, p) = (3usize, 21usize, 37usize);
+        let y = Tensor::rand(-1f32, 1., (b, d, p), &dev).unwrap();
+        let mean = Tensor::rand(-1f32, 1., (p, d), &dev).unwrap();
+        // Symmetric positive definite: A Aᵀ + I per position.
+        let a = Tensor::rand(-1f32, 1., (p, d, d), &dev).unwrap();
+        let inv = (a.matmul(&a.transpose(1, 2).unwrap()).unwrap()
+            + Tensor::eye(d, candle_core::DType::F32, &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_as((p, d, d))
+                .unwrap())
+        .unwrap()
+        .contiguous()
+        .unwrap();
+        let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let got = mahalanobis(&v(&y), &v(&mean), &v(&inv), b, d).unwrap();
+        let x = y.permute((2, 0, 1)).unwrap().contiguous().unwrap();
+        let diff = x.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();
+        let t = diff.matmul(&inv).unwrap();
+        let want = (t * &diff)
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for (g, w) in got.iter().zip(v(&want)) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        assert!(mahalanobis(&v(&y), &v(&mean), &v(&inv), b + 1, d).is_err());
     }
 }
