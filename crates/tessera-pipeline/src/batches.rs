@@ -22,13 +22,15 @@ pub fn batches(
         .chunks(batch_size.max(1))
         .map(<[Sample]>::to_vec)
         .collect();
-    let (pre, device) = (pre.clone(), device.clone());
+    let pre = pre.clone();
     let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(1);
+    // The reader makes CPU tensors; the move to an accelerator happens on the caller's thread,
+    // where its context is current.
     let reader = std::thread::Builder::new()
         .name("tessera-reader".into())
         .spawn(move || {
             for chunk in chunks {
-                if tx.send(load_batch(&chunk, &pre, &device)).is_err() {
+                if tx.send(load_batch(&chunk, &pre, &Device::Cpu)).is_err() {
                     return; // the consumer is gone
                 }
             }
@@ -37,12 +39,17 @@ pub fn batches(
     let failed = reader
         .err()
         .map(|e| tessera_core::Error::Config(format!("cannot start the image reader thread: {e}")));
-    Prefetch { rx, failed }
+    Prefetch {
+        rx,
+        failed,
+        device: device.clone(),
+    }
 }
 
 struct Prefetch {
     rx: mpsc::Receiver<Result<Batch>>,
     failed: Option<tessera_core::Error>,
+    device: Device,
 }
 
 impl Iterator for Prefetch {
@@ -50,7 +57,15 @@ impl Iterator for Prefetch {
     fn next(&mut self) -> Option<Result<Batch>> {
         match self.failed.take() {
             Some(e) => Some(Err(e)),
-            None => self.rx.recv().ok(),
+            None => {
+                let b = self.rx.recv().ok()?;
+                Some(b.and_then(|mut b| {
+                    if !self.device.is_cpu() {
+                        b.tensor = b.tensor.to_device(&self.device)?;
+                    }
+                    Ok(b)
+                }))
+            }
         }
     }
 }
