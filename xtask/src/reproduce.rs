@@ -310,10 +310,18 @@ fn s(p: &Path) -> String {
 }
 
 impl Opts {
-    /// Object or texture, as `tessera data info` says (the folder spec, else MVTec AD's split);
-    /// `other` when unknown.
+    /// Object or texture, as `tessera data info` says (the folder spec, else MVTec AD's split,
+    /// else judged from the images); `other` when unknown.
     fn kind(&self, cat: &str) -> &'static str {
         self.kinds.get(cat).copied().unwrap_or("other")
+    }
+
+    /// The folder of one cell: `OUT/cells/<category>/<scorer>-<method>`.
+    fn cell(&self, cat: &str, scorer: &str, method: &str) -> PathBuf {
+        self.out
+            .join("cells")
+            .join(cat)
+            .join(format!("{scorer}-{method}"))
     }
 }
 
@@ -400,11 +408,7 @@ fn sbm_weights(bin: &Path, o: &Opts, cat: &str, dir: &Path) -> Result<PathBuf> {
 }
 
 fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &str) -> Result<()> {
-    let cell = o
-        .out
-        .join("cells")
-        .join(cat)
-        .join(format!("{scorer}-{method}"));
+    let cell = o.cell(cat, scorer, method);
     std::fs::create_dir_all(&cell)?;
     let model = cell.join("model.safetensors");
     let mut fit = Command::new(bin);
@@ -461,11 +465,7 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     );
     let mut failed = Vec::new();
     for (cat, dir, scorer, method) in &cells {
-        let cell = o
-            .out
-            .join("cells")
-            .join(cat)
-            .join(format!("{scorer}-{method}"));
+        let cell = o.cell(cat, scorer, method);
         if cell.join("report.json").is_file() {
             println!("reproduce: {cat} {scorer} {method}: done earlier, kept");
             continue;
@@ -582,12 +582,7 @@ fn merge(dirs: &str, args: &[String]) -> Result<()> {
 }
 
 fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<TestReport> {
-    let p = o
-        .out
-        .join("cells")
-        .join(cat)
-        .join(format!("{scorer}-{method}"))
-        .join("report.json");
+    let p = o.cell(cat, scorer, method).join("report.json");
     if !p.is_file() {
         return None;
     }
@@ -603,12 +598,7 @@ fn load_report(o: &Opts, cat: &str, scorer: &str, method: &str) -> Option<TestRe
 /// The method gate's record from a method cell's `fit.json` (absent for older runs or when the
 /// fit failed).
 fn load_gate(o: &Opts, cat: &str, scorer: &str) -> Option<Value> {
-    let p = o
-        .out
-        .join("cells")
-        .join(cat)
-        .join(format!("{scorer}-method"))
-        .join("fit.json");
+    let p = o.cell(cat, scorer, "method").join("fit.json");
     let v: Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
     v.get("gate").filter(|g| g.is_object()).cloned()
 }
@@ -913,9 +903,8 @@ fn write_tables(o: &Opts) -> Result<String> {
 /// Fig. 5 style: per row image | GT | baseline heatmap | baseline mask | + method heatmap |
 /// + method mask, for the first `o.gallery` defect images of the class (`tessera gallery`).
 fn gallery(bin: &Path, o: &Opts, cat: &str, scorer: &str) -> Result<()> {
-    let cells = o.out.join("cells").join(cat);
-    let base = cells.join(format!("{scorer}-baseline/heatmaps"));
-    let ours = cells.join(format!("{scorer}-method/heatmaps"));
+    let base = o.cell(cat, scorer, "baseline").join("heatmaps");
+    let ours = o.cell(cat, scorer, "method").join("heatmaps");
     if !base.is_dir() || !ours.is_dir() {
         return Ok(());
     }
