@@ -221,7 +221,7 @@ fn run(cli: Cli) -> Result<()> {
                     "{}: category {} ({}), {} layout, {} training images, {} test images ({} anomalous)\n  kind: {}",
                     i.root.display(),
                     i.category,
-                    i.kind.map_or("kind unknown".to_string(), |k| format!("{k:?}").to_lowercase()),
+                    i.kind.map_or("kind unknown", |k| k.name()),
                     i.layout,
                     i.train_images,
                     i.test_images,

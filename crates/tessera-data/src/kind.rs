@@ -53,10 +53,7 @@ impl KindEvidence {
         format!(
             "{} ({} images: contrast spread {:.2}, object above {OBJECT_SPREAD}; background \
              share {:.2}, object above {OBJECT_BACKGROUND})",
-            match self.kind {
-                CategoryKind::Object => "object",
-                CategoryKind::Texture => "texture",
-            },
+            self.kind.name(),
             self.images,
             self.contrast_spread,
             self.background_share
@@ -65,13 +62,9 @@ impl KindEvidence {
 }
 
 /// Mean absolute gradient per cell of one image's grey thumbnail.
-fn cell_contrast(path: &PathBuf) -> Result<Vec<f64>> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::bad_input(path, format!("cannot open: {e}")))?
-        .with_guessed_format()
-        .map_err(|e| Error::bad_input(path, format!("cannot read: {e}")))?
-        .decode()
-        .map_err(|e| Error::bad_input(path, format!("cannot decode: {e}")))?;
+fn cell_contrast(path: &std::path::Path) -> Result<Vec<f64>> {
+    // The decoder every image goes through (its size limits refuse decompression bombs).
+    let img = crate::preprocess::decode(path)?;
     let g = image::imageops::resize(
         &img.to_luma32f(),
         SIDE,
@@ -101,7 +94,7 @@ pub fn infer_kind(paths: &[PathBuf]) -> Result<KindEvidence> {
     let picked: Vec<&PathBuf> = paths.iter().step_by(step).collect();
     let cells: Vec<Vec<f64>> = picked
         .par_iter()
-        .map(|p| cell_contrast(p))
+        .map(|p| cell_contrast(p.as_path()))
         .collect::<Result<_>>()?;
     let k = CELLS * CELLS;
     let mean: Vec<f64> = (0..k)

@@ -31,6 +31,16 @@ pub enum CategoryKind {
     Object,
 }
 
+impl CategoryKind {
+    /// `texture` or `object`, as in `tessera-dataset.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CategoryKind::Texture => "texture",
+            CategoryKind::Object => "object",
+        }
+    }
+}
+
 /// The texture/object split of MVTec AD's categories, plus MTL AD's three leather classes
 /// (textures, as the paper groups them); None for other names.
 pub fn mvtec_category_kind(name: &str) -> Option<CategoryKind> {
@@ -122,6 +132,8 @@ pub enum Layout {
 pub struct Dataset {
     pub root: PathBuf,
     pub layout: Layout,
+    /// [`Dataset::resolve_kind`]'s answer once found (it may read training images).
+    kind: std::sync::OnceLock<(CategoryKind, String)>,
 }
 
 impl Dataset {
@@ -151,12 +163,14 @@ impl Dataset {
             return Ok(Self {
                 root: root.to_path_buf(),
                 layout: Layout::Folder(spec),
+                kind: Default::default(),
             });
         }
         if root.join("train").is_dir() || root.join("test").is_dir() {
             return Ok(Self {
                 root: root.to_path_buf(),
                 layout: Layout::MvTec,
+                kind: Default::default(),
             });
         }
         Err(Error::bad_input(
@@ -190,12 +204,17 @@ impl Dataset {
 
     /// Texture or object, and why: `tessera-dataset.json`'s `category`, else MVTec AD's name
     /// list, else inferred from (a few of) the training images ([`crate::infer_kind`]).
+    /// Found once per `Dataset` (an error is not kept, so a later call tries again).
     pub fn resolve_kind(&self) -> Result<(CategoryKind, String)> {
+        if let Some(k) = self.kind.get() {
+            return Ok(k.clone());
+        }
+        let found = self.find_kind()?;
+        Ok(self.kind.get_or_init(|| found).clone())
+    }
+
+    fn find_kind(&self) -> Result<(CategoryKind, String)> {
         let name = self.category();
-        let word = |k: CategoryKind| match k {
-            CategoryKind::Object => "object",
-            CategoryKind::Texture => "texture",
-        };
         if let Layout::Folder(FolderSpec {
             category: Some(k), ..
         }) = &self.layout
@@ -204,12 +223,12 @@ impl Dataset {
                 *k,
                 format!(
                     "{FOLDER_SPEC_FILE} says '{name}' is a {} category",
-                    word(*k)
+                    k.name()
                 ),
             ));
         }
         if let Some(k) = mvtec_category_kind(&name) {
-            return Ok((k, format!("'{name}' is an MVTec AD {} category", word(k))));
+            return Ok((k, format!("'{name}' is an MVTec AD {} category", k.name())));
         }
         let paths: Vec<PathBuf> = self.train()?.into_iter().map(|s| s.path).collect();
         let e = crate::infer_kind(&paths)?;

@@ -45,7 +45,7 @@ pub(crate) fn decode_limits() -> image::Limits {
     l
 }
 
-fn decode(path: &Path) -> Result<DynamicImage> {
+pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
         return Err(Error::bad_input(path, "is a folder, not an image"));
     }

@@ -594,7 +594,8 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     };
     if let Some(base_backbone) = base_backbone {
         obs.note(&format!(
-            "method gate: fitting the baseline too, to compare with --method {} on {} normals +              synthetic defects",
+            "method gate: fitting the baseline too, to compare with --method {} on {} normals + \
+             synthetic defects",
             prepared.method,
             normals.len()
         ));
@@ -628,13 +629,11 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
                 g.asked
             ));
         }
-        // Keeping the baseline although the method was asked for is worth a warning.
-        if g.kept == Method::Baseline {
-            obs.warn(&format!("method gate: {}", g.reason));
-        } else {
+        if g.kept != Method::Baseline {
             obs.note(&format!("method gate: {}", g.reason));
-        }
-        if g.kept == Method::Baseline {
+        } else {
+            // Keeping the baseline although the method was asked for is worth a warning.
+            obs.warn(&format!("method gate: {}", g.reason));
             det = base_det;
             prepared.sbm = Some(SbmMeta {
                 applied: false,

@@ -85,10 +85,11 @@ impl MethodGate {
                 format!("kept the baseline: --method {asked} is not better on this category")
             }
         );
+        let choice = if better { asked } else { Method::Baseline };
         Self {
             asked,
-            choice: if better { asked } else { Method::Baseline },
-            kept: if better { asked } else { Method::Baseline },
+            choice,
+            kept: choice,
             baseline,
             method,
             normals,
