@@ -14,7 +14,7 @@ use tessera_pipeline::{
     CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, SbmMode,
     SbmStage, ScorerConfig, ScorerKind, WeightsArgs,
 };
-use tessera_sbm::{Anchor, OptimizerKind, SbmConfig};
+use tessera_sbm::{Anchor, OptimizerKind, SbmConfig, SegmentConfig};
 
 #[derive(Parser)]
 #[command(
@@ -325,6 +325,20 @@ pub(crate) struct SbmArgs {
 }
 
 impl SbmArgs {
+    /// PFAM's segmentation settings (`fit --pfam-train synth`): the SBM flags that apply to it
+    /// (PFAM learning rate, batch size, synthetic-defect probability) and its own epochs.
+    pub(crate) fn segment(&self, epochs: Option<u64>, seed: u64) -> SegmentConfig {
+        let d = SegmentConfig::default();
+        SegmentConfig {
+            epochs: epochs.map_or(d.epochs, |v| v as usize),
+            lr: self.sbm_pfam_lr.unwrap_or(d.lr),
+            batch_size: self.sbm_batch_size.map_or(d.batch_size, |v| v as usize),
+            synth_prob: self.sbm_synth_prob.unwrap_or(d.synth_prob),
+            seed,
+            ..d
+        }
+    }
+
     pub(crate) fn config(&self, seed: u64) -> SbmConfig {
         let d = SbmConfig::default();
         let mut c = SbmConfig {
@@ -592,10 +606,14 @@ pub(crate) struct FitArgs {
     /// Use SBM weights even if their jigsaw gate failed.
     #[arg(long)]
     pub(crate) sbm_force: bool,
-    /// --method ours with --scorer cfa: how PFAM trains. `jigsaw` (default): in the SBM
-    /// stage only; `cfa`: then also end to end with CFA's loss (PFAM is stored as trained).
+    /// --method ours: how PFAM trains. `jigsaw` (default, the paper): in the SBM stage;
+    /// `synth`: after SBM, on the frozen backbone, to segment synthetic defects (any category);
+    /// `cfa` (--scorer cfa): jigsaw, then end to end with CFA's loss.
     #[arg(long, default_value = "jigsaw", value_parser = named::<PfamTraining>(PfamTraining::NAMES))]
     pub(crate) pfam_train: PfamTraining,
+    /// --pfam-train synth: epochs of PFAM's segmentation training.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub(crate) pfam_epochs: Option<u64>,
     /// --method sbm|ours: on: fit the baseline too and keep the method only when it scores
     /// better on held-out normals + synthetic defects; report: measure and record that, but
     /// keep the method; off: the method as asked, no comparison.
@@ -644,6 +662,7 @@ impl FitArgs {
                 force: self.sbm_force,
                 config: self.sbm_args.config(self.seed),
                 textures: self.sbm_args.textures.clone(),
+                segment: self.sbm_args.segment(self.pfam_epochs, self.seed),
             },
             pfam_training: self.pfam_train,
             seed: self.seed,

@@ -511,3 +511,103 @@ fn the_method_gate_keeps_the_better_model_and_records_both() {
         (&gate["baseline"], &gate["method"])
     );
 }
+
+/// `--pfam-train synth` trains PFAM on synthetic defects of any category (here with SBM off:
+/// no jigsaw at all), writes it beside the model with its report, and the model uses it.
+#[test]
+fn pfam_train_synth_learns_from_synthetic_defects_without_the_jigsaw() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = category(dir.path());
+    let model = dir.path().join("m.safetensors");
+    let (d, m) = (s(&data), s(&model));
+    let out = tessera(&[
+        "--json",
+        "fit",
+        "--data",
+        &d,
+        "--random-weights",
+        "1",
+        "--preprocess",
+        "64x64",
+        "--method",
+        "ours",
+        "--pfam-train",
+        "synth",
+        "--pfam-epochs",
+        "2",
+        "--sbm",
+        "off",
+        "--method-gate",
+        "report",
+        "--out",
+        &m,
+    ]);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["method"], "ours", "{summary}");
+    // PFAM learned from synthetic defects: the gate's synthetic evidence cannot vouch for it.
+    assert_eq!(summary["gate"]["independent"], false, "{summary}");
+    let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
+    assert_eq!(meta["method"], "ours");
+    assert!(!meta["pfam"].is_null(), "{meta}");
+    assert_eq!(meta["sbm"]["applied"], false);
+    let seg = &meta["sbm"]["pfam_segment"];
+    assert_eq!(seg["history"].as_array().map(Vec::len), Some(2), "{meta}");
+    let auroc = seg["heldout_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auroc), "{auroc}");
+    // The PFAM file beside the model carries the same report.
+    let pf = dir.path().join("m.pfam.safetensors");
+    let r = tessera_sbm::read_segment_report(&pf).unwrap().unwrap();
+    assert_eq!(r.heldout_auroc, auroc);
+    let rep = s(&dir.path().join("report.json"));
+    let t = tessera(&[
+        "--quiet", "test", "--model", &m, "--data", &d, "--report", &rep,
+    ]);
+    assert!(t.status.success(), "{}", stderr(&t));
+    // With the gate on, such a method is never kept on the gate's word.
+    let gated = s(&dir.path().join("gated.safetensors"));
+    let out = tessera(&[
+        "--json",
+        "fit",
+        "--data",
+        &d,
+        "--random-weights",
+        "1",
+        "--preprocess",
+        "64x64",
+        "--method",
+        "ours",
+        "--pfam-train",
+        "synth",
+        "--pfam-epochs",
+        "1",
+        "--sbm",
+        "off",
+        "--out",
+        &gated,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["method"], "baseline", "{summary}");
+    assert_eq!(summary["gate"]["kept"], "baseline", "{summary}");
+    // Only --method ours has a PFAM to train.
+    let x = s(&dir.path().join("x.safetensors"));
+    let bad = tessera(&[
+        "fit",
+        "--data",
+        &d,
+        "--random-weights",
+        "1",
+        "--pfam-train",
+        "synth",
+        "--out",
+        &x,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--pfam-train synth needs --method ours"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -749,7 +749,7 @@ impl FitScorer for PadimConfig {
 
     fn fit(&self, batches: &mut dyn Iterator<Item = Result<FeatureMaps>>) -> Result<Padim> {
         self.validate()?;
-        let mut chunks: Vec<Tensor> = Vec::new();
+        let mut moments: Option<Moments> = None;
         let mut reduce: Option<Reduce> = None;
         let mut grid = (0, 0);
         for batch in batches {
@@ -785,51 +785,30 @@ impl FitScorer for PadimConfig {
                     (h, w)
                 )));
             }
-            // Keep the reduced embedding only: (P, B, d), moved to the CPU (statistics are
-            // computed there in f64).
+            // Only the running statistics are kept, never the embeddings: memory does not
+            // grow with the number of training images.
             if let Some(r) = &reduce {
                 r.check_channels(c)?;
-                chunks.push(r.apply_levels(&maps)?.to_device(&Device::Cpu)?);
+                let y = r.apply_levels(&maps)?.to_device(&Device::Cpu)?; // (P, B, d)
+                let (p, b, d) = y.dims3()?;
+                with_f32_slice(&y, |y| match moments.as_mut() {
+                    None => {
+                        moments = Some(Moments::new(y, p, b, d));
+                        Ok(())
+                    }
+                    Some(m) => m.add(y, b),
+                })??;
             }
         }
         let reduce = reduce.ok_or_else(|| Error::Config("padim: no training images".into()))?;
-        let x = Tensor::cat(&chunks, 1)?; // (P, N, d)
-        drop(chunks);
-        let (p, n, d) = x.dims3()?;
-        if n < 2 {
-            return Err(Error::Config(format!(
-                "padim needs at least 2 training images, got {n}"
-            )));
-        }
-        let mean = x.mean_keepdim(1)?; // (P, 1, d)
-        let xc = x.broadcast_sub(&mean)?;
-        let cov = (xc.transpose(1, 2)?.contiguous()?.matmul(&xc)? / (n as f64 - 1.0))?; // (P, d, d)
-        let cov: Vec<f32> = cov.flatten_all()?.to_vec1()?;
-        let reg = self.reg;
-        let inv: Vec<f32> = cov
-            .par_chunks(d * d)
-            .enumerate()
-            .map(|(pos, c)| {
-                let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
-                    c[i * d + j] as f64 + if i == j { reg } else { 0.0 }
-                });
-                let llt = m.llt(faer::Side::Lower).map_err(|e| {
-                    Error::Config(format!(
-                        "padim: covariance at position {pos} is not positive definite ({e:?})"
-                    ))
-                })?;
-                let inv = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
-                Ok((0..d * d)
-                    .map(|k| inv[(k / d, k % d)] as f32)
-                    .collect::<Vec<f32>>())
-            })
-            .collect::<Result<Vec<Vec<f32>>>>()?
-            .concat();
+        let moments = moments.ok_or_else(|| Error::Config("padim: no training images".into()))?;
+        let (p, d) = (moments.p, moments.d);
+        let (mean, inv) = moments.finish(self.reg)?;
         let dev = match &reduce {
             Reduce::Index(t) | Reduce::Project(t) => t.device().clone(),
         };
         let inv_cov = Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?.to_device(&dev)?;
-        let mean = mean.squeeze(1)?.to_device(&dev)?;
+        let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
         Ok(Padim {
             config: self.clone(),
             reduce,
@@ -838,6 +817,127 @@ impl FitScorer for PadimConfig {
             height: grid.0,
             width: grid.1,
         })
+    }
+}
+
+/// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices take
+/// `P·d²` f32 — the size of the model's Σ⁻¹, which they become in place — whatever the number
+/// of training images; the embeddings themselves are never stored. Sums are taken about the
+/// first batch's mean (a per-position shift), which keeps them accurate in f32.
+struct Moments {
+    p: usize,
+    d: usize,
+    n: usize,
+    /// `P × d`: the first batch's mean.
+    shift: Vec<f32>,
+    /// `P × d`: `Σ (x − shift)`.
+    sum: Vec<f64>,
+    /// `P × d × d`: `Σ (x − shift)(x − shift)ᵀ`.
+    scatter: Vec<f32>,
+}
+
+impl Moments {
+    /// Start from the first batch `y`, `(P, B, d)` row-major.
+    fn new(y: &[f32], p: usize, b: usize, d: usize) -> Self {
+        let mut shift = vec![0f32; p * d];
+        shift.par_chunks_mut(d).enumerate().for_each(|(pos, c)| {
+            for bi in 0..b {
+                let row = &y[(pos * b + bi) * d..][..d];
+                c.iter_mut().zip(row).for_each(|(c, v)| *c += v);
+            }
+            c.iter_mut().for_each(|c| *c /= b as f32);
+        });
+        let mut m = Self {
+            p,
+            d,
+            n: 0,
+            shift,
+            sum: vec![0f64; p * d],
+            scatter: vec![0f32; p * d * d],
+        };
+        m.add_unchecked(y, b);
+        m
+    }
+
+    /// Add a batch `y`, `(P, B, d)` row-major.
+    fn add(&mut self, y: &[f32], b: usize) -> Result<()> {
+        if y.len() != self.p * b * self.d {
+            return Err(Error::Config(format!(
+                "padim: a batch of {} values does not hold {b} images of {} positions × {} dims",
+                y.len(),
+                self.p,
+                self.d
+            )));
+        }
+        self.add_unchecked(y, b);
+        Ok(())
+    }
+
+    fn add_unchecked(&mut self, y: &[f32], b: usize) {
+        use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
+        let d = self.d;
+        self.scatter
+            .par_chunks_mut(d * d)
+            .zip(self.sum.par_chunks_mut(d))
+            .zip(self.shift.par_chunks(d))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; b * d],
+                |yc, (pos, ((s2, s1), c))| {
+                    for bi in 0..b {
+                        let row = &y[(pos * b + bi) * d..][..d];
+                        for k in 0..d {
+                            let v = row[k] - c[k];
+                            yc[bi * d + k] = v;
+                            s1[k] += v as f64;
+                        }
+                    }
+                    let ym = MatRef::from_row_major_slice(&yc[..], b, d);
+                    let dst = MatMut::from_row_major_slice_mut(s2, d, d);
+                    matmul(dst, Accum::Add, ym.transpose(), ym, 1.0f32, Par::Seq);
+                },
+            );
+        self.n += b;
+    }
+
+    /// Means `P × d` and the regularised inverse covariances `P × d × d` (computed in place of
+    /// the scatter matrices, in f64 per position).
+    fn finish(mut self, reg: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (n, d) = (self.n, self.d);
+        if n < 2 {
+            return Err(Error::Config(format!(
+                "padim needs at least 2 training images, got {n}"
+            )));
+        }
+        let nf = n as f64;
+        self.scatter
+            .par_chunks_mut(d * d)
+            .zip(self.sum.par_chunks(d))
+            .enumerate()
+            .try_for_each(|(pos, (s2, s1))| {
+                // Σ = (S − s sᵀ / n) / (n − 1) about the shift, the same as about the mean.
+                let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
+                    (s2[i * d + j] as f64 - s1[i] * s1[j] / nf) / (nf - 1.0)
+                        + if i == j { reg } else { 0.0 }
+                });
+                let llt = m.llt(faer::Side::Lower).map_err(|e| {
+                    Error::Config(format!(
+                        "padim: covariance at position {pos} is not positive definite ({e:?})"
+                    ))
+                })?;
+                let inv = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
+                for (k, v) in s2.iter_mut().enumerate() {
+                    *v = inv[(k / d, k % d)] as f32;
+                }
+                Ok::<(), Error>(())
+            })?;
+        let mean = self
+            .shift
+            .iter()
+            .zip(&self.sum)
+            .map(|(&c, &s)| (c as f64 + s / nf) as f32)
+            .collect();
+        Ok((mean, self.scatter))
     }
 }
 
@@ -1073,5 +1173,76 @@ mod tests {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
         }
         assert!(mahalanobis(&v(&y), &v(&mean), &v(&inv), b + 1, d).is_err());
+    }
+
+    /// The streamed statistics (batch by batch, about a shift, f32 scatter) equal the
+    /// two-pass mean and covariance in f64 over all images at once, then inverted — with
+    /// features far from zero (where a plain f32 sum of squares would lose digits), batches
+    /// of different sizes, and a batch that does not fit refused.
+    #[test]
+    fn streamed_statistics_equal_the_two_pass_formulation() {
+        use rand::{Rng, SeedableRng};
+        let (p, d, reg) = (3, 5, 0.01);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let sizes = [4usize, 3, 6, 1];
+        // (P, B, d) batches; position-dependent offsets of 1000.
+        let batches: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|&b| {
+                (0..p * b * d)
+                    .map(|i| {
+                        let pos = i / (b * d);
+                        1000.0 * (pos as f32 + 1.0) + rng.random_range(-1.0..1.0f32)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut m = Moments::new(&batches[0], p, sizes[0], d);
+        for (y, &b) in batches.iter().zip(&sizes).skip(1) {
+            m.add(y, b).unwrap();
+        }
+        assert!(m.add(&batches[1], 2).is_err());
+        let (mean, inv) = m.finish(reg).unwrap();
+        let n: usize = sizes.iter().sum();
+        for pos in 0..p {
+            let rows: Vec<Vec<f64>> = batches
+                .iter()
+                .zip(&sizes)
+                .flat_map(|(y, &b)| {
+                    (0..b).map(move |bi| {
+                        y[(pos * b + bi) * d..][..d]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect::<Vec<f64>>()
+                    })
+                })
+                .collect();
+            let mu: Vec<f64> = (0..d)
+                .map(|k| rows.iter().map(|r| r[k]).sum::<f64>() / n as f64)
+                .collect();
+            for k in 0..d {
+                let got = mean[pos * d + k] as f64;
+                assert!((got - mu[k]).abs() < 1e-3, "mean {got} vs {}", mu[k]);
+            }
+            let cov = faer::Mat::<f64>::from_fn(d, d, |i, j| {
+                rows.iter()
+                    .map(|r| (r[i] - mu[i]) * (r[j] - mu[j]))
+                    .sum::<f64>()
+                    / (n as f64 - 1.0)
+                    + if i == j { reg } else { 0.0 }
+            });
+            let want = faer::linalg::solvers::DenseSolveCore::inverse(
+                &cov.llt(faer::Side::Lower).unwrap(),
+            );
+            for i in 0..d {
+                for j in 0..d {
+                    let (g, w) = (inv[pos * d * d + i * d + j] as f64, want[(i, j)]);
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
+        }
+        // Fewer than two images: no covariance.
+        let one = Moments::new(&batches[3], p, 1, d);
+        assert!(one.finish(reg).is_err());
     }
 }

@@ -37,6 +37,9 @@ named_enum! {
         Jigsaw => "jigsaw",
         /// Then also end to end with CFA's loss (`--scorer cfa` only).
         Cfa => "cfa",
+        /// On the frozen (SBM-tuned for objects) backbone, to segment synthetic defects
+        /// (any category; no jigsaw for PFAM).
+        Synth => "synth",
     }
 }
 
@@ -69,6 +72,8 @@ pub struct SbmStage {
     pub config: SbmConfig,
     /// Texture images for SBM's synthetic defects.
     pub textures: Option<PathBuf>,
+    /// PFAM's settings under `--pfam-train synth` (the seed is the fit's).
+    pub segment: tessera_sbm::SegmentConfig,
 }
 
 /// Options of `fit`.
@@ -180,6 +185,15 @@ pub fn sbm_output_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{stem}.sbm.safetensors"))
 }
 
+/// Where `fit --method ours --pfam-train synth` writes PFAM: `<out>.pfam.safetensors`.
+pub fn pfam_output_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{stem}.pfam.safetensors"))
+}
+
 /// What the SBM stage hands to the rest of the fit.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -219,15 +233,23 @@ impl FitOptions {
             (PfamTraining::Cfa, _, k) if k != crate::ScorerKind::Cfa => {
                 Err(Error::Config("--pfam-train cfa needs --scorer cfa".into()))
             }
+            (PfamTraining::Synth, m, _) if m != Method::Ours => Err(Error::Config(
+                "--pfam-train synth needs --method ours (PFAM)".into(),
+            )),
             _ => self.preprocess.validate(),
         }
+    }
+
+    /// Whether PFAM learns to segment synthetic defects (no jigsaw for PFAM).
+    fn segments(&self) -> bool {
+        self.method == Method::Ours && self.pfam_training == PfamTraining::Synth
     }
 
     /// Whether this fit will train SBM itself (so its output paths must be writable).
     fn trains_sbm(&self, ds: &Dataset) -> bool {
         self.method != Method::Baseline
             && self.sbm.weights.is_none()
-            && (self.sbm.mode.applies(ds).0 || self.method == Method::Ours)
+            && (self.sbm.mode.applies(ds).0 || (self.method == Method::Ours && !self.segments()))
     }
 
     fn outputs(&self, ds: &Dataset) -> Result<()> {
@@ -249,6 +271,12 @@ impl FitOptions {
             outs.check_file(
                 &checkpoint_path(&tuned),
                 "--out (the SBM checkpoint beside it)",
+            )?;
+        }
+        if self.segments() {
+            outs.check_file(
+                &pfam_output_path(&self.out),
+                "--out (the trained PFAM beside it)",
             )?;
         }
         Ok(())
@@ -273,12 +301,14 @@ pub fn sbm_stage(
         });
     }
     let ours = o.method == Method::Ours;
+    // PFAM learns from synthetic defects, after SBM (which then trains the backbone alone).
+    let segments = o.segments();
     let (use_sbm, why) = o.sbm.mode.applies(ds);
     let mut pfam_from = None;
-    let sbm = if let Some(p) = &o.sbm.weights {
+    let mut sbm = if let Some(p) = &o.sbm.weights {
         let report = check_sbm_weights(p, o.sbm.force)?;
         obs.note(&format!("sbm: using tuned weights {}", p.display()));
-        if ours {
+        if ours && !segments {
             let cfg = report.as_ref().and_then(|r| r.config.pfam.clone());
             let Some(cfg) = cfg else {
                 return Err(Error::bad_model(
@@ -291,12 +321,14 @@ pub fn sbm_stage(
         }
         source = WeightsSource::File(p.clone());
         report.map(|r| SbmMeta::from_report(&r))
-    } else if use_sbm || ours {
+    } else if use_sbm || (ours && !segments) {
         let mut config = SbmConfig {
             seed: o.seed,
             ..o.sbm.config.clone()
         };
-        if ours {
+        if segments {
+            config.pfam = None;
+        } else if ours {
             config.pfam = Some(config.pfam.unwrap_or_default());
             if !use_sbm {
                 // Texture classes: the backbone stays as ImageNet left it; PFAM alone learns
@@ -337,6 +369,20 @@ pub fn sbm_stage(
                 g.threshold * 100.0,
                 g.chance * 100.0
             );
+            if segments {
+                // PFAM does not need the jigsaw: it still trains, on the pretrained backbone.
+                obs.warn(&format!(
+                    "sbm: {why}; the pretrained backbone is kept, PFAM still trains on \
+                     synthetic defects. The SBM output stays at {} for inspection.",
+                    tuned.display()
+                ));
+                let meta = SbmMeta {
+                    applied: false,
+                    reason: Some(format!("{why}: the pretrained backbone is kept")),
+                    ..SbmMeta::from_report(&s.report)
+                };
+                return segment_stage(o, train, source, Some(meta), obs);
+            }
             obs.warn(&format!(
                 "--method {}: {why}; falling back to --method baseline (the pretrained \
                  backbone{}). The SBM output stays at {} for inspection; --sbm-force uses it \
@@ -368,11 +414,47 @@ pub fn sbm_stage(
         ));
         Some(SbmMeta::skipped(why))
     };
+    if segments {
+        return segment_stage(o, train, source, sbm.take(), obs);
+    }
     Ok(Prepared {
         source,
         pfam_from,
         sbm,
         method: o.method,
+    })
+}
+
+/// `--pfam-train synth`: train PFAM on the backbone `source` names to segment synthetic
+/// defects of `train`, write it beside the model, and hand it to the fit.
+fn segment_stage(
+    o: &FitOptions,
+    train: &[Sample],
+    source: WeightsSource,
+    sbm: Option<SbmMeta>,
+    obs: &dyn Observer,
+) -> Result<Prepared> {
+    let out = pfam_output_path(&o.out);
+    let config = tessera_sbm::SegmentConfig {
+        seed: o.seed,
+        ..o.sbm.segment.clone()
+    };
+    let report = crate::sbm::pfam_segment_train(o, &config, train, &source, &out, obs)?;
+    // Always recorded; only `--sbm-weights` naming a file without an SBM report (forced)
+    // arrives here without an SBM record.
+    let sbm = Some(SbmMeta {
+        pfam: Some(true),
+        pfam_segment: Some(report),
+        ..sbm.unwrap_or_else(|| SbmMeta {
+            applied: true,
+            ..SbmMeta::skipped("--sbm-weights without an SBM report")
+        })
+    });
+    Ok(Prepared {
+        source,
+        pfam_from: Some((out, config.pfam)),
+        sbm,
+        method: Method::Ours,
     })
 }
 
@@ -618,9 +700,14 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
             prepared.method,
             b,
             m,
-            normals.len(),
-            normals.len(),
-            held_out,
+            crate::gate::Evidence {
+                normals: normals.len(),
+                synthetic: normals.len(),
+                held_out,
+                // A PFAM that learned to segment synthetic defects is judged on its own
+                // training task by this evidence.
+                independent: !o.segments(),
+            },
         );
         if o.method_gate == GateMode::Report {
             g.kept = prepared.method;

@@ -8,6 +8,11 @@
 //! [`Detector::score`]. The method is kept only when its mean of image and pixel AUROC on that
 //! evidence is higher than the baseline's; otherwise the baseline is kept. Both numbers are
 //! stored in the model file ([`MethodGate`]) and printed by `fit`.
+//!
+//! The evidence must not be what the method learned from: a PFAM trained to segment
+//! synthetic defects (`--pfam-train synth`) scores the gate's synthetic defects far better than
+//! the baseline while being worse on real ones (ksdd, docs/pfam.md). Such a method is never
+//! kept by the gate ([`Evidence::independent`] false); `--method-gate off|report` keeps it.
 
 use crate::calibrate::{score_all, score_synthetic};
 use crate::detector::Detector;
@@ -51,21 +56,42 @@ pub struct MethodGate {
     /// `holdout` (normals never fitted on) or `in-sample` (training images: optimistic for
     /// both models alike).
     pub source: String,
+    /// False when the method trained on the same kind of synthetic defects the gate scores:
+    /// the numbers are recorded, but cannot vouch for the method.
+    #[serde(default = "yes")]
+    pub independent: bool,
     /// One sentence: which model was kept and why.
     pub reason: String,
 }
 
+fn yes() -> bool {
+    true
+}
+
+/// What the gate's evidence was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evidence {
+    /// Clean calibration normals scored, and synthetic defects made on them.
+    pub normals: usize,
+    pub synthetic: usize,
+    /// The normals were held out from the fit (else training images).
+    pub held_out: bool,
+    /// The method did not learn from synthetic defects of the gate's kind.
+    pub independent: bool,
+}
+
 impl MethodGate {
-    /// Compare the two scores; the method must be strictly better to be kept.
-    pub fn decide(
-        asked: Method,
-        baseline: GateScore,
-        method: GateScore,
-        normals: usize,
-        synthetic: usize,
-        held_out: bool,
-    ) -> Self {
+    /// Compare the two scores; the method must be strictly better, on independent evidence,
+    /// to be kept.
+    pub fn decide(asked: Method, baseline: GateScore, method: GateScore, ev: Evidence) -> Self {
+        let Evidence {
+            normals,
+            synthetic,
+            held_out,
+            independent,
+        } = ev;
         let better = method.value() > baseline.value();
+        let keep = better && independent;
         let fmt = |s: &GateScore| {
             format!(
                 "image {:.2} / pixel {:.2} %",
@@ -79,13 +105,17 @@ impl MethodGate {
             if held_out { "held-out" } else { "in-sample" },
             fmt(&method),
             fmt(&baseline),
-            if better {
+            if keep {
                 format!("kept --method {asked}")
+            } else if better {
+                "kept the baseline: the method's PFAM learned from synthetic defects like these, \
+                 so they cannot vouch for it (--method-gate off keeps the method)"
+                    .to_string()
             } else {
                 format!("kept the baseline: --method {asked} is not better on this category")
             }
         );
-        let choice = if better { asked } else { Method::Baseline };
+        let choice = if keep { asked } else { Method::Baseline };
         Self {
             asked,
             choice,
@@ -95,6 +125,7 @@ impl MethodGate {
             normals,
             synthetic,
             source: if held_out { "holdout" } else { "in-sample" }.into(),
+            independent,
             reason,
         }
     }
@@ -147,16 +178,41 @@ mod tests {
         }
     }
 
+    fn ev(held_out: bool, independent: bool) -> Evidence {
+        Evidence {
+            normals: 10,
+            synthetic: 10,
+            held_out,
+            independent,
+        }
+    }
+
     #[test]
     fn the_method_must_be_strictly_better() {
-        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.95, 0.9), 10, 10, true);
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.95, 0.9), ev(true, true));
         assert_eq!(g.kept, Method::Ours);
         assert!(g.reason.contains("kept --method ours"), "{}", g.reason);
-        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.9, 0.9), 10, 10, true);
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.9, 0.9), ev(true, true));
         assert_eq!(g.kept, Method::Baseline);
-        let g = MethodGate::decide(Method::Sbm, s(0.9, 0.95), s(0.97, 0.85), 10, 10, false);
+        let g = MethodGate::decide(Method::Sbm, s(0.9, 0.95), s(0.97, 0.85), ev(false, true));
         assert_eq!(g.kept, Method::Baseline);
         assert!(g.reason.contains("in-sample") && g.reason.contains("not better"));
         assert_eq!(g.source, "in-sample");
+    }
+
+    #[test]
+    fn evidence_the_method_learned_from_cannot_keep_it() {
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.8), s(0.99, 0.85), ev(true, false));
+        assert_eq!((g.choice, g.kept), (Method::Baseline, Method::Baseline));
+        assert!(!g.independent);
+        assert!(g.reason.contains("cannot vouch"), "{}", g.reason);
+        // Worse is worse, whatever the evidence.
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.8), s(0.8, 0.8), ev(true, false));
+        assert!(g.reason.contains("not better"), "{}", g.reason);
+        // Old model files (no field) read as independent evidence.
+        let mut v = serde_json::to_value(&g).unwrap();
+        v.as_object_mut().unwrap().remove("independent");
+        let back: MethodGate = serde_json::from_value(v).unwrap();
+        assert!(back.independent);
     }
 }

@@ -77,6 +77,9 @@ pub struct SbmMeta {
     /// Whether PFAM trained with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pfam: Option<bool>,
+    /// `--pfam-train synth`: how PFAM learned to segment synthetic defects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pfam_segment: Option<tessera_sbm::SegmentReport>,
 }
 
 impl SbmMeta {
@@ -94,6 +97,7 @@ impl SbmMeta {
             lr_backbone: None,
             source: None,
             pfam: None,
+            pfam_segment: None,
         }
     }
 
@@ -111,6 +115,7 @@ impl SbmMeta {
             lr_backbone: Some(r.config.lr_backbone),
             source: Some(r.source.clone()),
             pfam: Some(r.config.pfam.is_some()),
+            pfam_segment: None,
         }
     }
 }

@@ -11,6 +11,8 @@ pub mod stage {
     pub const TRAIN: &str = "train";
     /// SBM's jigsaw fine-tuning.
     pub const SBM: &str = "sbm";
+    /// PFAM learning to segment synthetic defects (`--pfam-train synth`).
+    pub const PFAM: &str = "pfam";
     /// Scoring the calibration images.
     pub const CALIBRATE: &str = "calibrate";
     /// Scoring a test split.

@@ -124,17 +124,10 @@ pub(crate) fn sbm_train_checked(
     };
     let source = o.weights.source()?;
     let backbone = prepare_backbone(o.weights.backbone, &source, &device)?;
-    let foreground = o
-        .foreground
-        .unwrap_or(matches!(ds.resolve_kind(), Ok((CategoryKind::Object, _))));
     let synth = if o.no_synth {
         None
     } else {
-        let cfg = SynthConfig {
-            foreground,
-            ..Default::default()
-        };
-        Some(Synthesizer::new(cfg, o.textures.as_deref())?)
+        Some(synthesizer(&ds, o.foreground, o.textures.as_deref())?)
     };
     obs.note(&format!(
         "sbm: {} normal images from {}, {} ({}), synthetic defects: {}, layers {:?} train, \
@@ -151,14 +144,9 @@ pub(crate) fn sbm_train_checked(
         o.config.train_layers,
         o.config.epochs,
     ));
-    let pre = o.preprocess.clone();
-    let images = train
-        .par_iter()
-        .map(|s| Ok(tessera_data::load_image(&s.path, &pre)?.display))
-        .collect::<Result<Vec<_>>>()?;
     let data = SbmData {
-        images,
-        preprocess: pre,
+        images: network_images(&train, &o.preprocess)?,
+        preprocess: o.preprocess.clone(),
         synth: synth.as_ref(),
         source: source.describe(),
     };
@@ -242,6 +230,106 @@ pub(crate) fn sbm_train_checked(
         seconds: start.elapsed().as_secs_f64(),
         report: out.report,
     })
+}
+
+/// The synthetic-defect maker of a dataset: on the object (Otsu foreground) for object
+/// categories unless `foreground` says otherwise.
+fn synthesizer(
+    ds: &Dataset,
+    foreground: Option<bool>,
+    textures: Option<&Path>,
+) -> Result<Synthesizer> {
+    let foreground =
+        foreground.unwrap_or(matches!(ds.resolve_kind(), Ok((CategoryKind::Object, _))));
+    Synthesizer::new(
+        SynthConfig {
+            foreground,
+            ..Default::default()
+        },
+        textures,
+    )
+}
+
+/// The images at the network's input size (`display` images), decoded in parallel.
+fn network_images(
+    samples: &[tessera_data::Sample],
+    pre: &Preprocess,
+) -> Result<Vec<image::RgbImage>> {
+    samples
+        .par_iter()
+        .map(|s| Ok(tessera_data::load_image(&s.path, pre)?.display))
+        .collect()
+}
+
+/// `fit --method ours --pfam-train synth`: train PFAM on the frozen backbone `source` names to
+/// segment synthetic defects of `train` (the fit's training images), write it to `out`, and
+/// return the report.
+pub(crate) fn pfam_segment_train(
+    o: &crate::FitOptions,
+    config: &tessera_sbm::SegmentConfig,
+    train: &[tessera_data::Sample],
+    source: &tessera_backbone::WeightsSource,
+    out: &Path,
+    obs: &dyn Observer,
+) -> Result<tessera_sbm::SegmentReport> {
+    let device = o.device.open()?;
+    let ds = Dataset::open(&o.data)?;
+    let backbone = prepare_backbone(o.weights.backbone, source, &device)?;
+    let synth = synthesizer(&ds, None, o.sbm.textures.as_deref())?;
+    obs.note(&format!(
+        "pfam: learning to segment synthetic defects on {} images, backbone {} frozen, {} \
+         epochs",
+        train.len(),
+        source.describe(),
+        config.epochs
+    ));
+    let data = SbmData {
+        images: network_images(train, &o.preprocess)?,
+        preprocess: o.preprocess.clone(),
+        synth: Some(&synth),
+        source: source.describe(),
+    };
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let progress = |e: &tessera_sbm::SegmentEvent| match e {
+        tessera_sbm::SegmentEvent::Step {
+            epoch,
+            epochs,
+            batch,
+            batches,
+            loss,
+        } => {
+            if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                obs.start(stage::PFAM, (*epochs * *batches) as u64);
+            }
+            obs.progress(
+                stage::PFAM,
+                ((epoch - 1) * batches + batch) as u64,
+                Some(&format!("epoch {epoch}/{epochs} loss {loss:.3}")),
+            );
+        }
+        tessera_sbm::SegmentEvent::Epoch(s) => obs.note(&format!(
+            "pfam: epoch {}: loss {:.3}, held-out defect AUROC {:.3}, {:.1} s",
+            s.epoch, s.loss, s.heldout_auroc, s.seconds
+        )),
+    };
+    let outcome = tessera_sbm::train_pfam_segment(config, &backbone, &data, &progress)?;
+    if started.load(std::sync::atomic::Ordering::Relaxed) {
+        obs.finish(stage::PFAM);
+    }
+    outcome.save(out)?;
+    let auroc = outcome.report.heldout_auroc;
+    let msg = format!(
+        "pfam: held-out synthetic-defect AUROC {auroc:.3} (0.5 = chance); wrote {}",
+        out.display()
+    );
+    if auroc < 0.6 {
+        obs.warn(&format!(
+            "{msg}: PFAM barely learned the defects (the method gate decides whether it helps)"
+        ));
+    } else {
+        obs.note(&msg);
+    }
+    Ok(outcome.report)
 }
 
 /// Check an SBM-tuned weights file before fitting on it: its report must exist and its gate

@@ -46,6 +46,7 @@ mod nets;
 mod optim;
 mod perms;
 mod report;
+mod segment;
 mod train;
 
 pub use config::{Anchor, OptimizerKind, SbmConfig};
@@ -53,4 +54,8 @@ pub use head::JigsawHead;
 pub use jigsaw::{adaptive_pool_matrix, permute_tiles};
 pub use perms::PermutationSet;
 pub use report::{read_report, EpochStats, Gate, SbmEvent, SbmOutcome, SbmReport, REPORT_KEY};
+pub use segment::{
+    pool_mask, read_segment_report, train_pfam_segment, SegmentConfig, SegmentEpoch, SegmentEvent,
+    SegmentOutcome, SegmentReport, SEGMENT_REPORT_KEY,
+};
 pub use train::{train, SbmData};
