@@ -10,6 +10,7 @@ use tessera_core::model::{Geometry, Preprocess, Tiling};
 use tessera_core::DeviceSpec;
 use tessera_padim::{PadimConfig, Reduction};
 use tessera_patchcore::{BankDtype, PatchcoreConfig};
+use tessera_pfam::{Branches, PfamConfig};
 use tessera_pipeline::{
     CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, SbmMode,
     SbmStage, ScorerConfig, ScorerKind, WeightsArgs,
@@ -301,6 +302,10 @@ pub(crate) struct SbmArgs {
     /// seeded initial values (the "untrained PFAM" of the ablation in docs/pfam.md).
     #[arg(long, value_parser = positive)]
     pub(crate) sbm_pfam_lr: Option<f64>,
+    /// Which levels PFAM transforms (--pfam / --method ours): both (the paper), x1 or x3 (the
+    /// other passes through; the ablation in docs/pfam.md).
+    #[arg(long, value_parser = named::<Branches>(Branches::NAMES))]
+    pub(crate) pfam_branches: Option<Branches>,
     #[arg(long, value_parser = named::<OptimizerKind>(OptimizerKind::NAMES))]
     pub(crate) sbm_optimizer: Option<OptimizerKind>,
     /// Tiles per side of the jigsaw grid.
@@ -330,6 +335,7 @@ impl SbmArgs {
     pub(crate) fn segment(&self, epochs: Option<u64>, seed: u64) -> SegmentConfig {
         let d = SegmentConfig::default();
         SegmentConfig {
+            pfam: self.pfam_config(),
             epochs: epochs.map_or(d.epochs, |v| v as usize),
             lr: self.sbm_pfam_lr.unwrap_or(d.lr),
             batch_size: self.sbm_batch_size.map_or(d.batch_size, |v| v as usize),
@@ -339,6 +345,16 @@ impl SbmArgs {
         }
     }
 
+    /// PFAM's configuration: the defaults, with `--pfam-branches`.
+    pub(crate) fn pfam_config(&self) -> PfamConfig {
+        PfamConfig {
+            branches: self.pfam_branches.unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    /// SBM's configuration; `pfam` is set when `--pfam-branches` is given (`sbm train` then
+    /// needs `--pfam`; `fit --method ours` always trains PFAM).
     pub(crate) fn config(&self, seed: u64) -> SbmConfig {
         let d = SbmConfig::default();
         let mut c = SbmConfig {
@@ -358,6 +374,7 @@ impl SbmArgs {
             identity_prob: self.sbm_identity_prob.or(d.identity_prob),
             synth_prob: self.sbm_synth_prob.unwrap_or(d.synth_prob),
             batch_size: self.sbm_batch_size.map_or(d.batch_size, |v| v as usize),
+            pfam: self.pfam_branches.map(|_| self.pfam_config()),
             seed,
             ..d
         };

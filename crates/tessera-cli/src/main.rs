@@ -116,7 +116,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Sbm(SbmCmd::Train(a)) => {
             let mut config = a.sbm.config(a.seed);
             if a.pfam {
-                config.pfam = Some(Default::default());
+                config.pfam = Some(a.sbm.pfam_config());
+            } else if config.pfam.is_some() {
+                anyhow::bail!("--pfam-branches needs --pfam (PFAM trains only with it)");
             }
             let opts = SbmOptions {
                 data: a.data,

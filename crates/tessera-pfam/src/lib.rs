@@ -66,7 +66,7 @@ pub use dct::DctSize;
 pub use fca::{FcaConfig, FcaWeight};
 pub use mfcsam::{Fusion, Mfcsam, MfcsamConfig, Residual, ScaleOrder};
 pub use pam::{position_attention, softmax_rows, PamConfig, PositionAttention};
-pub use pfam::{Pfam, PfamConfig};
+pub use pfam::{Branches, Pfam, PfamConfig};
 
 /// `prefix.name`, or the other one alone when either is empty.
 pub(crate) fn join(prefix: &str, name: &str) -> String {

@@ -9,6 +9,47 @@ use std::collections::HashMap;
 use tessera_conv::{conv2d, ConvParams};
 use tessera_core::{Error, FeatureMaps, Result};
 
+/// Which levels PFAM transforms (the others pass through unchanged): the ablation's X1-only
+/// and X3-only variants (docs/pfam.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Branches {
+    /// X1 and X3, as the paper.
+    #[default]
+    Both,
+    /// `conv1×1(X1) + MFCSAM(X1)` only; X3 passes through.
+    X1,
+    /// `MFCSAM(X3)` only; X1 passes through.
+    X3,
+}
+
+impl Branches {
+    /// The names on the command line.
+    pub const NAMES: &'static [&'static str] = &["both", "x1", "x3"];
+
+    fn x1(self) -> bool {
+        self != Branches::X3
+    }
+
+    fn x3(self) -> bool {
+        self != Branches::X1
+    }
+}
+
+impl std::str::FromStr for Branches {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "both" => Ok(Branches::Both),
+            "x1" => Ok(Branches::X1),
+            "x3" => Ok(Branches::X3),
+            _ => Err(Error::Config(format!(
+                "pfam branches '{s}': expected both, x1 or x3"
+            ))),
+        }
+    }
+}
+
 /// PFAM hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -19,6 +60,9 @@ pub struct PfamConfig {
     pub x1_conv_bias: bool,
     /// Seed of the parameter initialisation.
     pub seed: u64,
+    /// Which levels are transformed. Both branches' parameters exist either way (a file
+    /// always holds the full set); an unused branch keeps its initial values.
+    pub branches: Branches,
 }
 
 impl PfamConfig {
@@ -115,7 +159,8 @@ impl Pfam {
         out
     }
 
-    /// `[X1, X2, X3]` → `[conv1×1(X1) + MFCSAM(X1), X2, MFCSAM(X3)]`.
+    /// `[X1, X2, X3]` → `[conv1×1(X1) + MFCSAM(X1), X2, MFCSAM(X3)]` (a branch left out by
+    /// [`PfamConfig::branches`] passes its level through).
     pub fn forward(&self, features: &FeatureMaps) -> Result<FeatureMaps> {
         if features.levels.len() != 3 {
             return Err(Error::Config(format!(
@@ -134,15 +179,23 @@ impl Pfam {
             }
         }
         let [x1, x2, x3] = [0, 1, 2].map(|i| &features.levels[i]);
-        let conv = conv2d(
-            x1,
-            &self.x1_weight,
-            self.x1_bias.as_ref(),
-            ConvParams::default(),
-            false,
-        )?;
-        let y1 = (conv + self.mfcsam1.forward(x1)?)?;
-        let y3 = self.mfcsam3.forward(x3)?;
+        let y1 = if self.cfg.branches.x1() {
+            let conv = conv2d(
+                x1,
+                &self.x1_weight,
+                self.x1_bias.as_ref(),
+                ConvParams::default(),
+                false,
+            )?;
+            (conv + self.mfcsam1.forward(x1)?)?
+        } else {
+            x1.clone()
+        };
+        let y3 = if self.cfg.branches.x3() {
+            self.mfcsam3.forward(x3)?
+        } else {
+            x3.clone()
+        };
         Ok(FeatureMaps::new(vec![y1, x2.clone(), y3]))
     }
 

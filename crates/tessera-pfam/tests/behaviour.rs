@@ -5,8 +5,8 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use std::collections::HashMap;
 use tessera_core::{Error, FeatureMaps};
 use tessera_pfam::{
-    position_attention, softmax_rows, DctSize, FcaConfig, Fusion, Mfcsam, MfcsamConfig, Pfam,
-    PfamConfig,
+    position_attention, softmax_rows, Branches, DctSize, FcaConfig, Fusion, Mfcsam, MfcsamConfig,
+    Pfam, PfamConfig,
 };
 
 fn max_abs(a: &Tensor) -> f32 {
@@ -417,4 +417,34 @@ fn loading_names_the_bad_tensor() {
         Tensor::zeros(3, DType::F32, &dev).unwrap(),
     );
     load(&other, PfamConfig::default()).unwrap();
+}
+
+#[test]
+fn a_branch_left_out_passes_its_level_through() {
+    let c = [32, 16, 32];
+    let x = features(c);
+    let (_vm, both) = trainable(PfamConfig::default(), c);
+    let y = both.forward(&x).unwrap();
+    for (branches, same, changed) in [(Branches::X1, 2, 0), (Branches::X3, 0, 2)] {
+        let (_vm, p) = trainable(
+            PfamConfig {
+                branches,
+                ..PfamConfig::default()
+            },
+            c,
+        );
+        // Same parameters either way (a file always holds the full set).
+        assert_eq!(p.tensors().len(), both.tensors().len());
+        let z = p.forward(&x).unwrap();
+        assert_eq!(max_abs(&(&z.levels[same] - &x.levels[same]).unwrap()), 0.0);
+        assert_eq!(max_abs(&(&z.levels[1] - &x.levels[1]).unwrap()), 0.0);
+        // The kept branch is the full PFAM's, and it does transform its level.
+        assert!(rel(&z.levels[changed], &y.levels[changed]) < 1e-6);
+        assert!(max_abs(&(&z.levels[changed] - &x.levels[changed]).unwrap()) > 1e-3);
+    }
+    // Older configurations (no field) mean both; names parse.
+    let cfg: PfamConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(cfg.branches, Branches::Both);
+    assert_eq!("X3".parse::<Branches>().unwrap(), Branches::X3);
+    assert!("x2".parse::<Branches>().is_err());
 }
