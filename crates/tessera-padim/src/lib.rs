@@ -791,13 +791,8 @@ impl FitScorer for PadimConfig {
                 r.check_channels(c)?;
                 let y = r.apply_levels(&maps)?.to_device(&Device::Cpu)?; // (P, B, d)
                 let (p, b, d) = y.dims3()?;
-                with_f32_slice(&y, |y| match moments.as_mut() {
-                    None => {
-                        moments = Some(Moments::new(y, p, b, d));
-                        Ok(())
-                    }
-                    Some(m) => m.add(y, b),
-                })??;
+                let m = moments.get_or_insert_with(|| Moments::new(p, d, MOMENT_CHUNK));
+                with_f32_slice(&y, |y| m.add(y, b))??;
             }
         }
         let reduce = reduce.ok_or_else(|| Error::Config("padim: no training images".into()))?;
@@ -822,13 +817,20 @@ impl FitScorer for PadimConfig {
 
 /// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices take
 /// `P·d²` f32 — the size of the model's Σ⁻¹, which they become in place — whatever the number
-/// of training images; the embeddings themselves are never stored. Sums are taken about the
-/// first batch's mean (a per-position shift), which keeps them accurate in f32.
+/// of training images; the embeddings themselves are never stored. Images are gathered into
+/// chunks of a fixed size before they are added, so the result depends on the images and their
+/// order, not on the batch size that delivered them. Sums are taken about the first chunk's
+/// mean (a per-position shift), which keeps them accurate in f32.
 struct Moments {
     p: usize,
     d: usize,
     n: usize,
-    /// `P × d`: the first batch's mean.
+    /// Images per accumulation step.
+    chunk: usize,
+    /// `P × chunk × d`: images waiting for their chunk to fill.
+    pending: Vec<f32>,
+    filled: usize,
+    /// `P × d`: the first chunk's mean (empty until then).
     shift: Vec<f32>,
     /// `P × d`: `Σ (x − shift)`.
     sum: Vec<f64>,
@@ -836,73 +838,100 @@ struct Moments {
     scatter: Vec<f32>,
 }
 
+/// Images per accumulation step of [`Moments`].
+const MOMENT_CHUNK: usize = 16;
+
 impl Moments {
-    /// Start from the first batch `y`, `(P, B, d)` row-major.
-    fn new(y: &[f32], p: usize, b: usize, d: usize) -> Self {
-        let mut shift = vec![0f32; p * d];
-        shift.par_chunks_mut(d).enumerate().for_each(|(pos, c)| {
-            for bi in 0..b {
-                let row = &y[(pos * b + bi) * d..][..d];
-                c.iter_mut().zip(row).for_each(|(c, v)| *c += v);
-            }
-            c.iter_mut().for_each(|c| *c /= b as f32);
-        });
-        let mut m = Self {
+    fn new(p: usize, d: usize, chunk: usize) -> Self {
+        let chunk = chunk.max(1);
+        Self {
             p,
             d,
             n: 0,
-            shift,
+            chunk,
+            pending: vec![0f32; p * chunk * d],
+            filled: 0,
+            shift: Vec::new(),
             sum: vec![0f64; p * d],
             scatter: vec![0f32; p * d * d],
-        };
-        m.add_unchecked(y, b);
-        m
+        }
     }
 
     /// Add a batch `y`, `(P, B, d)` row-major.
     fn add(&mut self, y: &[f32], b: usize) -> Result<()> {
-        if y.len() != self.p * b * self.d {
+        let (p, d, k) = (self.p, self.d, self.chunk);
+        if y.len() != p * b * d {
             return Err(Error::Config(format!(
-                "padim: a batch of {} values does not hold {b} images of {} positions × {} dims",
-                y.len(),
-                self.p,
-                self.d
+                "padim: a batch of {} values does not hold {b} images of {p} positions × {d} dims",
+                y.len()
             )));
         }
-        self.add_unchecked(y, b);
+        let mut i = 0;
+        while i < b {
+            let take = (k - self.filled).min(b - i);
+            for pos in 0..p {
+                self.pending[(pos * k + self.filled) * d..][..take * d]
+                    .copy_from_slice(&y[(pos * b + i) * d..][..take * d]);
+            }
+            self.filled += take;
+            i += take;
+            if self.filled == k {
+                self.flush();
+            }
+        }
         Ok(())
     }
 
-    fn add_unchecked(&mut self, y: &[f32], b: usize) {
+    /// Add the pending images (one GEMM per position, in parallel over positions).
+    fn flush(&mut self) {
         use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
-        let d = self.d;
+        let (d, k, f) = (self.d, self.chunk, self.filled);
+        if f == 0 {
+            return;
+        }
+        let pending = &self.pending;
+        if self.shift.is_empty() {
+            self.shift = vec![0f32; self.p * d];
+            self.shift
+                .par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(pos, c)| {
+                    for bi in 0..f {
+                        let row = &pending[(pos * k + bi) * d..][..d];
+                        c.iter_mut().zip(row).for_each(|(c, v)| *c += v);
+                    }
+                    c.iter_mut().for_each(|c| *c /= f as f32);
+                });
+        }
         self.scatter
             .par_chunks_mut(d * d)
             .zip(self.sum.par_chunks_mut(d))
             .zip(self.shift.par_chunks(d))
             .enumerate()
             .for_each_init(
-                || vec![0f32; b * d],
+                || vec![0f32; f * d],
                 |yc, (pos, ((s2, s1), c))| {
-                    for bi in 0..b {
-                        let row = &y[(pos * b + bi) * d..][..d];
-                        for k in 0..d {
-                            let v = row[k] - c[k];
-                            yc[bi * d + k] = v;
-                            s1[k] += v as f64;
+                    for bi in 0..f {
+                        let row = &pending[(pos * k + bi) * d..][..d];
+                        for j in 0..d {
+                            let v = row[j] - c[j];
+                            yc[bi * d + j] = v;
+                            s1[j] += v as f64;
                         }
                     }
-                    let ym = MatRef::from_row_major_slice(&yc[..], b, d);
+                    let ym = MatRef::from_row_major_slice(&yc[..], f, d);
                     let dst = MatMut::from_row_major_slice_mut(s2, d, d);
                     matmul(dst, Accum::Add, ym.transpose(), ym, 1.0f32, Par::Seq);
                 },
             );
-        self.n += b;
+        self.n += f;
+        self.filled = 0;
     }
 
     /// Means `P × d` and the regularised inverse covariances `P × d × d` (computed in place of
     /// the scatter matrices, in f64 per position).
     fn finish(mut self, reg: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.flush();
         let (n, d) = (self.n, self.d);
         if n < 2 {
             return Err(Error::Config(format!(
@@ -1197,12 +1226,25 @@ mod tests {
                     .collect()
             })
             .collect();
-        let mut m = Moments::new(&batches[0], p, sizes[0], d);
-        for (y, &b) in batches.iter().zip(&sizes).skip(1) {
+        // Chunks of 5 over batches of 4, 3, 6, 1: chunks fill across batch boundaries.
+        let mut m = Moments::new(p, d, 5);
+        for (y, &b) in batches.iter().zip(&sizes) {
             m.add(y, b).unwrap();
         }
         assert!(m.add(&batches[1], 2).is_err());
         let (mean, inv) = m.finish(reg).unwrap();
+        // The same images one at a time: the same result to the bit (the batch size that
+        // delivers the images does not matter).
+        let mut one = Moments::new(p, d, 5);
+        for (y, &b) in batches.iter().zip(&sizes) {
+            for i in 0..b {
+                let img: Vec<f32> = (0..p)
+                    .flat_map(|pos| y[(pos * b + i) * d..][..d].to_vec())
+                    .collect();
+                one.add(&img, 1).unwrap();
+            }
+        }
+        assert_eq!(one.finish(reg).unwrap(), (mean.clone(), inv.clone()));
         let n: usize = sizes.iter().sum();
         for pos in 0..p {
             let rows: Vec<Vec<f64>> = batches
@@ -1242,7 +1284,8 @@ mod tests {
             }
         }
         // Fewer than two images: no covariance.
-        let one = Moments::new(&batches[3], p, 1, d);
-        assert!(one.finish(reg).is_err());
+        let mut single = Moments::new(p, d, 5);
+        single.add(&batches[3], 1).unwrap();
+        assert!(single.finish(reg).is_err());
     }
 }
