@@ -364,10 +364,19 @@ pub fn sbm_stage(
             // nothing about the category: fit the baseline instead of failing, and say so.
             let why = format!(
                 "the jigsaw was not learned (held-out accuracy {:.1}% < gate {:.1}%, chance \
-                 {:.1}%)",
+                 {:.1}%{})",
                 g.accuracy * 100.0,
                 g.threshold * 100.0,
-                g.chance * 100.0
+                g.chance * 100.0,
+                if s.report.stopped_early {
+                    format!(
+                        "; stopped after {} of {} epochs at chance level",
+                        s.report.history.len(),
+                        s.report.config.epochs
+                    )
+                } else {
+                    String::new()
+                }
             );
             if segments {
                 // PFAM does not need the jigsaw: it still trains, on the pretrained backbone.

@@ -217,11 +217,21 @@ pub(crate) fn sbm_train_checked(
         // A tuned backbone that learned nothing must not pass unseen.
         obs.warn(&format!(
             "SBM did NOT learn the jigsaw: held-out accuracy on shuffled images {:.1}% is below \
-             the gate {:.1}% (chance {:.1}%). {} was written for inspection, but `tessera fit \
+             the gate {:.1}% (chance {:.1}%){}. {} was written for inspection, but `tessera fit \
              --sbm-weights` refuses it unless --sbm-force is given.",
             g.accuracy * 100.0,
             g.threshold * 100.0,
             g.chance * 100.0,
+            if out.report.stopped_early {
+                format!(
+                    "; training stopped after {} of {} epochs at chance level \
+                     (--sbm-no-early-stop runs them all)",
+                    out.report.history.len(),
+                    o.config.epochs
+                )
+            } else {
+                String::new()
+            },
             o.out.display()
         ));
     }

@@ -15,6 +15,9 @@
 //! - The **gate**: held-out accuracy on shuffled images (identity excluded) against chance,
 //!   with per-layer feature drift. A run that did not learn says so ([`Gate::passed`]).
 //! - [`SbmOutcome::save`] writes a torchvision-named backbone that loads like any weights file.
+//! - [`train_pfam_segment`]: a second objective for PFAM alone — on a frozen backbone, learn to
+//!   segment synthetic defects (any category, textures included; measured worse than the
+//!   jigsaw on bottle and ksdd, see `docs/pfam.md`).
 //!
 //! ```no_run
 //! use tessera_backbone::{Arch, Backbone, WeightsSource};

@@ -89,6 +89,10 @@ pub struct SbmReport {
     pub seconds_per_epoch: f64,
     /// Whether synthetic defects were used (a synthesizer was given).
     pub synthesis: bool,
+    /// Training stopped before the last epoch: the held-out accuracy stayed at chance
+    /// ([`SbmConfig::early_stop`]).
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 /// Progress events for bars and logs.

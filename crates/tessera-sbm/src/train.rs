@@ -106,6 +106,7 @@ pub fn train(
 
     let batches = train_idx.len().div_ceil(config.batch_size);
     let start_epoch = history.len();
+    let mut stopped_early = false;
     for epoch in start_epoch..config.epochs {
         let t0 = Instant::now();
         let mut ep_order = train_idx.clone();
@@ -179,6 +180,13 @@ pub fn train(
         if let Some(ck) = checkpoint {
             checkpoint::save(ck, config, &nets, &opts, &history, n_img)?;
         }
+        if config.early_stop
+            && epoch + 1 < config.epochs
+            && not_learning(&history, classes, eval_set.len())
+        {
+            stopped_early = true;
+            break;
+        }
     }
 
     let last = history
@@ -210,6 +218,7 @@ pub fn train(
         gate,
         seconds_per_epoch,
         synthesis: data.synth.is_some(),
+        stopped_early,
     };
     let Nets {
         mut net,
@@ -225,6 +234,17 @@ pub fn train(
         perms,
         report,
     })
+}
+
+/// Whether the last two epochs' held-out accuracy stayed at chance level (within 2 σ of it,
+/// for `inputs` held-out inputs and `classes` classes).
+fn not_learning(history: &[EpochStats], classes: usize, inputs: usize) -> bool {
+    let chance = 1.0 / classes as f64;
+    let sigma = (chance * (1.0 - chance) / inputs.max(1) as f64).sqrt();
+    history.len() >= 2
+        && history[history.len() - 2..]
+            .iter()
+            .all(|e| e.heldout_accuracy <= chance + 2.0 * sigma)
 }
 
 /// The training inputs of one batch (`chunk`: image indices; `at`: epoch and batch number),

@@ -554,3 +554,38 @@ fn pfam_learns_to_segment_synthetic_defects_reproducibly_and_is_saved() {
     let e = train_pfam_segment(&cfg, &bb, &plain, &|_| {}).unwrap_err();
     assert!(e.to_string().contains("synthetic defects"), "{e}");
 }
+
+/// A jigsaw that is not being learned (a head that cannot move, a frozen backbone) stops after
+/// two epochs at chance level and fails the gate as it would have; with early stopping off
+/// every epoch runs.
+#[test]
+fn a_run_at_chance_stops_early_unless_told_not_to() {
+    let data = plain_data(20);
+    let cfg = SbmConfig {
+        epochs: 4,
+        lr_backbone: 0.0,
+        lr_head: 1e-12,
+        ..small_config()
+    };
+    let out = train(&cfg, &backbone(), &data, None, &|_| {}).unwrap();
+    let r = &out.report;
+    assert!(r.stopped_early, "{:?}", r.history);
+    assert_eq!(r.history.len(), 2, "{:?}", r.history);
+    assert!(!r.gate.passed);
+    let full = train(
+        &SbmConfig {
+            early_stop: false,
+            ..cfg.clone()
+        },
+        &backbone(),
+        &data,
+        None,
+        &|_| {},
+    )
+    .unwrap();
+    assert!(!full.report.stopped_early);
+    assert_eq!(full.report.history.len(), 4);
+    let acc =
+        |h: &[tessera_sbm::EpochStats]| h.iter().map(|e| e.heldout_accuracy).collect::<Vec<_>>();
+    assert_eq!(acc(&full.report.history[..2]), acc(&r.history));
+}
