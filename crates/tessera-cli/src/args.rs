@@ -282,10 +282,11 @@ pub(crate) struct SbmArgs {
     /// SBM epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) sbm_epochs: Option<u64>,
-    /// Run every epoch even when the held-out jigsaw accuracy stays at chance (by default SBM
-    /// stops after two such epochs: the task is not being learned).
+    /// Stop after two epochs in a row with held-out jigsaw accuracy at chance level (the task
+    /// is not being learned, e.g. a uniform texture). Off by default: small runs can sit at
+    /// chance for a few epochs and then learn.
     #[arg(long)]
-    pub(crate) sbm_no_early_stop: bool,
+    pub(crate) sbm_early_stop: bool,
     /// Backbone layers SBM trains, e.g. 3 or 2,3 or 1,2,3; `none` keeps the backbone frozen
     /// (with --pfam / --method ours: PFAM alone trains).
     #[arg(long, value_parser = parse_layers)]
@@ -379,7 +380,7 @@ impl SbmArgs {
             synth_prob: self.sbm_synth_prob.unwrap_or(d.synth_prob),
             batch_size: self.sbm_batch_size.map_or(d.batch_size, |v| v as usize),
             pfam: self.pfam_branches.map(|_| self.pfam_config()),
-            early_stop: !self.sbm_no_early_stop,
+            early_stop: self.sbm_early_stop,
             seed,
             ..d
         };

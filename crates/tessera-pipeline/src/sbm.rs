@@ -225,7 +225,7 @@ pub(crate) fn sbm_train_checked(
             if out.report.stopped_early {
                 format!(
                     "; training stopped after {} of {} epochs at chance level \
-                     (--sbm-no-early-stop runs them all)",
+                     (--sbm-early-stop)",
                     out.report.history.len(),
                     o.config.epochs
                 )

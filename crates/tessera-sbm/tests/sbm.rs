@@ -555,16 +555,17 @@ fn pfam_learns_to_segment_synthetic_defects_reproducibly_and_is_saved() {
     assert!(e.to_string().contains("synthetic defects"), "{e}");
 }
 
-/// A jigsaw that is not being learned (a head that cannot move, a frozen backbone) stops after
-/// two epochs at chance level and fails the gate as it would have; with early stopping off
-/// every epoch runs.
+/// With early stopping asked for, a jigsaw that is not being learned (a head that cannot move,
+/// a frozen backbone) stops after two epochs at chance level and fails the gate as it would
+/// have; by default every epoch runs.
 #[test]
-fn a_run_at_chance_stops_early_unless_told_not_to() {
+fn a_run_at_chance_stops_early_when_asked() {
     let data = plain_data(20);
     let cfg = SbmConfig {
         epochs: 4,
         lr_backbone: 0.0,
         lr_head: 1e-12,
+        early_stop: true,
         ..small_config()
     };
     let out = train(&cfg, &backbone(), &data, None, &|_| {}).unwrap();
@@ -572,6 +573,7 @@ fn a_run_at_chance_stops_early_unless_told_not_to() {
     assert!(r.stopped_early, "{:?}", r.history);
     assert_eq!(r.history.len(), 2, "{:?}", r.history);
     assert!(!r.gate.passed);
+    assert!(!SbmConfig::default().early_stop);
     let full = train(
         &SbmConfig {
             early_stop: false,
