@@ -520,28 +520,30 @@ fn pfam_train_synth_learns_from_synthetic_defects_without_the_jigsaw() {
     let data = category(dir.path());
     let model = dir.path().join("m.safetensors");
     let (d, m) = (s(&data), s(&model));
-    let out = tessera(&[
-        "--json",
-        "fit",
-        "--data",
-        &d,
-        "--random-weights",
-        "1",
-        "--preprocess",
-        "64x64",
-        "--method",
-        "ours",
-        "--pfam-train",
-        "synth",
-        "--pfam-epochs",
-        "2",
-        "--sbm",
-        "off",
-        "--method-gate",
-        "report",
-        "--out",
-        &m,
-    ]);
+    // `fit --method ours --pfam-train synth --sbm off` into `out`, plus `extra`.
+    let fit_synth = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "fit",
+            "--data",
+            &d,
+            "--random-weights",
+            "1",
+            "--preprocess",
+            "64x64",
+            "--method",
+            "ours",
+            "--pfam-train",
+            "synth",
+            "--sbm",
+            "off",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        tessera(&args)
+    };
+    let out = fit_synth(&m, &["--pfam-epochs", "2", "--method-gate", "report"]);
     let e = stderr(&out);
     assert!(out.status.success(), "{e}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -567,26 +569,7 @@ fn pfam_train_synth_learns_from_synthetic_defects_without_the_jigsaw() {
     assert!(t.status.success(), "{}", stderr(&t));
     // With the gate on, such a method is never kept on the gate's word.
     let gated = s(&dir.path().join("gated.safetensors"));
-    let out = tessera(&[
-        "--json",
-        "fit",
-        "--data",
-        &d,
-        "--random-weights",
-        "1",
-        "--preprocess",
-        "64x64",
-        "--method",
-        "ours",
-        "--pfam-train",
-        "synth",
-        "--pfam-epochs",
-        "1",
-        "--sbm",
-        "off",
-        "--out",
-        &gated,
-    ]);
+    let out = fit_synth(&gated, &["--pfam-epochs", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["method"], "baseline", "{summary}");

@@ -178,20 +178,21 @@ pub struct FitSummary {
 
 /// Where `fit --method sbm` writes the tuned backbone: beside the model, `<out>.sbm.safetensors`.
 pub fn sbm_output_path(out: &Path) -> PathBuf {
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    out.with_file_name(format!("{stem}.sbm.safetensors"))
+    beside(out, "sbm")
 }
 
 /// Where `fit --method ours --pfam-train synth` writes PFAM: `<out>.pfam.safetensors`.
 pub fn pfam_output_path(out: &Path) -> PathBuf {
+    beside(out, "pfam")
+}
+
+/// `<stem of out>.<tag>.safetensors` in `out`'s folder.
+fn beside(out: &Path, tag: &str) -> PathBuf {
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    out.with_file_name(format!("{stem}.pfam.safetensors"))
+    out.with_file_name(format!("{stem}.{tag}.safetensors"))
 }
 
 /// What the SBM stage hands to the rest of the fit.
@@ -390,7 +391,7 @@ pub fn sbm_stage(
                     reason: Some(format!("{why}: the pretrained backbone is kept")),
                     ..SbmMeta::from_report(&s.report)
                 };
-                return segment_stage(o, train, source, Some(meta), obs);
+                return segment_stage(o, ds, train, source, Some(meta), obs);
             }
             obs.warn(&format!(
                 "--method {}: {why}; falling back to --method baseline (the pretrained \
@@ -424,7 +425,7 @@ pub fn sbm_stage(
         Some(SbmMeta::skipped(why))
     };
     if segments {
-        return segment_stage(o, train, source, sbm.take(), obs);
+        return segment_stage(o, ds, train, source, sbm.take(), obs);
     }
     Ok(Prepared {
         source,
@@ -438,6 +439,7 @@ pub fn sbm_stage(
 /// defects of `train`, write it beside the model, and hand it to the fit.
 fn segment_stage(
     o: &FitOptions,
+    ds: &Dataset,
     train: &[Sample],
     source: WeightsSource,
     sbm: Option<SbmMeta>,
@@ -448,7 +450,7 @@ fn segment_stage(
         seed: o.seed,
         ..o.sbm.segment.clone()
     };
-    let report = crate::sbm::pfam_segment_train(o, &config, train, &source, &out, obs)?;
+    let report = crate::sbm::pfam_segment_train(o, ds, &config, train, &source, &out, obs)?;
     // Always recorded; only `--sbm-weights` naming a file without an SBM report (forced)
     // arrives here without an SBM record.
     let sbm = Some(SbmMeta {

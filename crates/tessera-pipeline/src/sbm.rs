@@ -276,6 +276,7 @@ fn network_images(
 /// return the report.
 pub(crate) fn pfam_segment_train(
     o: &crate::FitOptions,
+    ds: &Dataset,
     config: &tessera_sbm::SegmentConfig,
     train: &[tessera_data::Sample],
     source: &tessera_backbone::WeightsSource,
@@ -283,9 +284,9 @@ pub(crate) fn pfam_segment_train(
     obs: &dyn Observer,
 ) -> Result<tessera_sbm::SegmentReport> {
     let device = o.device.open()?;
-    let ds = Dataset::open(&o.data)?;
     let backbone = prepare_backbone(o.weights.backbone, source, &device)?;
-    let synth = synthesizer(&ds, None, o.sbm.textures.as_deref())?;
+    // The fit's dataset: its category kind (decided from the images once) places the defects.
+    let synth = synthesizer(ds, None, o.sbm.textures.as_deref())?;
     obs.note(&format!(
         "pfam: learning to segment synthetic defects on {} images, backbone {} frozen, {} \
          epochs",

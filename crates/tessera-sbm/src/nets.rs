@@ -100,6 +100,19 @@ fn rel_sq(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(num.broadcast_div(&(den + 1e-12)?)?)
 }
 
+/// The variables of a `VarMap`, sorted by name (a fixed order for optimisers and checkpoints).
+pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Result<Vec<(String, Var)>> {
+    let mut v: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("pfam: poisoned variable map".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
 pub(crate) fn to_batch(
     items: Vec<Vec<f32>>,
     c: usize,
@@ -130,15 +143,7 @@ impl Nets {
                 let varmap = candle_nn::VarMap::new();
                 let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("pfam");
                 let p = Pfam::new(pc.clone(), [ch[0], ch[1], ch[2]], vb)?;
-                let mut v: Vec<(String, Var)> = varmap
-                    .data()
-                    .lock()
-                    .map_err(|_| Error::Config("pfam: poisoned variable map".into()))?
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                (Some(p), v)
+                (Some(p), sorted_vars(&varmap)?)
             }
             None => (None, Vec::new()),
         };

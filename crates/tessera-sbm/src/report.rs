@@ -140,25 +140,41 @@ impl SbmOutcome {
         tensors.push(("sbm.head.weight".into(), w));
         tensors.push(("sbm.head.bias".into(), b));
         tensors.push(("sbm.permutations".into(), perms_tensor(&self.perms)?));
-        let json = serde_json::to_string(&self.report)
-            .map_err(|e| Error::bad_model(path, format!("cannot serialise the report: {e}")))?;
-        tessera_core::io::save_safetensors(
-            path,
-            &tensors,
-            HashMap::from([(REPORT_KEY.into(), json)]),
-        )
+        save_with_report(path, &tensors, REPORT_KEY, &self.report)
+    }
+}
+
+/// Write `tensors` with `report` as JSON under the metadata `key`, atomically.
+pub(crate) fn save_with_report<T: Serialize>(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    key: &str,
+    report: &T,
+) -> Result<()> {
+    let json = serde_json::to_string(report)
+        .map_err(|e| Error::bad_model(path, format!("cannot serialise the report: {e}")))?;
+    tessera_core::io::save_safetensors(path, tensors, HashMap::from([(key.into(), json)]))
+}
+
+/// The report stored under the metadata `key` of a file, if it has one (`what` names it in
+/// the error).
+pub(crate) fn read_stored_report<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    key: &str,
+    what: &str,
+) -> Result<Option<T>> {
+    let meta = tessera_core::io::safetensors_metadata(path)?;
+    match meta.get(key) {
+        None => Ok(None),
+        Some(j) => serde_json::from_str(j)
+            .map(Some)
+            .map_err(|e| Error::bad_model(path, format!("unreadable {what} report: {e}"))),
     }
 }
 
 /// The SBM report stored in a weights file, if it is an SBM output.
 pub fn read_report(path: &Path) -> Result<Option<SbmReport>> {
-    let meta = tessera_core::io::safetensors_metadata(path)?;
-    match meta.get(REPORT_KEY) {
-        None => Ok(None),
-        Some(j) => serde_json::from_str(j)
-            .map(Some)
-            .map_err(|e| Error::bad_model(path, format!("unreadable SBM report: {e}"))),
-    }
+    read_stored_report(path, REPORT_KEY, "SBM")
 }
 
 pub(crate) fn perms_tensor(p: &PermutationSet) -> Result<Tensor> {

@@ -9,6 +9,8 @@
 //! scorers see PFAM's features. Held-out images (never trained on) each get one seeded defect,
 //! and the head's cell AUROC on them says whether anything was learned.
 
+use crate::nets::{sorted_vars, to_batch};
+use crate::report::{read_stored_report, save_with_report};
 use crate::train::mix;
 use crate::SbmData;
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,7 +20,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 use tessera_backbone::Backbone;
@@ -136,25 +137,13 @@ pub struct SegmentOutcome {
 impl SegmentOutcome {
     /// Write PFAM's tensors (`pfam.*`) with the report in the metadata, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string(&self.report)
-            .map_err(|e| Error::bad_model(path, format!("cannot serialise the report: {e}")))?;
-        tessera_core::io::save_safetensors(
-            path,
-            &self.pfam.tensors(),
-            HashMap::from([(SEGMENT_REPORT_KEY.into(), json)]),
-        )
+        save_with_report(path, &self.pfam.tensors(), SEGMENT_REPORT_KEY, &self.report)
     }
 }
 
 /// The segmentation report stored in a file, if it holds one.
 pub fn read_segment_report(path: &Path) -> Result<Option<SegmentReport>> {
-    let meta = tessera_core::io::safetensors_metadata(path)?;
-    match meta.get(SEGMENT_REPORT_KEY) {
-        None => Ok(None),
-        Some(j) => serde_json::from_str(j)
-            .map(Some)
-            .map_err(|e| Error::bad_model(path, format!("unreadable PFAM report: {e}"))),
-    }
+    read_stored_report(path, SEGMENT_REPORT_KEY, "PFAM")
 }
 
 /// The linear per-position head: one 1×1 convolution per level, upsampled (nearest) to the
@@ -293,7 +282,7 @@ fn forward_batch(
     let dev = backbone.device().clone();
     let b = inputs.len();
     let (chw, masks): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
-    let x = crate::nets::to_batch(chw, 3, h, w, &dev)?;
+    let x = to_batch(chw, 3, h, w, &dev)?;
     let f = backbone.forward(&x)?;
     let levels: Vec<Tensor> = f.levels.iter().map(|t| t.detach()).collect();
     let out = pfam.forward(&FeatureMaps::new(levels))?;
@@ -333,27 +322,13 @@ pub fn train_pfam_segment(
             n_hold + 2
         )));
     }
-    let (w, h) = data.images[0].dimensions();
-    if data.images.iter().any(|i| i.dimensions() != (w, h)) {
-        return Err(Error::Config(
-            "pfam segmentation: training images must share one size".into(),
-        ));
-    }
-    let (w, h) = (w as usize, h as usize);
+    let (w, h) = data.common_size("pfam segmentation")?;
     let dev = backbone.device().clone();
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("pfam");
     let pfam = Pfam::new(config.pfam.clone(), channels, vb)?;
     let head = SegHead::new(channels, mix(&[config.seed, 21]), &dev)?;
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("pfam: poisoned variable map".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut params: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
+    let mut params: Vec<Var> = sorted_vars(&varmap)?.into_iter().map(|(_, v)| v).collect();
     params.extend(head.vars());
     let mut opt = AdamW::new(
         params,

@@ -43,6 +43,20 @@ pub struct SbmData<'a> {
     pub source: String,
 }
 
+impl SbmData<'_> {
+    /// The (width, height) every image shares (`who` prefixes the error when they differ).
+    /// The caller has checked there is at least one image.
+    pub(crate) fn common_size(&self, who: &str) -> Result<(usize, usize)> {
+        let (w, h) = self.images[0].dimensions();
+        if self.images.iter().any(|i| i.dimensions() != (w, h)) {
+            return Err(Error::Config(format!(
+                "{who}: training images must share one size"
+            )));
+        }
+        Ok((w as usize, h as usize))
+    }
+}
+
 /// Train the jigsaw task on `data` starting from `backbone` (which must have layers 1..3).
 /// `checkpoint`: written after every epoch and resumed from when it exists with the same
 /// settings (more epochs may be asked for on resume). Deterministic from `config.seed`.
@@ -67,13 +81,7 @@ pub fn train(
             n_hold + 4
         )));
     }
-    let (w, h) = data.images[0].dimensions();
-    if data.images.iter().any(|i| i.dimensions() != (w, h)) {
-        return Err(Error::Config(
-            "sbm: training images must share one size".into(),
-        ));
-    }
-    let (w, h) = (w as usize, h as usize);
+    let (w, h) = data.common_size("sbm")?;
     let dev = backbone.device().clone();
     let perms = PermutationSet::maximal_hamming(config.grid, config.permutations, config.seed)?;
     let classes = perms.classes();
