@@ -9,7 +9,7 @@ use tessera_cfa::CfaConfig;
 use tessera_core::model::{Geometry, Preprocess, Tiling};
 use tessera_core::DeviceSpec;
 use tessera_padim::{PadimConfig, Reduction};
-use tessera_patchcore::{BankDtype, PatchcoreConfig};
+use tessera_patchcore::{BankDtype, PatchcoreConfig, Search};
 use tessera_pfam::{Branches, PfamConfig};
 use tessera_pipeline::{
     CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, SbmMode,
@@ -603,6 +603,14 @@ pub(crate) struct FitArgs {
     /// PatchCore: reweight image scores with K nearest neighbours (paper eq.; off by default).
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub(crate) patchcore_reweight: Option<u64>,
+    /// PatchCore: how test patches find their nearest bank row. exact: a partitioned bank with
+    /// pruning (the brute-force answer, less work); brute: every row; approx:P: the P nearest
+    /// clusters only (faster, not exact).
+    #[arg(long, default_value = "exact", value_parser = patchcore_search)]
+    pub(crate) patchcore_search: Search,
+    /// PatchCore: clusters of the partitioned bank (default: about √bank size).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub(crate) patchcore_clusters: Option<u64>,
     /// CFA: training epochs.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) epochs: u64,
@@ -661,6 +669,8 @@ impl FitArgs {
                 embed_dim: self.patchcore_dim.map(|d| d as usize),
                 reweight_k: self.patchcore_reweight.map(|k| k as usize),
                 bank_dtype: self.bank_dtype,
+                search: self.patchcore_search,
+                clusters: self.patchcore_clusters.map(|c| c as usize),
                 ..Default::default()
             }),
             ScorerKind::Cfa => ScorerConfig::Cfa(CfaConfig {
@@ -725,8 +735,16 @@ pub(crate) struct TestArgs {
     /// Decide at this image threshold (and draw masks at it) instead of the model's.
     #[arg(long, value_parser = finite_f32)]
     pub(crate) threshold: Option<f32>,
+    /// PatchCore models: search the memory bank this way instead of the model's own setting
+    /// (brute, exact or approx:P).
+    #[arg(long, value_parser = patchcore_search)]
+    pub(crate) patchcore_search: Option<Search>,
     #[command(flatten)]
     pub(crate) common: Common,
+}
+
+fn patchcore_search(s: &str) -> Result<Search, String> {
+    s.parse().map_err(|e: tessera_core::Error| e.to_string())
 }
 
 #[derive(Args)]

@@ -50,6 +50,7 @@ fn run(cli: Cli) -> Result<()> {
                 threshold: a.threshold,
                 device: a.common.device,
                 batch_size: a.common.batch_size as usize,
+                patchcore_search: a.patchcore_search,
             };
             let r = tessera_pipeline::test(&opts, &bars)?;
             summary(cli.json, &bars, &r, |r| {

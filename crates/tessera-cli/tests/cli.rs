@@ -116,6 +116,23 @@ fn fit_test_predict_round_trip() {
     assert!(r["per_type"]["crack"]["image_auroc"].is_number());
     assert!(report.with_extension("md").is_file());
     assert!(heat.join("spot/001.png").is_file() && heat.join("good/000.png").is_file());
+    // A PatchCore search option on a PaDiM model is an error naming the model.
+    let out = tessera(&[
+        "test",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&tmp.path().join("r2.json")),
+        "--patchcore-search",
+        "brute",
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("m.safetensors") && e.contains("padim"),
+        "{e}"
+    );
     // The operating point at the model's own threshold is reported, with every image's call.
     let op = &r["operating_point"]["image"];
     let counted = ["tp", "fp", "tn", "fn_"]
@@ -385,6 +402,49 @@ fn patchcore_fit_test_predict_agree() {
         .find(|i| i["name"] == "crack/000.png")
         .unwrap();
     assert!((score - want["score"].as_f64().unwrap()).abs() < 1e-6);
+
+    // The model searched its bank exactly (the default); brute force scores the same, the
+    // approximate search with every cluster too, a bad search is a usage error.
+    assert_eq!(fit["scorer_report"]["search"], "exact");
+    assert_eq!(fit["scorer_report"]["clusters"], 18); // ≈ √314
+    for search in ["brute", "approx:18", "approx:1"] {
+        let rep = tmp.path().join(format!("pc-{search}.json"));
+        let out = ok(&tessera(&[
+            "--json",
+            "test",
+            "--model",
+            &s(&model),
+            "--data",
+            &s(&data),
+            "--report",
+            &s(&rep),
+            "--patchcore-search",
+            search,
+        ]));
+        let o: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let (a, b) = (
+            o["pixel_auroc"].as_f64().unwrap(),
+            r["pixel_auroc"].as_f64().unwrap(),
+        );
+        if search == "approx:1" {
+            assert!((a - b).abs() < 0.05, "{search}: {a} vs {b}");
+        } else {
+            assert!((a - b).abs() < 1e-6, "{search}: {a} vs {b}");
+        }
+    }
+    let out = tessera(&[
+        "test",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--report",
+        &s(&report),
+        "--patchcore-search",
+        "approx:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("approx:P"));
 
     // An impossible option value is a usage error (exit 2), caught before any work.
     let out = tessera(&[

@@ -12,7 +12,11 @@
 //!    (the official `target_embed_dimension` reduction);
 //! 3. greedy k-center coreset on a seeded Gaussian random projection to 128 dimensions, first
 //!    centre drawn from the seed; `coreset_ratio` of all training patches are kept;
-//! 4. scoring: 1-NN Euclidean distance to the bank, computed in bank chunks; optional image-score
+//! 4. scoring: 1-NN Euclidean distance to the bank — by default an exact search of the bank
+//!    partitioned into clusters with triangle-inequality pruning ([`search`]: brute force's
+//!    answer, a fraction of its work on object categories), or brute force in bank chunks
+//!    ([`Search::Brute`], the only path off the CPU), or an approximate search of the nearest
+//!    clusters ([`Search::Approximate`]); optional image-score
 //!    reweighting with the `k` nearest neighbours of the nearest bank patch (paper eq. 7,
 //!    anomalib's `1 − softmax(d)[0]`); the caller upsamples (bilinear) and blurs (σ = 4).
 //!
@@ -43,10 +47,14 @@
 
 pub mod coreset;
 pub mod nn;
+pub mod search;
+
+pub use search::{PartitionedBank, Search, SearchStats};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
 use tessera_core::{Error, FeatureMaps, Result};
 
@@ -95,8 +103,12 @@ pub struct PatchcoreConfig {
     pub bank_dtype: BankDtype,
     /// Seed of the projection and the first coreset centre.
     pub seed: u64,
-    /// Bank rows per distance chunk (bounds peak memory at test time).
+    /// Bank rows per distance chunk of the brute-force search (bounds its peak memory).
     pub chunk: usize,
+    /// How test patches find their nearest bank row (CPU; other devices use brute force).
+    pub search: Search,
+    /// Clusters of the partitioned bank (`None`: about `√bank`).
+    pub clusters: Option<usize>,
 }
 
 impl Default for PatchcoreConfig {
@@ -110,6 +122,8 @@ impl Default for PatchcoreConfig {
             bank_dtype: BankDtype::F32,
             seed: 0,
             chunk: 4096,
+            search: Search::Exact,
+            clusters: None,
         }
     }
 }
@@ -131,9 +145,13 @@ impl PatchcoreConfig {
             || self.chunk == 0
             || self.embed_dim == Some(0)
             || self.reweight_k == Some(0)
+            || self.clusters == Some(0)
+            || self.search == (Search::Approximate { probes: 0 })
         {
             return Err(Error::Config(
-                "patchcore: projection_dim, chunk, embed_dim and reweight_k must be ≥ 1".into(),
+                "patchcore: projection_dim, chunk, embed_dim, reweight_k, clusters and search \
+                 probes must be ≥ 1"
+                    .into(),
             ));
         }
         Ok(())
@@ -175,8 +193,8 @@ fn channel_pool_matrix(c: usize, d: usize, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, (c, d), dev)?)
 }
 
-/// `B × C × H × W` → `(B·H·W) × C` patch rows.
-fn patches(x: &Tensor) -> Result<Tensor> {
+/// `B × C × H × W` → `(B·H·W) × C` patch rows (the queries of [`Patchcore::nearest`]).
+pub fn patches(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     Ok(x.permute((0, 2, 3, 1))?
         .reshape((b * h * w, c))?
@@ -204,6 +222,8 @@ pub struct Patchcore {
     bank: Tensor,
     /// `K` squared norms of the bank rows (f32).
     bank_sq: Tensor,
+    /// The bank partitioned for [`Search::Exact`] / [`Search::Approximate`] on the CPU.
+    partition: Option<Arc<PartitionedBank>>,
     height: usize,
     width: usize,
     /// Fit facts (not stored in model files).
@@ -271,22 +291,18 @@ impl PatchcoreConfig {
             BankDtype::F16 => bank.to_dtype(DType::F16)?,
         };
         let bank = bank.to_device(&dev)?;
-        let bank_sq = nn::row_norms_sq(&bank)?;
-        let report = serde_json::json!({
+        let coreset_seconds = t1.elapsed().as_secs_f64();
+        let mut model = Patchcore::new(self.clone(), bank, height, width)?;
+        model.report = serde_json::json!({
             "patches": n,
             "channels": c,
             "bank": k,
             "features_seconds": (t1 - t0).as_secs_f64(),
-            "coreset_seconds": t1.elapsed().as_secs_f64(),
+            "coreset_seconds": coreset_seconds,
+            "search": self.search.to_string(),
+            "clusters": model.partition.as_ref().map(|p| p.clusters()),
         });
-        Ok(Patchcore {
-            config: self.clone(),
-            bank,
-            bank_sq,
-            height,
-            width,
-            report,
-        })
+        Ok(model)
     }
 }
 
@@ -318,19 +334,72 @@ impl Restore for Patchcore {
             BankDtype::F16 => DType::F16,
         };
         let bank = bank.to_dtype(want)?;
-        let bank_sq = nn::row_norms_sq(&bank)?;
-        Ok(Self {
-            config,
-            bank,
-            bank_sq,
-            height,
-            width,
-            report: serde_json::Value::Null,
-        })
+        Self::new(config, bank, height, width)
     }
 }
 
 impl Patchcore {
+    fn new(config: PatchcoreConfig, bank: Tensor, height: usize, width: usize) -> Result<Self> {
+        let bank_sq = nn::row_norms_sq(&bank)?;
+        let mut model = Self {
+            config,
+            bank,
+            bank_sq,
+            partition: None,
+            height,
+            width,
+            report: serde_json::Value::Null,
+        };
+        model.set_search(model.config.search)?;
+        Ok(model)
+    }
+
+    /// Change how test patches are searched (e.g. brute force for a comparison); builds or
+    /// drops the partitioned copy of the bank as needed. Off the CPU the search is brute force.
+    pub fn set_search(&mut self, search: Search) -> Result<()> {
+        if let Search::Approximate { probes: 0 } = search {
+            return Err(Error::Config("patchcore: search probes must be ≥ 1".into()));
+        }
+        self.config.search = search;
+        if search == Search::Brute || !self.bank.device().is_cpu() {
+            self.partition = None;
+        } else if self.partition.is_none() {
+            let (k, c) = self.bank.dims2()?;
+            let rows: Vec<f32> = self.bank.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let clusters = self
+                .config
+                .clusters
+                .unwrap_or_else(|| search::default_clusters(k));
+            self.partition = Some(Arc::new(PartitionedBank::build(&rows, c, clusters)?));
+        }
+        Ok(())
+    }
+
+    /// The partitioned bank, when the search uses one.
+    pub fn partition(&self) -> Option<&PartitionedBank> {
+        self.partition.as_deref()
+    }
+
+    /// Nearest bank distance and index of each patch row (`M × C`, f32), by the configured
+    /// search, with the work it took.
+    pub fn nearest(&self, rows: &Tensor) -> Result<(Vec<f32>, Vec<u32>, SearchStats)> {
+        match &self.partition {
+            Some(p) => {
+                let rows = rows.to_dtype(DType::F32)?.contiguous()?;
+                tessera_core::tensor::with_f32_slice(&rows, |q| p.nearest(q, self.config.search))?
+            }
+            None => {
+                let (d, i) = nn::nearest(rows, &self.bank, &self.bank_sq, self.config.chunk)?;
+                let pairs = (rows.dims()[0] * self.bank_len()) as u64;
+                let stats = SearchStats {
+                    pairs,
+                    brute_pairs: pairs,
+                };
+                Ok((d, i, stats))
+            }
+        }
+    }
+
     /// Number of patches in the memory bank.
     pub fn bank_len(&self) -> usize {
         self.bank.dims()[0]
@@ -376,7 +445,7 @@ impl Scorer for Patchcore {
             )));
         }
         let q = patches(&e)?.to_device(self.bank.device())?;
-        let (dist, nn_idx) = nn::nearest(&q, &self.bank, &self.bank_sq, self.config.chunk)?;
+        let (dist, nn_idx, _) = self.nearest(&q)?;
         let image_scores = match self.config.reweight_k {
             None => None,
             Some(k) => {

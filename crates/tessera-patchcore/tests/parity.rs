@@ -157,3 +157,55 @@ fn bad_config_is_an_error() {
         assert!(e.contains("patchcore"), "{e}");
     }
 }
+
+#[test]
+fn every_search_scores_like_brute_force() {
+    use tessera_patchcore::Search;
+    let g = golden();
+    let f = FeatureMaps::new(vec![g["l1"].clone(), g["l2"].clone(), g["l3"].clone()]);
+    for (ratio, clusters) in [(0.5, None), (1.0, Some(5)), (0.1, Some(64))] {
+        let cfg = PatchcoreConfig {
+            coreset_ratio: ratio,
+            clusters,
+            search: Search::Brute,
+            reweight_k: Some(3),
+            ..Default::default()
+        };
+        let mut m = cfg.fit(&mut batches(&g).into_iter()).unwrap();
+        assert!(m.partition().is_none());
+        let brute = m.score(&f).unwrap();
+        let all = (m.bank_len() as f64).sqrt().ceil() as usize + 64;
+        for search in [Search::Exact, Search::Approximate { probes: all }] {
+            m.set_search(search).unwrap();
+            let p = m.partition().expect("partitioned on the CPU");
+            assert_eq!(p.len(), m.bank_len());
+            let raw = m.score(&f).unwrap();
+            // Compared squared: a distance of 0 comes out as √(rounding) ≈ 5e-4 either way.
+            for (a, b) in raw.data.iter().zip(&brute.data) {
+                assert!(
+                    (a * a - b * b).abs() <= 1e-4 * (b * b).max(1.0),
+                    "{search}: {a} vs {b}"
+                );
+            }
+            let (si, bi) = (
+                raw.image_scores.unwrap(),
+                brute.image_scores.clone().unwrap(),
+            );
+            for (a, b) in si.iter().zip(&bi) {
+                assert!(
+                    (a * a - b * b).abs() <= 1e-4 * (b * b).max(1.0),
+                    "{search}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert!(PatchcoreConfig::default()
+        .fit(&mut batches(&g).into_iter())
+        .unwrap()
+        .set_search(Search::Approximate { probes: 0 })
+        .is_err());
+    // Model files written before the search existed read as the exact search.
+    let old: PatchcoreConfig = serde_json::from_str(r#"{"coreset_ratio": 0.1}"#).unwrap();
+    assert_eq!(old.search, Search::Exact);
+    assert_eq!(old.clusters, None);
+}

@@ -2,6 +2,7 @@
 //! and back.
 
 use crate::meta::ModelMeta;
+use crate::scorer::ScorerConfig;
 use crate::tiles::TileGrid;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -164,6 +165,25 @@ impl Detector {
     /// Write the model file atomically; returns its checksum.
     pub fn save(&self, path: &Path) -> Result<String> {
         self.to_model_file()?.save(path)
+    }
+
+    /// Search a PatchCore model's memory bank this way from now on (a model file records the
+    /// search it was fitted with; exact and brute force give the same scores, an approximate
+    /// search does not). An error for the other scorers.
+    pub fn set_patchcore_search(&mut self, search: tessera_patchcore::Search) -> Result<()> {
+        let ScorerConfig::Patchcore(c) = &mut self.meta.scorer else {
+            return Err(Error::Config(format!(
+                "--patchcore-search applies to patchcore models; this one is {}",
+                self.meta.scorer.kind().name()
+            )));
+        };
+        c.search = search;
+        let tensors: HashMap<String, Tensor> = self.scorer.tensors()?.into_iter().collect();
+        self.scorer = self
+            .meta
+            .scorer
+            .restore(tensors, Path::new("(the loaded model)"))?;
+        Ok(())
     }
 
     /// Backbone (and PFAM) features of a preprocessed batch.

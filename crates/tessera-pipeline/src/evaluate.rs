@@ -24,6 +24,8 @@ pub struct TestOptions {
     pub threshold: Option<f32>,
     pub device: DeviceSpec,
     pub batch_size: usize,
+    /// PatchCore models: search the memory bank this way instead of the model's own setting.
+    pub patchcore_search: Option<tessera_patchcore::Search>,
 }
 
 /// Score a dataset's test split with a model file and write the report (JSON, and Markdown
@@ -49,7 +51,11 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
         None => None,
     };
     let device = o.device.open()?;
-    let det = Detector::load(&o.model, &device)?;
+    let mut det = Detector::load(&o.model, &device)?;
+    if let Some(search) = o.patchcore_search {
+        det.set_patchcore_search(search)
+            .map_err(|e| e.in_file(&o.model))?;
+    }
     let ds = Dataset::open(&o.data)?;
     let samples = ds.test()?;
     let mut evals = Vec::with_capacity(samples.len());
