@@ -65,7 +65,9 @@ pub mod pfam;
 pub use dct::DctSize;
 pub use fca::{FcaConfig, FcaWeight};
 pub use mfcsam::{Fusion, Mfcsam, MfcsamConfig, Residual, ScaleOrder};
-pub use pam::{position_attention, softmax_rows, PamConfig, PositionAttention};
+pub use pam::{
+    position_attention, position_attention_chunked, softmax_rows, PamConfig, PositionAttention,
+};
 pub use pfam::{Branches, Pfam, PfamConfig};
 
 /// `prefix.name`, or the other one alone when either is empty.

@@ -56,33 +56,10 @@ fn exp_nonpositive(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Softmax of one row in place of `o` (8 independent lanes for the reductions, so they
-/// vectorise too).
+/// Softmax of one row into `o`.
 fn softmax_row(r: &[f32], o: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut it = r.chunks_exact(8);
-    for c in &mut it {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = if v > *l { v } else { *l };
-        }
-    }
-    let m = it
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-    for (ov, &xv) in o.iter_mut().zip(r) {
-        *ov = exp_nonpositive(xv - m);
-    }
-    let mut sums = [0f32; 8];
-    let mut it = o.chunks_exact(8);
-    for c in &mut it {
-        for (s, &v) in sums.iter_mut().zip(c) {
-            *s += v;
-        }
-    }
-    let sum: f32 = it.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>();
-    let inv = 1.0 / sum;
+    o.copy_from_slice(r);
+    let inv = exp_shifted_row(o);
     o.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -135,16 +112,28 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
 /// `B × C × N`; returns `B × C × N` with `out[:, i] = Σ_j s_ij · v[:, j]`,
 /// `s_i = softmax_j(q_i · k_j)` (no 1/√d scaling, as DANet and the authors' code).
 ///
-/// The attention rows are computed `chunk` query positions at a time, one image at a time, so
-/// that without autograd tracking at most `chunk × N` attention values are alive. Every step is
-/// a candle op, so the result is differentiable (when tracked, autograd keeps every chunk
-/// until backward: training memory is still `O(N²)` per image and scale).
+/// On the CPU, when no input is tracked by autograd (inference), a fused kernel computes it in
+/// blocks of 64 query rows (about `64 × N` floats alive per thread, `chunk` unused). Otherwise
+/// [`position_attention_chunked`]: candle ops, `chunk` query positions at a time,
+/// differentiable (when tracked, autograd keeps every chunk until backward: training memory is
+/// still `O(N²)` per image and scale).
 pub fn position_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     chunk: Option<usize>,
 ) -> Result<Tensor> {
+    check_qkv(q, k, v, chunk)?;
+    let fused = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+    if fused {
+        return attention_fused(q, k, v);
+    }
+    position_attention_chunked(q, k, v, chunk)
+}
+
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Result<()> {
     let (b, cq, n) = q.dims3()?;
     let (bk, ck, nk) = k.dims3()?;
     let (bv, _, nv) = v.dims3()?;
@@ -156,11 +145,24 @@ pub fn position_attention(
             v.dims()
         )));
     }
-    let chunk = match chunk {
-        Some(0) => return Err(Error::Config("attention chunk must be ≥ 1".into())),
-        Some(c) => c.min(n),
-        None => n,
-    };
+    if chunk == Some(0) {
+        return Err(Error::Config("attention chunk must be ≥ 1".into()));
+    }
+    Ok(())
+}
+
+/// [`position_attention`] with candle ops only, `chunk` query rows at a time: the
+/// differentiable path (and the one off the CPU); [`position_attention`] takes it whenever an
+/// input is tracked by autograd.
+pub fn position_attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
+    check_qkv(q, k, v, chunk)?;
+    let (b, _, n) = q.dims3()?;
+    let chunk = chunk.map_or(n, |c| c.min(n));
     let mut per_image = Vec::with_capacity(b);
     for i in 0..b {
         let qt = q.get(i)?.t()?.contiguous()?; // N × C_qk
@@ -182,6 +184,100 @@ pub fn position_attention(
         per_image.push(o.t()?); // C × N
     }
     Ok(Tensor::stack(&per_image, 0)?)
+}
+
+/// Query rows per block of the fused attention: a block's `ROWS × N` logits stay in the core's
+/// cache between the product with `K`, the softmax and the product with `V`.
+const FUSED_ROWS: usize = 64;
+
+/// [`position_attention`] for inference on the CPU (nothing tracked by autograd): per block of
+/// query rows, logits `Q_rows · K`, the row softmax in place, then `S · Vᵀ` scaled by each row's
+/// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, no tensor is
+/// copied. Same arithmetic as the chunked path (the same exponential), in a different order.
+fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
+    let (b, cq, n) = q.dims3()?;
+    let c = v.dims()[1];
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let ks: Vec<f32> = k.flatten_all()?.to_vec1()?;
+    let vs: Vec<f32> = v.flatten_all()?.to_vec1()?;
+    let blocks = n.div_ceil(FUSED_ROWS);
+    let mut out = vec![0f32; b * c * n];
+    for i in 0..b {
+        let qi = MatRef::from_row_major_slice(&qs[i * cq * n..(i + 1) * cq * n], cq, n);
+        let ki = MatRef::from_row_major_slice(&ks[i * cq * n..(i + 1) * cq * n], cq, n);
+        let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
+        let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; FUSED_ROWS * n],
+                |logits, bi| {
+                    let r0 = bi * FUSED_ROWS;
+                    let m = FUSED_ROWS.min(n - r0);
+                    let l = &mut logits[..m * n];
+                    let qt = qi.transpose().subrows(r0, m); // m × C_qk
+                    matmul(
+                        MatMut::from_row_major_slice_mut(l, m, n),
+                        Accum::Replace,
+                        qt,
+                        ki,
+                        1.0f32,
+                        Par::Seq,
+                    );
+                    let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
+                    let mut o = vec![0f32; m * c];
+                    matmul(
+                        MatMut::from_row_major_slice_mut(&mut o, m, c),
+                        Accum::Replace,
+                        MatRef::from_row_major_slice(l, m, n),
+                        vi.transpose(),
+                        1.0f32,
+                        Par::Seq,
+                    );
+                    o.chunks_mut(c)
+                        .zip(&inv)
+                        .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
+                    (r0, o)
+                },
+            )
+            .collect();
+        let dst = &mut out[i * c * n..(i + 1) * c * n];
+        for (r0, o) in rows {
+            for (r, row) in o.chunks(c).enumerate() {
+                for (ch, &x) in row.iter().enumerate() {
+                    dst[ch * n + r0 + r] = x;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, c, n), q.device())?)
+}
+
+/// `e^(x − max)` of a row in place; returns `1 / Σ` (the softmax's normalisation, applied by
+/// the caller to the much smaller product with `V`).
+fn exp_shifted_row(r: &mut [f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = r.chunks_exact(8);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let m = it
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    r.iter_mut().for_each(|v| *v = exp_nonpositive(*v - m));
+    let mut sums = [0f32; 8];
+    let mut it = r.chunks_exact(8);
+    for c in &mut it {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    1.0 / (it.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>())
 }
 
 /// Position attention block on `C` channels: 1×1 convolutions (with bias) make `P` (query),

@@ -5,8 +5,8 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use std::collections::HashMap;
 use tessera_core::{Error, FeatureMaps};
 use tessera_pfam::{
-    position_attention, softmax_rows, Branches, DctSize, FcaConfig, Fusion, Mfcsam, MfcsamConfig,
-    Pfam, PfamConfig,
+    position_attention, position_attention_chunked, softmax_rows, Branches, DctSize, FcaConfig,
+    Fusion, Mfcsam, MfcsamConfig, Pfam, PfamConfig,
 };
 
 fn max_abs(a: &Tensor) -> f32 {
@@ -47,17 +47,43 @@ fn chunked_attention_equals_unchunked() {
     let q = randn(&[b, cq, n], 1.0);
     let k = randn(&[b, cq, n], 2.0);
     let v = randn(&[b, c, n], 3.0);
-    let full = position_attention(&q, &k, &v, None).unwrap();
+    let full = position_attention_chunked(&q, &k, &v, None).unwrap();
     // Reference by plain tensor ops on the whole matrix.
     let s = candle_nn::ops::softmax(&q.transpose(1, 2).unwrap().matmul(&k).unwrap(), 2).unwrap();
     let want = v.matmul(&s.transpose(1, 2).unwrap()).unwrap();
     assert!(rel(&full, &want) < 1e-6);
     for chunk in [1, 7, n, n + 5] {
-        let got = position_attention(&q, &k, &v, Some(chunk)).unwrap();
+        let got = position_attention_chunked(&q, &k, &v, Some(chunk)).unwrap();
         let e = rel(&got, &full);
         assert!(e < 1e-6, "chunk {chunk}: {e}");
     }
     assert!(position_attention(&q, &k, &v, Some(0)).is_err());
+    assert!(position_attention_chunked(&q, &k, &v, Some(0)).is_err());
+    assert!(position_attention(&q, &k, &randn(&[b, c, n + 1], 3.0), None).is_err());
+}
+
+#[test]
+fn fused_inference_attention_equals_the_chunked_path() {
+    // Untracked CPU inputs take the fused kernel (blocks of 64 rows): sizes below, at and
+    // across block edges, and large logits (the softmax must stay finite and exact).
+    for (b, cq, c, n, scale) in [
+        (1, 3, 4, 5, 1.0),
+        (2, 5, 6, 64, 1.0),
+        (2, 8, 32, 200, 1.0),
+        (1, 4, 3, 130, 30.0),
+    ] {
+        let q = (randn(&[b, cq, n], 1.0) * scale).unwrap();
+        let k = randn(&[b, cq, n], 2.0);
+        let v = randn(&[b, c, n], 3.0);
+        assert!(!q.track_op());
+        let fused = position_attention(&q, &k, &v, Some(7)).unwrap();
+        assert_eq!(fused.dims(), &[b, c, n]);
+        let chunked = position_attention_chunked(&q, &k, &v, Some(7)).unwrap();
+        let e = rel(&fused, &chunked);
+        assert!(e < 1e-5, "{b}×{cq}×{c}×{n} ×{scale}: {e}");
+        let finite: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(finite.iter().all(|x| x.is_finite()));
+    }
 }
 
 #[test]
