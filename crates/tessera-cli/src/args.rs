@@ -8,7 +8,7 @@ use tessera_backbone::Arch;
 use tessera_cfa::CfaConfig;
 use tessera_core::model::{Geometry, Preprocess, Tiling};
 use tessera_core::DeviceSpec;
-use tessera_padim::{PadimConfig, Reduction};
+use tessera_padim::{CovDtype, PadimConfig, Reduction};
 use tessera_patchcore::{BankDtype, PatchcoreConfig, Search};
 use tessera_pfam::{Branches, PfamConfig};
 use tessera_pipeline::{
@@ -591,6 +591,10 @@ pub(crate) struct FitArgs {
     /// variance of the training features (no random choice).
     #[arg(long, default_value = "orthogonal", value_parser = named::<Reduction>(Reduction::NAMES))]
     pub(crate) padim_reduction: Reduction,
+    /// PaDiM: storage type of the inverse covariances (f16: half the model file and memory,
+    /// distances still computed in f32).
+    #[arg(long, default_value = "f32", value_parser = named::<CovDtype>(CovDtype::NAMES))]
+    pub(crate) padim_cov_dtype: CovDtype,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
     #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     pub(crate) coreset_ratio: f64,
@@ -662,6 +666,7 @@ impl FitArgs {
             ScorerKind::Padim => ScorerConfig::Padim(PadimConfig {
                 dims: self.padim_dims.map(|d| d as usize),
                 reduction: self.padim_reduction,
+                inv_cov_dtype: self.padim_cov_dtype,
                 ..Default::default()
             }),
             ScorerKind::Patchcore => ScorerConfig::Patchcore(PatchcoreConfig {

@@ -116,6 +116,36 @@ fn fit_test_predict_round_trip() {
     assert!(r["per_type"]["crack"]["image_auroc"].is_number());
     assert!(report.with_extension("md").is_file());
     assert!(heat.join("spot/001.png").is_file() && heat.join("good/000.png").is_file());
+    // Σ⁻¹ stored in f16: a smaller file, the same ranking to within rounding.
+    let m16 = tmp.path().join("m16.safetensors");
+    ok(&tessera(&[
+        "--quiet",
+        "fit",
+        "--data",
+        &s(&data),
+        "--random-weights",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        &s(&m16),
+        "--batch-size",
+        "4",
+        "--padim-cov-dtype",
+        "f16",
+    ]));
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&m16) < size(&model) * 3 / 4,
+        "{} vs {}",
+        size(&m16),
+        size(&model)
+    );
+    let r16 = test_json(&m16, &data, &tmp.path().join("r16.json"));
+    for k in ["image_auroc", "pixel_auroc"] {
+        let (a, b) = (r16[k].as_f64().unwrap(), r[k].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-3, "{k}: f16 {a} vs f32 {b}");
+    }
     // A PatchCore search option on a PaDiM model is an error naming the model.
     let out = tessera(&[
         "test",

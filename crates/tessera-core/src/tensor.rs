@@ -19,6 +19,20 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
+/// [`with_f32_slice`] for f16 tensors.
+pub fn with_f16_slice<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&cpu.as_slice::<half::f16>()?[a..b]));
+        }
+    }
+    let v: Vec<half::f16> = t.flatten_all()?.to_vec1()?;
+    Ok(f(&v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_core::scorer::{grid_tensor, FitScorer, RawMaps, Restore, Scorer, StoredTensors};
-use tessera_core::tensor::with_f32_slice;
+use tessera_core::tensor::{with_f16_slice, with_f32_slice};
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
@@ -242,6 +242,46 @@ pub struct PadimConfig {
     pub reg: f64,
     /// Backbone levels used (1-based).
     pub levels: Vec<usize>,
+    /// Storage type of the inverse covariances (the bulk of the model: `P·d²` values).
+    pub inv_cov_dtype: CovDtype,
+}
+
+/// Storage type of PaDiM's inverse covariances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CovDtype {
+    #[default]
+    F32,
+    /// Half the model file, memory and bandwidth; the Mahalanobis distance is still computed in
+    /// f32 (each row widened on the fly). Σ⁻¹ is computed in f64 and rounded once.
+    F16,
+}
+
+impl CovDtype {
+    /// The names on the command line.
+    pub const NAMES: &'static [&'static str] = &["f32", "f16"];
+}
+
+impl std::str::FromStr for CovDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(CovDtype::F32),
+            "f16" => Ok(CovDtype::F16),
+            _ => Err(Error::Config(format!(
+                "padim covariance dtype '{s}': expected f32 or f16"
+            ))),
+        }
+    }
+}
+
+impl CovDtype {
+    fn dtype(self) -> DType {
+        match self {
+            CovDtype::F32 => DType::F32,
+            CovDtype::F16 => DType::F16,
+        }
+    }
 }
 
 impl Default for PadimConfig {
@@ -252,6 +292,7 @@ impl Default for PadimConfig {
             seed: 0,
             reg: 0.01,
             levels: vec![1, 2, 3],
+            inv_cov_dtype: CovDtype::F32,
         }
     }
 }
@@ -314,13 +355,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Inverse covariances `(P, d, d)` as stored.
+#[derive(Clone, Copy)]
+enum InvCov<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl InvCov<'_> {
+    fn len(&self) -> usize {
+        match self {
+            InvCov::F32(v) => v.len(),
+            InvCov::F16(v) => v.len(),
+        }
+    }
+}
+
 /// One block of [`mahalanobis`] (positions `blk·MAHA_BLOCK …`), `(n, B)` squared distances,
 /// compiled for the widest vector unit the CPU has (the same IEEE operations in the same order
 /// on every path, so the results do not depend on it).
 fn maha_block(
     y: &[f32],
     mean: &[f32],
-    inv: &[f32],
+    inv: InvCov<'_>,
     dims: (usize, usize, usize),
     blk: usize,
 ) -> Vec<f32> {
@@ -344,7 +401,7 @@ fn maha_block(
 unsafe fn maha_block_avx512(
     y: &[f32],
     mean: &[f32],
-    inv: &[f32],
+    inv: InvCov<'_>,
     dims: (usize, usize, usize),
     blk: usize,
 ) -> Vec<f32> {
@@ -356,7 +413,7 @@ unsafe fn maha_block_avx512(
 unsafe fn maha_block_avx2(
     y: &[f32],
     mean: &[f32],
-    inv: &[f32],
+    inv: InvCov<'_>,
     dims: (usize, usize, usize),
     blk: usize,
 ) -> Vec<f32> {
@@ -367,7 +424,7 @@ unsafe fn maha_block_avx2(
 fn maha_block_generic(
     y: &[f32],
     mean: &[f32],
-    inv: &[f32],
+    inv: InvCov<'_>,
     (b, d, p): (usize, usize, usize),
     blk: usize,
 ) -> Vec<f32> {
@@ -385,20 +442,47 @@ fn maha_block_generic(
     }
     let mut out = vec![0f32; n * b];
     let mut t = vec![0f32; b * d];
+    let mut wide = vec![
+        0f32;
+        if matches!(inv, InvCov::F16(_)) {
+            d * d
+        } else {
+            0
+        }
+    ];
     for k in 0..n {
-        let s = &inv[(p0 + k) * d * d..][..d * d];
         let dk = &diff[k * b * d..][..b * d];
-        // T = D · Σ⁻¹ (rows of Σ⁻¹ scaled and added: vectorised, no horizontal sums),
-        // then q_b = ⟨T_b, D_b⟩.
-        t.fill(0.0);
-        for (i, row) in s.chunks_exact(d).enumerate() {
-            for (tb, db) in t.chunks_exact_mut(d).zip(dk.chunks_exact(d)) {
-                let c = db[i];
-                for (tv, rv) in tb.iter_mut().zip(row) {
-                    *tv += c * rv;
+        let at = (p0 + k) * d * d;
+        match inv {
+            InvCov::F32(v) => {
+                // T = D · Σ⁻¹ (rows of Σ⁻¹ scaled and added: vectorised, no horizontal sums).
+                t.fill(0.0);
+                for (i, row) in v[at..at + d * d].chunks_exact(d).enumerate() {
+                    for (tb, db) in t.chunks_exact_mut(d).zip(dk.chunks_exact(d)) {
+                        let c = db[i];
+                        for (tv, rv) in tb.iter_mut().zip(row) {
+                            *tv += c * rv;
+                        }
+                    }
                 }
             }
+            InvCov::F16(v) => {
+                // Widened once per position, then one small matrix product: measured faster
+                // than the row loop for f16 storage (and slower for f32; docs/performance.md).
+                use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
+                use half::slice::HalfFloatSliceExt;
+                v[at..at + d * d].convert_to_f32_slice(&mut wide);
+                matmul(
+                    MatMut::from_row_major_slice_mut(&mut t, b, d),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(dk, b, d),
+                    MatRef::from_row_major_slice(&wide, d, d),
+                    1.0f32,
+                    Par::Seq,
+                );
+            }
         }
+        // q_b = ⟨T_b, D_b⟩.
         for ((q, tb), db) in out[k * b..][..b]
             .iter_mut()
             .zip(t.chunks_exact(d))
@@ -415,7 +499,7 @@ fn maha_block_generic(
 /// positions run in parallel; each position's `Σ⁻¹` is read once for all `b` images (row by
 /// row, each row dotted with every image's difference while it is in cache), with no
 /// intermediate tensors.
-fn mahalanobis(y: &[f32], mean: &[f32], inv: &[f32], b: usize, d: usize) -> Result<Vec<f32>> {
+fn mahalanobis(y: &[f32], mean: &[f32], inv: InvCov<'_>, b: usize, d: usize) -> Result<Vec<f32>> {
     let p = mean.len() / d.max(1);
     if d == 0 || y.len() != b * d * p || inv.len() != p * d * d {
         return Err(Error::Config(format!(
@@ -802,7 +886,13 @@ impl FitScorer for PadimConfig {
         let dev = match &reduce {
             Reduce::Index(t) | Reduce::Project(t) => t.device().clone(),
         };
-        let inv_cov = Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?.to_device(&dev)?;
+        let inv_cov = match self.inv_cov_dtype {
+            CovDtype::F32 => Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?,
+            CovDtype::F16 => {
+                Tensor::from_vec(to_f16_shrinking(inv, 16 * d * d), (p, d, d), &Device::Cpu)?
+            }
+        }
+        .to_device(&dev)?;
         let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
         Ok(Padim {
             config: self.clone(),
@@ -813,6 +903,26 @@ impl FitScorer for PadimConfig {
             width: grid.1,
         })
     }
+}
+
+/// `v` rounded to f16, converted from the end in blocks of `block` values while `v` gives its
+/// memory back, so the peak is about `v`'s size rather than `v` plus the f16 copy (large
+/// buffers are mapped pages, which a shrinking reallocation returns).
+fn to_f16_shrinking(mut v: Vec<f32>, block: usize) -> Vec<half::f16> {
+    use half::slice::HalfFloatSliceExt;
+    use half::vec::HalfBitsVecExt;
+    let n = v.len();
+    // Zeroed pages are only resident once written.
+    let mut out: Vec<half::f16> = vec![0u16; n].reinterpret_into();
+    let mut end = n;
+    while end > 0 {
+        let start = end.saturating_sub(block.max(1));
+        out[start..end].convert_from_f32_slice(&v[start..end]);
+        v.truncate(start);
+        v.shrink_to_fit();
+        end = start;
+    }
+    out
 }
 
 /// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices take
@@ -989,7 +1099,7 @@ impl Restore for Padim {
             Reduce::Index(t.take("index")?.to_dtype(DType::U32)?)
         };
         let mean = t.take("mean")?;
-        let inv_cov = t.take("inv_cov")?;
+        let inv_cov = t.take("inv_cov")?.to_dtype(config.inv_cov_dtype.dtype())?;
         let (height, width) = t.take_grid()?;
         let reduce_ok = match &reduce {
             Reduce::Index(i) => i.rank() == 1,
@@ -1070,8 +1180,13 @@ impl Scorer for Padim {
             let d = self.dims();
             let sum = matches!(self.reduce, Reduce::Project(_));
             let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
-            with_f32_slice(&self.mean, |mean| {
-                with_f32_slice(&self.inv_cov, |inv| mahalanobis(&y, mean, inv, b, d))
+            with_f32_slice(&self.mean, |mean| match self.inv_cov.dtype() {
+                DType::F16 => with_f16_slice(&self.inv_cov, |inv| {
+                    mahalanobis(&y, mean, InvCov::F16(inv), b, d)
+                }),
+                _ => with_f32_slice(&self.inv_cov, |inv| {
+                    mahalanobis(&y, mean, InvCov::F32(inv), b, d)
+                }),
             })???
         } else {
             let y = self
@@ -1080,7 +1195,7 @@ impl Scorer for Padim {
                 .to_device(self.mean.device())?;
             let x = y.permute((2, 0, 1))?.contiguous()?; // (P, B, d)
             let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
-            let t = diff.matmul(&self.inv_cov)?; // (P, B, d)
+            let t = diff.matmul(&self.inv_cov.to_dtype(DType::F32)?)?; // (P, B, d)
             let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
             dist.t()?.contiguous()?.flatten_all()?.to_vec1()?
         };
@@ -1184,7 +1299,7 @@ mod tests {
         .contiguous()
         .unwrap();
         let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let got = mahalanobis(&v(&y), &v(&mean), &v(&inv), b, d).unwrap();
+        let got = mahalanobis(&v(&y), &v(&mean), InvCov::F32(&v(&inv)), b, d).unwrap();
         let x = y.permute((2, 0, 1)).unwrap().contiguous().unwrap();
         let diff = x.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();
         let t = diff.matmul(&inv).unwrap();
@@ -1201,7 +1316,35 @@ mod tests {
         for (g, w) in got.iter().zip(v(&want)) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
         }
-        assert!(mahalanobis(&v(&y), &v(&mean), &v(&inv), b + 1, d).is_err());
+        // f16 storage: the same distances as the f32 formulation on the f16-rounded Σ⁻¹.
+        let inv16: Vec<half::f16> = v(&inv).iter().map(|&x| half::f16::from_f32(x)).collect();
+        let got16 = mahalanobis(&v(&y), &v(&mean), InvCov::F16(&inv16), b, d).unwrap();
+        let inv_r = inv
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let t = diff.matmul(&inv_r).unwrap();
+        let want16: Vec<f32> = (t * &diff)
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .t()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (g, w) in got16.iter().zip(&want16) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "f16: {g} vs {w}");
+        }
+        assert!(
+            got16.iter().zip(&got).any(|(a, b)| a != b),
+            "f16 rounding must show"
+        );
+        assert!(mahalanobis(&v(&y), &v(&mean), InvCov::F32(&v(&inv)), b + 1, d).is_err());
     }
 
     /// The streamed statistics (batch by batch, about a shift, f32 scatter) equal the

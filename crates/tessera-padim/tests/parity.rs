@@ -241,3 +241,48 @@ fn principal_directions_find_the_known_axes_and_pca_models_restore() {
     assert_eq!(back.reduction(), Reduction::Pca);
     assert_eq!(back.score(&feats(9)).unwrap(), s);
 }
+
+#[test]
+fn f16_inverse_covariances_score_like_f32_and_round_trip() {
+    use tessera_padim::CovDtype;
+    let g = golden();
+    let batches = || -> Vec<tessera_core::Result<FeatureMaps>> {
+        (0..2)
+            .map(|i| {
+                Ok(FeatureMaps::new(vec![
+                    g["train1"].narrow(0, i * 6, 6).unwrap(),
+                    g["train2"].narrow(0, i * 6, 6).unwrap(),
+                ]))
+            })
+            .collect()
+    };
+    let test = FeatureMaps::new(vec![g["test1"].clone(), g["test2"].clone()]);
+    let fit = |dt: CovDtype| {
+        PadimConfig {
+            dims: Some(4),
+            levels: vec![1, 2],
+            inv_cov_dtype: dt,
+            ..Default::default()
+        }
+        .fit(&mut batches().into_iter())
+        .unwrap()
+    };
+    let (full, half) = (fit(CovDtype::F32), fit(CovDtype::F16));
+    let (a, b) = (full.score(&test).unwrap(), half.score(&test).unwrap());
+    assert_ne!(a.data, b.data, "the f16 rounding shows");
+    for (x, y) in a.data.iter().zip(&b.data) {
+        assert!((x - y).abs() <= 2e-3 * x.abs().max(1.0), "{x} vs {y}");
+    }
+    let t: std::collections::HashMap<String, Tensor> =
+        half.tensors().unwrap().into_iter().collect();
+    assert_eq!(t["inv_cov"].dtype(), candle_core::DType::F16);
+    let cfg: PadimConfig = serde_json::from_value(half.config()).unwrap();
+    assert_eq!(cfg.inv_cov_dtype, CovDtype::F16);
+    let back = <Padim as tessera_core::scorer::Restore>::restore(cfg, t).unwrap();
+    assert_eq!(back.score(&test).unwrap(), b);
+    // Files written before the option read as f32.
+    let old: PadimConfig = serde_json::from_str(r#"{"dims": 8}"#).unwrap();
+    assert_eq!(old.inv_cov_dtype, CovDtype::F32);
+    assert_eq!("F16".parse::<CovDtype>().unwrap(), CovDtype::F16);
+    assert!("f8".parse::<CovDtype>().is_err());
+}
