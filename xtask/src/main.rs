@@ -371,6 +371,7 @@ fn bench(args: &[String]) -> Result<()> {
         for (pkg, bench) in [
             ("tessera-pipeline", "pipeline"),
             ("tessera-patchcore", "coreset"),
+            ("tessera-pfam", "pfam"),
             ("tessera-conv", "conv"),
             ("tessera-backbone", "features"),
         ] {
@@ -390,7 +391,17 @@ fn bench(args: &[String]) -> Result<()> {
             ("padim_after_features", "batch8", 8.0),
             ("coreset_20k_128d", "ratio_0.1", 1.0),
             ("coreset_20k_128d", "ratio_0.01", 1.0),
+            ("nearest_784x16k_384d", "gemm_1024_square", 1.0),
+            ("nearest_784x16k_384d", "gemm_784x384x16386", 1.0),
             ("nearest_784x16k_384d", "chunk4096", 1.0),
+            ("nearest_784x16k_384d", "exact_noise", 1.0),
+            ("nearest_784x16k_384d", "chunk4096_clustered", 1.0),
+            ("nearest_784x16k_384d", "exact_clustered", 1.0),
+            ("nearest_784x16k_384d", "approx4_clustered", 1.0),
+            ("pfam_r18_224", "forward_batch1", 1.0),
+            ("pfam_r18_224", "forward_batch8", 8.0),
+            ("pfam_r18_224", "attention_x1_fused", 1.0),
+            ("pfam_r18_224", "attention_x1_chunked512", 1.0),
             ("features_r18", "tessera_batch1", 1.0),
             ("features_r18", "tessera_batch8", 8.0),
             ("features_r18", "candle_batch1", 1.0),
@@ -428,7 +439,7 @@ fn bench(args: &[String]) -> Result<()> {
             if let Ok(text) = std::fs::read_to_string(&est) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-                let unit = if group.contains("features") {
+                let unit = if group.contains("features") || group.starts_with("pfam") {
                     "ms/image"
                 } else {
                     "ms"
@@ -446,8 +457,12 @@ fn bench(args: &[String]) -> Result<()> {
         let tmp = std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
         let s = |p: &Path| p.display().to_string();
-        let runs: [(&str, &[&str]); 5] = [
+        let runs: [(&str, &[&str]); 7] = [
             ("PaDiM", &["--scorer", "padim"]),
+            (
+                "PaDiM, Σ⁻¹ in f16",
+                &["--scorer", "padim", "--padim-cov-dtype", "f16"],
+            ),
             // The same run on candle's stock conv2d: the AUROC must not move.
             (
                 "PaDiM, candle stock conv (TESSERA_CONV=stock)",
@@ -460,6 +475,17 @@ fn bench(args: &[String]) -> Result<()> {
             (
                 "PatchCore 1 %",
                 &["--scorer", "patchcore", "--coreset-ratio", "0.01"],
+            ),
+            (
+                "PatchCore 10 %, brute-force search",
+                &[
+                    "--scorer",
+                    "patchcore",
+                    "--coreset-ratio",
+                    "0.1",
+                    "--patchcore-search",
+                    "brute",
+                ],
             ),
             (
                 "PatchCore 10 % f16 bank",
