@@ -441,62 +441,39 @@ fn maha_block_generic(
         }
     }
     let mut out = vec![0f32; n * b];
-    let mut t = vec![0f32; b * d];
-    let mut wide = vec![
-        0f32;
-        if matches!(inv, InvCov::F16(_)) {
-            d * d
-        } else {
-            0
-        }
-    ];
+    let mut wide = vec![0f32; if matches!(inv, InvCov::F16(_)) { d } else { 0 }];
+    let mut acc = vec![0f32; b];
     for k in 0..n {
         let dk = &diff[k * b * d..][..b * d];
         let at = (p0 + k) * d * d;
-        match inv {
-            InvCov::F32(v) => {
-                // T = D · Σ⁻¹ (rows of Σ⁻¹ scaled and added: vectorised, no horizontal sums).
-                t.fill(0.0);
-                for (i, row) in v[at..at + d * d].chunks_exact(d).enumerate() {
-                    for (tb, db) in t.chunks_exact_mut(d).zip(dk.chunks_exact(d)) {
-                        let c = db[i];
-                        for (tv, rv) in tb.iter_mut().zip(row) {
-                            *tv += c * rv;
-                        }
-                    }
+        // Σ⁻¹ is symmetric: q = Σ_i x_i (S_ii x_i + 2 Σ_{j>i} S_ij x_j) reads only the upper
+        // triangle, each row once for all b images (it stays in cache between them): half the
+        // arithmetic and half the bytes of the full product.
+        acc.fill(0.0);
+        for i in 0..d {
+            let row: &[f32] = match inv {
+                InvCov::F32(v) => &v[at + i * d + i..at + (i + 1) * d],
+                InvCov::F16(v) => {
+                    use half::slice::HalfFloatSliceExt;
+                    let w = &mut wide[..d - i];
+                    v[at + i * d + i..at + (i + 1) * d].convert_to_f32_slice(w);
+                    w
                 }
-            }
-            InvCov::F16(v) => {
-                // Widened once per position, then one small matrix product: measured faster
-                // than the row loop for f16 storage (and slower for f32; docs/performance.md).
-                use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
-                use half::slice::HalfFloatSliceExt;
-                v[at..at + d * d].convert_to_f32_slice(&mut wide);
-                matmul(
-                    MatMut::from_row_major_slice_mut(&mut t, b, d),
-                    Accum::Replace,
-                    MatRef::from_row_major_slice(dk, b, d),
-                    MatRef::from_row_major_slice(&wide, d, d),
-                    1.0f32,
-                    Par::Seq,
-                );
+            };
+            let (sii, upper) = (row[0], &row[1..]);
+            for (a, db) in acc.iter_mut().zip(dk.chunks_exact(d)) {
+                let xi = db[i];
+                *a += xi * (sii * xi + 2.0 * dot(upper, &db[i + 1..]));
             }
         }
-        // q_b = ⟨T_b, D_b⟩.
-        for ((q, tb), db) in out[k * b..][..b]
-            .iter_mut()
-            .zip(t.chunks_exact(d))
-            .zip(dk.chunks_exact(d))
-        {
-            *q = dot(tb, db);
-        }
+        out[k * b..][..b].copy_from_slice(&acc);
     }
     out
 }
 
 /// Mahalanobis distances `√((y − μ)ᵀ Σ⁻¹ (y − μ))` of `b` images at every position, fused:
 /// `y` is `(B, d, P)`, `mean` `(P, d)`, `inv` `(P, d, d)`; the result is `(B, P)`. Blocks of
-/// positions run in parallel; each position's `Σ⁻¹` is read once for all `b` images (row by
+/// positions run in parallel; each position's `Σ⁻¹` (its upper triangle) is read once for all `b` images (row by
 /// row, each row dotted with every image's difference while it is in cache), with no
 /// intermediate tensors.
 fn mahalanobis(y: &[f32], mean: &[f32], inv: InvCov<'_>, b: usize, d: usize) -> Result<Vec<f32>> {
