@@ -1279,18 +1279,19 @@ mod tests {
         let got = mahalanobis(&v(&y), &v(&mean), InvCov::F32(&v(&inv)), b, d).unwrap();
         let x = y.permute((2, 0, 1)).unwrap().contiguous().unwrap();
         let diff = x.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();
-        let t = diff.matmul(&inv).unwrap();
-        let want = (t * &diff)
-            .unwrap()
-            .sum(D::Minus1)
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .t()
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        for (g, w) in got.iter().zip(v(&want)) {
+        // The tensor formulation, `(P, B)` → `(B, P)`, for a given Σ⁻¹.
+        let reference = |inv: &Tensor| -> Vec<f32> {
+            let t = diff.matmul(inv).unwrap();
+            v(&(t * &diff)
+                .unwrap()
+                .sum(D::Minus1)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .t()
+                .unwrap())
+        };
+        for (g, w) in got.iter().zip(reference(&inv)) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
         }
         // f16 storage: the same distances as the f32 formulation on the f16-rounded Σ⁻¹.
@@ -1301,20 +1302,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        let t = diff.matmul(&inv_r).unwrap();
-        let want16: Vec<f32> = (t * &diff)
-            .unwrap()
-            .sum(D::Minus1)
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .t()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (g, w) in got16.iter().zip(&want16) {
+        for (g, w) in got16.iter().zip(reference(&inv_r)) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "f16: {g} vs {w}");
         }
         assert!(

@@ -109,19 +109,24 @@ fn projection_is_seeded_and_semi_orthogonal() {
 /// With every dimension kept, an orthogonal projection leaves Mahalanobis distances unchanged
 /// (Σ + εI rotates with the data), so the projected model scores as the reference does; with
 /// fewer dimensions it differs, is seeded, and survives a round trip through stored tensors.
+/// The golden training features as two batches of 6 images.
+fn train_batches(
+    g: &std::collections::HashMap<String, Tensor>,
+) -> Vec<tessera_core::Result<FeatureMaps>> {
+    (0..2)
+        .map(|i| {
+            Ok(FeatureMaps::new(vec![
+                g["train1"].narrow(0, i * 6, 6).unwrap(),
+                g["train2"].narrow(0, i * 6, 6).unwrap(),
+            ]))
+        })
+        .collect()
+}
+
 #[test]
 fn projected_model_matches_the_full_reference_and_round_trips() {
     let g = golden();
-    let batches = || -> Vec<tessera_core::Result<FeatureMaps>> {
-        (0..2)
-            .map(|i| {
-                Ok(FeatureMaps::new(vec![
-                    g["train1"].narrow(0, i * 6, 6).unwrap(),
-                    g["train2"].narrow(0, i * 6, 6).unwrap(),
-                ]))
-            })
-            .collect()
-    };
+    let batches = || train_batches(&g);
     let test = FeatureMaps::new(vec![g["test1"].clone(), g["test2"].clone()]);
     let c = g["train1"].dims()[1] + g["train2"].dims()[1];
     let fit = |dims: usize, seed: u64| {
@@ -246,16 +251,7 @@ fn principal_directions_find_the_known_axes_and_pca_models_restore() {
 fn f16_inverse_covariances_score_like_f32_and_round_trip() {
     use tessera_padim::CovDtype;
     let g = golden();
-    let batches = || -> Vec<tessera_core::Result<FeatureMaps>> {
-        (0..2)
-            .map(|i| {
-                Ok(FeatureMaps::new(vec![
-                    g["train1"].narrow(0, i * 6, 6).unwrap(),
-                    g["train2"].narrow(0, i * 6, 6).unwrap(),
-                ]))
-            })
-            .collect()
-    };
+    let batches = || train_batches(&g);
     let test = FeatureMaps::new(vec![g["test1"].clone(), g["test2"].clone()]);
     let fit = |dt: CovDtype| {
         PadimConfig {

@@ -124,31 +124,34 @@ impl SearchStats {
     }
 }
 
-/// `Σ f(a_i, b_i)` in eight independent lanes, so the compiler can vectorise it (a plain f32
+/// Dot product in eight independent lanes, so the compiler can vectorise it (a plain f32
 /// `sum()` must keep its order and stays scalar).
-fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &y)| f(x, y))
+        .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += f(x[l], y[l]);
+            acc[l] += x[l] * y[l];
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    lanes(a, b, |x, y| x * y)
-}
-
-fn dist_sq(a: &[f32], b: &[f32]) -> f32 {
-    lanes(a, b, |x, y| (x - y) * (x - y))
+/// Fold one query's row of dot products with the rows `bsq`/`bids` into its running best
+/// (`‖b‖² − 2q·b`, original index; ties to the lower index).
+fn fold_min(best: &mut (f32, u32), dots: &[f32], bsq: &[f32], bids: &[u32]) {
+    for ((&dv, &bs), &id) in dots.iter().zip(bsq).zip(bids) {
+        let v = bs - 2.0 * dv;
+        if v < best.0 || (v == best.0 && id < best.1) {
+            *best = (v, id);
+        }
+    }
 }
 
 /// `out (m × n) = a (m × d) · b (n × d)ᵀ`, row-major slices.
@@ -190,7 +193,7 @@ impl PartitionedBank {
                 .zip(assign.par_iter_mut())
                 .enumerate()
                 .for_each(|(i, (n, a))| {
-                    let d = dist_sq(&rows[i * dim..(i + 1) * dim], sv);
+                    let d = crate::coreset::dist(&rows[i * dim..(i + 1) * dim], sv);
                     if d < *n {
                         *n = d;
                         *a = j;
@@ -469,14 +472,9 @@ impl PartitionedBank {
                     Par::rayon(0),
                 );
                 let (bsq, bids) = (&self.sq[s..s + n], &self.ids[s..s + n]);
-                bq.par_iter_mut().zip(out.par_chunks(n)).for_each(|(b, o)| {
-                    for ((&dv, &bs), &id) in o.iter().zip(bsq).zip(bids) {
-                        let v = bs - 2.0 * dv;
-                        if v < b.0 || (v == b.0 && id < b.1) {
-                            *b = (v, id);
-                        }
-                    }
-                });
+                bq.par_iter_mut()
+                    .zip(out.par_chunks(n))
+                    .for_each(|(b, o)| fold_min(b, o, bsq, bids));
             }
         }
         (best.len() * k) as u64
@@ -510,18 +508,9 @@ impl PartitionedBank {
                         out.resize(mq * n, 0.0);
                         gemm_nt(out, qbuf, brows, mq, n, d, Par::Seq);
                         for (r, &qi) in block.iter().enumerate() {
-                            let mut bv = f32::INFINITY;
-                            let mut bi = u32::MAX;
-                            for ((&dv, &bs), &id) in
-                                out[r * n..(r + 1) * n].iter().zip(bsq).zip(bids)
-                            {
-                                let v = bs - 2.0 * dv;
-                                if v < bv || (v == bv && id < bi) {
-                                    bv = v;
-                                    bi = id;
-                                }
-                            }
-                            res.push((qi, bv, bi));
+                            let mut b = (f32::INFINITY, u32::MAX);
+                            fold_min(&mut b, &out[r * n..(r + 1) * n], bsq, bids);
+                            res.push((qi, b.0, b.1));
                         }
                     }
                     res
