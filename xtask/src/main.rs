@@ -370,6 +370,7 @@ fn bench(args: &[String]) -> Result<()> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         for (pkg, bench) in [
             ("tessera-pipeline", "pipeline"),
+            ("tessera-padim", "mahalanobis"),
             ("tessera-patchcore", "coreset"),
             ("tessera-pfam", "pfam"),
             ("tessera-conv", "conv"),
@@ -389,6 +390,12 @@ fn bench(args: &[String]) -> Result<()> {
             ("r18_features_padim", "batch8", 8.0),
             ("padim_after_features", "batch1", 1.0),
             ("padim_after_features", "batch8", 8.0),
+            ("mahalanobis", "f32_d100_p3136_b1", 1.0),
+            ("mahalanobis", "f32_d100_p3136_b8", 1.0),
+            ("mahalanobis", "f16_d100_p3136_b8", 1.0),
+            ("mahalanobis", "read_f32_d100_p3136_b8", 1.0),
+            ("mahalanobis", "f32_d550_p256_b8", 1.0),
+            ("mahalanobis", "f16_d550_p256_b8", 1.0),
             ("coreset_20k_128d", "ratio_0.1", 1.0),
             ("coreset_20k_128d", "ratio_0.01", 1.0),
             ("nearest_784x16k_384d", "gemm_1024_square", 1.0),

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_conv::{conv2d, ConvParams};
+use tessera_core::tensor::with_f32_slice;
 use tessera_core::{Error, Result};
 
 /// Position-attention hyper-parameters.
@@ -192,65 +193,70 @@ const FUSED_ROWS: usize = 64;
 
 /// [`position_attention`] for inference on the CPU (nothing tracked by autograd): per block of
 /// query rows, logits `Q_rows · K`, the row softmax in place, then `S · Vᵀ` scaled by each row's
-/// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, no tensor is
-/// copied. Same arithmetic as the chunked path (the same exponential), in a different order.
+/// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, `q`, `k` and
+/// `v` are read where they are stored. Same arithmetic as the chunked path (the same exponential), in a different order.
 fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
     let (b, cq, n) = q.dims3()?;
     let c = v.dims()[1];
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let ks: Vec<f32> = k.flatten_all()?.to_vec1()?;
-    let vs: Vec<f32> = v.flatten_all()?.to_vec1()?;
-    let blocks = n.div_ceil(FUSED_ROWS);
-    let mut out = vec![0f32; b * c * n];
-    for i in 0..b {
-        let qi = MatRef::from_row_major_slice(&qs[i * cq * n..(i + 1) * cq * n], cq, n);
-        let ki = MatRef::from_row_major_slice(&ks[i * cq * n..(i + 1) * cq * n], cq, n);
-        let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
-        let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
-            .into_par_iter()
-            .map_init(
-                || vec![0f32; FUSED_ROWS * n],
-                |logits, bi| {
-                    let r0 = bi * FUSED_ROWS;
-                    let m = FUSED_ROWS.min(n - r0);
-                    let l = &mut logits[..m * n];
-                    let qt = qi.transpose().subrows(r0, m); // m × C_qk
-                    matmul(
-                        MatMut::from_row_major_slice_mut(l, m, n),
-                        Accum::Replace,
-                        qt,
-                        ki,
-                        1.0f32,
-                        Par::Seq,
-                    );
-                    let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
-                    let mut o = vec![0f32; m * c];
-                    matmul(
-                        MatMut::from_row_major_slice_mut(&mut o, m, c),
-                        Accum::Replace,
-                        MatRef::from_row_major_slice(l, m, n),
-                        vi.transpose(),
-                        1.0f32,
-                        Par::Seq,
-                    );
-                    o.chunks_mut(c)
-                        .zip(&inv)
-                        .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
-                    (r0, o)
-                },
-            )
-            .collect();
-        let dst = &mut out[i * c * n..(i + 1) * c * n];
-        for (r0, o) in rows {
-            for (r, row) in o.chunks(c).enumerate() {
-                for (ch, &x) in row.iter().enumerate() {
-                    dst[ch * n + r0 + r] = x;
+    // q, k and v are read in place (borrowed from their storage), not copied out.
+    let out = with_f32_slice(&q, |qs| {
+        with_f32_slice(&k, |ks| {
+            with_f32_slice(&v, |vs| {
+                let blocks = n.div_ceil(FUSED_ROWS);
+                let mut out = vec![0f32; b * c * n];
+                for i in 0..b {
+                    let qi = MatRef::from_row_major_slice(&qs[i * cq * n..(i + 1) * cq * n], cq, n);
+                    let ki = MatRef::from_row_major_slice(&ks[i * cq * n..(i + 1) * cq * n], cq, n);
+                    let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
+                    let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
+                        .into_par_iter()
+                        .map_init(
+                            || vec![0f32; FUSED_ROWS * n],
+                            |logits, bi| {
+                                let r0 = bi * FUSED_ROWS;
+                                let m = FUSED_ROWS.min(n - r0);
+                                let l = &mut logits[..m * n];
+                                let qt = qi.transpose().subrows(r0, m); // m × C_qk
+                                matmul(
+                                    MatMut::from_row_major_slice_mut(l, m, n),
+                                    Accum::Replace,
+                                    qt,
+                                    ki,
+                                    1.0f32,
+                                    Par::Seq,
+                                );
+                                let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
+                                let mut o = vec![0f32; m * c];
+                                matmul(
+                                    MatMut::from_row_major_slice_mut(&mut o, m, c),
+                                    Accum::Replace,
+                                    MatRef::from_row_major_slice(l, m, n),
+                                    vi.transpose(),
+                                    1.0f32,
+                                    Par::Seq,
+                                );
+                                o.chunks_mut(c)
+                                    .zip(&inv)
+                                    .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
+                                (r0, o)
+                            },
+                        )
+                        .collect();
+                    let dst = &mut out[i * c * n..(i + 1) * c * n];
+                    for (r0, o) in rows {
+                        for (r, row) in o.chunks(c).enumerate() {
+                            for (ch, &x) in row.iter().enumerate() {
+                                dst[ch * n + r0 + r] = x;
+                            }
+                        }
+                    }
                 }
-            }
-        }
-    }
+                out
+            })
+        })
+    })???;
     Ok(Tensor::from_vec(out, (b, c, n), q.device())?)
 }
 
