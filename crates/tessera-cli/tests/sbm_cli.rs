@@ -477,7 +477,10 @@ fn the_method_gate_keeps_the_better_model_and_records_both() {
         (i + p) / 2.0
     };
     let (b, m) = (value(&gate["baseline"]), value(&gate["method"]));
-    let kept = if m > b { "ours" } else { "baseline" };
+    // The method must lead by more than the evidence's noise (a paired bootstrap margin).
+    let margin = gate["margin"].as_f64().unwrap();
+    assert!(margin.is_finite() && margin >= 0.0, "{gate}");
+    let kept = if m - b > margin { "ours" } else { "baseline" };
     assert_eq!(gate["kept"], kept, "{gate}");
     assert_eq!(gate["choice"], kept);
     // Keeping the baseline against the request is a warning (shown even with --json).

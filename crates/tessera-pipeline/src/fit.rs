@@ -6,7 +6,7 @@ use crate::batches::batches;
 use crate::calibrate::{calibrate, split_holdout, CalibrationOptions, CalibrationRun};
 use crate::detector::TILE_CHUNK;
 use crate::detector::{extract, Detector};
-use crate::gate::{gate_score, MethodGate};
+use crate::gate::{gate_score, paired_margin, MethodGate};
 use crate::memory::{available_bytes, check_fit_memory, estimate_fit};
 use crate::meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 use crate::names::named_enum;
@@ -707,11 +707,13 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         let gseed = o.seed ^ 0x9a7e_0000_0000_0001;
         let m = gate_score(&det, &normals, &synth, gseed, o.batch_size, obs)?;
         let b = gate_score(&base_det, &normals, &synth, gseed, o.batch_size, obs)?;
+        let margin = paired_margin(&b, &m, gseed);
         let mut g = MethodGate::decide(
             prepared.method,
-            b,
-            m,
+            b.score,
+            m.score,
             crate::gate::Evidence {
+                margin,
                 normals: normals.len(),
                 synthetic: normals.len(),
                 held_out,

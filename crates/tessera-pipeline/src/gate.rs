@@ -6,8 +6,11 @@
 //! the calibration normals (held out, never fitted on) and synthetic defects pasted onto them
 //! ([`tessera_synth`], the machinery of synthetic calibration) — through
 //! [`Detector::score`]. The method is kept only when its mean of image and pixel AUROC on that
-//! evidence is higher than the baseline's; otherwise the baseline is kept. Both numbers are
-//! stored in the model file ([`MethodGate`]) and printed by `fit`.
+//! evidence is higher than the baseline's by more than the evidence's own noise: the margin is
+//! 1.645 × the standard error of the difference, from a paired bootstrap over the evidence
+//! images (both models scored on the same resampled images, [`paired_margin`]), so a method
+//! that is ahead by chance on a few dozen images is not kept. Otherwise the baseline is kept.
+//! The numbers and the margin are stored in the model file ([`MethodGate`]) and printed by `fit`.
 //!
 //! The evidence must not be what the method learned from: a PFAM trained to segment
 //! synthetic defects (`--pfam-train synth`) scores the gate's synthetic defects far better than
@@ -17,6 +20,8 @@
 use crate::calibrate::{score_all, score_synthetic};
 use crate::detector::Detector;
 use crate::meta::Method;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_core::{Error, Result};
 use tessera_data::Sample;
@@ -60,6 +65,11 @@ pub struct MethodGate {
     /// the numbers are recorded, but cannot vouch for the method.
     #[serde(default = "yes")]
     pub independent: bool,
+    /// How much better (in the units of [`GateScore::value`]) the method had to be: 1.645 ×
+    /// the paired bootstrap standard error of the difference (0 in files written before the
+    /// margin existed).
+    #[serde(default)]
+    pub margin: f64,
     /// One sentence: which model was kept and why.
     pub reason: String,
 }
@@ -69,7 +79,7 @@ fn yes() -> bool {
 }
 
 /// What the gate's evidence was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Evidence {
     /// Clean calibration normals scored, and synthetic defects made on them.
     pub normals: usize,
@@ -78,19 +88,28 @@ pub struct Evidence {
     pub held_out: bool,
     /// The method did not learn from synthetic defects of the gate's kind.
     pub independent: bool,
+    /// The noise margin the method must exceed ([`paired_margin`]; 0: strictly better).
+    pub margin: f64,
 }
 
 impl MethodGate {
-    /// Compare the two scores; the method must be strictly better, on independent evidence,
-    /// to be kept.
+    /// Compare the two scores; the method must be better by more than the margin, on
+    /// independent evidence, to be kept.
     pub fn decide(asked: Method, baseline: GateScore, method: GateScore, ev: Evidence) -> Self {
         let Evidence {
             normals,
             synthetic,
             held_out,
             independent,
+            margin,
         } = ev;
-        let better = method.value() > baseline.value();
+        let margin = if margin.is_finite() {
+            margin.max(0.0)
+        } else {
+            0.0
+        };
+        let lead = method.value() - baseline.value();
+        let better = lead > margin;
         let keep = better && independent;
         let fmt = |s: &GateScore| {
             format!(
@@ -111,6 +130,14 @@ impl MethodGate {
                 "kept the baseline: the method's PFAM learned from synthetic defects like these, \
                  so they cannot vouch for it (--method-gate off keeps the method)"
                     .to_string()
+            } else if lead > 0.0 {
+                format!(
+                    "kept the baseline: --method {asked} is ahead by {:.2} points, within the \
+                     evidence's noise (margin {:.2} = 1.645 × the paired bootstrap standard \
+                     error)",
+                    lead * 100.0,
+                    margin * 100.0
+                )
             } else {
                 format!("kept the baseline: --method {asked} is not better on this category")
             }
@@ -126,9 +153,30 @@ impl MethodGate {
             synthetic,
             source: if held_out { "holdout" } else { "in-sample" }.into(),
             independent,
+            margin,
             reason,
         }
     }
+}
+
+/// Pixels kept per evidence image for the bootstrap (a seeded uniform sample, the same
+/// positions for both models): the resampled pixel AUROCs then sort tens of thousands of
+/// values, not millions.
+const BOOT_PIXELS: usize = 2048;
+/// Bootstrap resamples of the evidence images.
+const BOOT_REPS: usize = 200;
+/// One-sided 95 %: the method is kept when its lead exceeds 1.645 standard errors.
+const BOOT_Z: f64 = 1.645;
+
+/// One model's scores on the gate's evidence: the AUROCs, and what [`paired_margin`]
+/// resamples (per image: the image score and a seeded sample of its pixels).
+#[derive(Debug, Clone)]
+pub struct GateSample {
+    pub score: GateScore,
+    /// Clean normals first, then synthetic defects.
+    normals: usize,
+    image: Vec<f32>,
+    pixels: Vec<(Vec<f32>, Vec<bool>)>,
 }
 
 /// Score `det` on `normals` and on synthetic defects made on them (seeded: the same images
@@ -140,7 +188,7 @@ pub fn gate_score(
     seed: u64,
     batch_size: usize,
     obs: &dyn crate::Observer,
-) -> Result<GateScore> {
+) -> Result<GateSample> {
     let clean = score_all(det, normals, batch_size, obs)?;
     let (defects, masks) = score_synthetic(det, normals, synth, seed, batch_size)?;
     let mut scores: Vec<f32> = clean.iter().map(|m| m.image_score()).collect();
@@ -155,16 +203,86 @@ pub fn gate_score(
         pl.extend_from_slice(k);
     }
     let pixel_auroc = tessera_eval::auroc(&px, &pl);
-    match (image_auroc, pixel_auroc) {
-        (Some(image_auroc), Some(pixel_auroc)) => Ok(GateScore {
+    let score = match (image_auroc, pixel_auroc) {
+        (Some(image_auroc), Some(pixel_auroc)) => GateScore {
             image_auroc,
             pixel_auroc,
-        }),
-        _ => Err(Error::Config(
-            "method gate: the synthetic defects gave no AUROC (no defect pixels, or NaN scores)"
-                .into(),
-        )),
+        },
+        _ => {
+            return Err(Error::Config(
+                "method gate: the synthetic defects gave no AUROC (no defect pixels, or NaN \
+                 scores)"
+                    .into(),
+            ))
+        }
+    };
+    let no_defect = vec![false; clean.first().map_or(0, |m| m.data.len())];
+    let pixels = clean
+        .iter()
+        .map(|m| (m, &no_defect))
+        .chain(defects.iter().zip(&masks))
+        .enumerate()
+        .map(|(i, (m, k))| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((i as u64) << 20));
+            let n = m.data.len().min(k.len());
+            (0..BOOT_PIXELS.min(n))
+                .map(|_| {
+                    let j = rng.random_range(0..n);
+                    (m.data[j], k[j])
+                })
+                .unzip()
+        })
+        .collect();
+    Ok(GateSample {
+        score,
+        normals: clean.len(),
+        image: scores,
+        pixels,
+    })
+}
+
+/// The margin the method must exceed: [`BOOT_Z`] × the standard deviation of
+/// `value(method) − value(baseline)` over [`BOOT_REPS`] paired bootstrap resamples of the
+/// evidence (normals and defects resampled separately, the same images for both models;
+/// pixel AUROC on each image's pixel sample). Seeded; 0 when the two samples do not pair.
+pub fn paired_margin(baseline: &GateSample, method: &GateSample, seed: u64) -> f64 {
+    let (n, total) = (baseline.normals, baseline.image.len());
+    if n == 0
+        || n == total
+        || method.normals != n
+        || method.image.len() != total
+        || baseline.pixels.len() != total
+        || method.pixels.len() != total
+    {
+        return 0.0;
     }
+    let value = |s: &GateSample, pick: &[usize]| -> Option<f64> {
+        let labels: Vec<bool> = pick.iter().map(|&i| i >= n).collect();
+        let scores: Vec<f32> = pick.iter().map(|&i| s.image[i]).collect();
+        let image = tessera_eval::auroc(&scores, &labels)?;
+        let (mut ps, mut pl) = (Vec::new(), Vec::new());
+        for &i in pick {
+            ps.extend_from_slice(&s.pixels[i].0);
+            pl.extend_from_slice(&s.pixels[i].1);
+        }
+        let pixel = tessera_eval::auroc(&ps, &pl)?;
+        Some((image + pixel) / 2.0)
+    };
+    let diffs: Vec<f64> = (0..BOOT_REPS)
+        .into_par_iter()
+        .filter_map(|r| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(r as u64));
+            let mut pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+            pick.extend((n..total).map(|_| rng.random_range(n..total)));
+            Some(value(method, &pick)? - value(baseline, &pick)?)
+        })
+        .collect();
+    if diffs.len() < 2 {
+        return 0.0;
+    }
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (diffs.len() - 1) as f64;
+    BOOT_Z * var.sqrt()
 }
 
 #[cfg(test)]
@@ -184,6 +302,7 @@ mod tests {
             synthetic: 10,
             held_out,
             independent,
+            margin: 0.0,
         }
     }
 
@@ -198,6 +317,73 @@ mod tests {
         assert_eq!(g.kept, Method::Baseline);
         assert!(g.reason.contains("in-sample") && g.reason.contains("not better"));
         assert_eq!(g.source, "in-sample");
+    }
+
+    #[test]
+    fn a_lead_within_the_margin_keeps_the_baseline() {
+        let mut e = ev(true, true);
+        e.margin = 0.01;
+        // Ahead by 0.005 (mean of image and pixel): inside the margin.
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.91, 0.9), e);
+        assert_eq!(g.kept, Method::Baseline);
+        assert!(
+            g.reason.contains("within the evidence's noise"),
+            "{}",
+            g.reason
+        );
+        assert_eq!(g.margin, 0.01);
+        // Ahead by 0.015: beyond it.
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.92, 0.91), e);
+        assert_eq!(g.kept, Method::Ours);
+        // A margin that is not a number does not block a decision; a negative one counts as 0.
+        e.margin = f64::NAN;
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.91, 0.9), e);
+        assert_eq!((g.kept, g.margin), (Method::Ours, 0.0));
+        e.margin = -1.0;
+        let g = MethodGate::decide(Method::Ours, s(0.9, 0.9), s(0.9, 0.9), e);
+        assert_eq!((g.kept, g.margin), (Method::Baseline, 0.0));
+    }
+
+    /// A sample of `n` normals and `n` defects: image scores and 64 pixels per image, the
+    /// defects' pixels half anomalous; `noise` blurs the separation.
+    fn sample(n: usize, noise: f32, seed: u64) -> GateSample {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut image = Vec::new();
+        let mut pixels = Vec::new();
+        for i in 0..2 * n {
+            let defect = i >= n;
+            image.push(defect as u8 as f32 + noise * rng.random::<f32>());
+            let labels: Vec<bool> = (0..64).map(|j| defect && j % 2 == 0).collect();
+            let px = labels
+                .iter()
+                .map(|&l| l as u8 as f32 + noise * rng.random::<f32>())
+                .collect();
+            pixels.push((px, labels));
+        }
+        GateSample {
+            score: s(0.0, 0.0),
+            normals: n,
+            image,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn the_margin_measures_the_evidence_noise() {
+        // The same scores for both models: every resample gives a difference of 0.
+        let a = sample(20, 2.0, 1);
+        assert_eq!(paired_margin(&a, &a, 7), 0.0);
+        // Two models that differ by noise: a margin, the same for the same seed, smaller with
+        // five times the evidence.
+        let (small, small_b) = (sample(20, 2.0, 1), sample(20, 2.0, 2));
+        let m = paired_margin(&small, &small_b, 7);
+        assert!(m > 0.01 && m < 0.5, "{m}");
+        assert_eq!(m, paired_margin(&small, &small_b, 7));
+        let (big, big_b) = (sample(100, 2.0, 1), sample(100, 2.0, 2));
+        let mb = paired_margin(&big, &big_b, 7);
+        assert!(mb < m * 0.7, "{mb} vs {m}");
+        // Samples that do not pair (different evidence sizes) give no margin.
+        assert_eq!(paired_margin(&small, &big, 7), 0.0);
     }
 
     #[test]

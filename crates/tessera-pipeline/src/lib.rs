@@ -66,7 +66,7 @@ pub use fit::{
     GateMode, PfamTraining, Prepared, SbmStage, TrainablePfam, IN_SAMPLE_IMAGES,
 };
 pub use gallery::gallery;
-pub use gate::{gate_score, Evidence, GateScore, MethodGate};
+pub use gate::{gate_score, paired_margin, Evidence, GateSample, GateScore, MethodGate};
 pub use meta::{BackboneMeta, FitMeta, Method, ModelMeta, SbmMeta};
 pub use observer::{stage, Observer, Silent};
 pub use predict::{expand_inputs, predict, Job, PredictOptions, PredictSummary, Prediction};
