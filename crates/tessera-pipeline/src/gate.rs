@@ -216,19 +216,19 @@ pub fn gate_score(
             ))
         }
     };
-    let no_defect = vec![false; clean.first().map_or(0, |m| m.data.len())];
+    // Clean images have no defect pixel (and may differ in size from each other).
     let pixels = clean
         .iter()
-        .map(|m| (m, &no_defect))
-        .chain(defects.iter().zip(&masks))
+        .map(|m| (m, None))
+        .chain(defects.iter().zip(&masks).map(|(m, k)| (m, Some(k))))
         .enumerate()
         .map(|(i, (m, k))| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((i as u64) << 20));
-            let n = m.data.len().min(k.len());
+            let n = k.map_or(m.data.len(), |k| m.data.len().min(k.len()));
             (0..BOOT_PIXELS.min(n))
                 .map(|_| {
                     let j = rng.random_range(0..n);
-                    (m.data[j], k[j])
+                    (m.data[j], k.is_some_and(|k| k[j]))
                 })
                 .unzip()
         })
