@@ -32,7 +32,7 @@ pub enum InvCov<'a> {
 }
 
 impl InvCov<'_> {
-    pub(crate) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             InvCov::F32(v) => v.len(),
             InvCov::F16(v) => v.len(),

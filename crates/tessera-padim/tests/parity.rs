@@ -106,9 +106,6 @@ fn projection_is_seeded_and_semi_orthogonal() {
     }
 }
 
-/// With every dimension kept, an orthogonal projection leaves Mahalanobis distances unchanged
-/// (Σ + εI rotates with the data), so the projected model scores as the reference does; with
-/// fewer dimensions it differs, is seeded, and survives a round trip through stored tensors.
 /// The golden training features as two batches of 6 images.
 fn train_batches(
     g: &std::collections::HashMap<String, Tensor>,
@@ -123,6 +120,9 @@ fn train_batches(
         .collect()
 }
 
+/// With every dimension kept, an orthogonal projection leaves Mahalanobis distances unchanged
+/// (Σ + εI rotates with the data), so the projected model scores as the reference does; with
+/// fewer dimensions it differs, is seeded, and survives a round trip through stored tensors.
 #[test]
 fn projected_model_matches_the_full_reference_and_round_trips() {
     let g = golden();

@@ -194,7 +194,8 @@ const FUSED_ROWS: usize = 64;
 /// [`position_attention`] for inference on the CPU (nothing tracked by autograd): per block of
 /// query rows, logits `Q_rows · K`, the row softmax in place, then `S · Vᵀ` scaled by each row's
 /// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, `q`, `k` and
-/// `v` are read where they are stored. Same arithmetic as the chunked path (the same exponential), in a different order.
+/// `v` are read where they are stored. Same arithmetic as the chunked path (the same
+/// exponential), in a different order.
 fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
     let (b, cq, n) = q.dims3()?;
