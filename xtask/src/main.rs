@@ -7,7 +7,7 @@
 //! - `real-check`: CI's real-data gate on `../shared` (skipped, loudly, when absent).
 //! - `bench`: the performance numbers of `docs/performance.md` — criterion ms/image for features
 //!   and PaDiM scoring (batch 1 and 8), fit time, test ms/image and peak RSS on `../shared` bottle,
-//!   and the same work in PyTorch when it is installed.
+//!   and the same work in PyTorch when it is installed; the backbone in OpenVINO when it is.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -28,10 +28,12 @@ const USAGE: &str = "usage: cargo xtask <demo|bench|real-check|reproduce|cuda-bu
   bench serve [--shared DIR] [--requests N]
         tessera serve on loopback: images/s and p50/p99 latency at concurrency 1, 4, 16 with and
         without batching, beside tessera predict; a 4x overload burst (503 rate, memory).
-  bench [--shared DIR] [--skip-criterion] [--skip-torch]
+  bench [--shared DIR] [--skip-criterion] [--skip-torch] [--skip-openvino] [--python PY]
         Criterion benches (features + PaDiM ms/image at batch 1 and 8, coreset, 1-NN); fit/test
         time, peak RSS, model size and AUROC for PaDiM and PatchCore (10 %, 1 %, f16 bank) on
-        ../shared bottle; and PyTorch's time for the same work when torch is installed.
+        ../shared bottle; PyTorch's time for the same work when torch is installed, and
+        OpenVINO's for the backbone (f32 and its default precision) when openvino is; PY
+        (default python3) runs both.
   real-check [--shared DIR] [--profile release|dev]
         CI's real-data gate: PaDiM + ResNet-18 on ../shared bottle must reach image AUROC
         >= 0.990 and pixel AUROC >= 0.975. Says SKIPPED (exit 0) when ../shared is absent.
@@ -359,6 +361,13 @@ fn bench(args: &[String]) -> Result<()> {
     let real = RealData::from_args(args);
     let skip_criterion = args.iter().any(|a| a == "--skip-criterion");
     let skip_torch = args.iter().any(|a| a == "--skip-torch");
+    let skip_openvino = args.iter().any(|a| a == "--skip-openvino");
+    let python = args
+        .iter()
+        .position(|a| a == "--python")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "python3".into());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -571,7 +580,7 @@ fn bench(args: &[String]) -> Result<()> {
             ];
             for (script, extra) in scripts {
                 let path = root().join("tools/bench").join(script);
-                let mut cmd = Command::new("python3");
+                let mut cmd = Command::new(&python);
                 cmd.arg(&path);
                 if script != "torch_conv.py" {
                     cmd.args(["--weights", &s(&weights), "--data", &s(&bottle)]);
@@ -592,10 +601,31 @@ fn bench(args: &[String]) -> Result<()> {
                     ));
                 } else {
                     println!(
-                        "bench: PyTorch {script} skipped (python3 with torch not usable): {}",
+                        "bench: PyTorch {script} skipped ({python} with torch not usable): {}",
                         py.stderr.lines().last().unwrap_or("")
                     );
                 }
+            }
+        }
+        if !skip_openvino {
+            let path = root().join("tools/bench/openvino_backbone.py");
+            let mut cmd = Command::new(&python);
+            cmd.arg(&path)
+                .args(["--weights", &s(&weights), "--threads"]);
+            cmd.arg(threads.to_string());
+            let py = measured(&mut cmd)?;
+            if py.ok {
+                for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
+                    lines.push(l.to_string());
+                    if let Some((key, ms)) = openvino_row(l) {
+                        measured_ms.insert(key, ms);
+                    }
+                }
+            } else {
+                println!(
+                    "bench: OpenVINO skipped ({python} with openvino + numpy not usable): {}",
+                    py.stderr.lines().last().unwrap_or("")
+                );
             }
         }
     } else if let Some(why) = absent {
@@ -605,34 +635,43 @@ fn bench(args: &[String]) -> Result<()> {
         (
             "ResNet-18 layer1..3, batch 1",
             "features_r18/tessera_batch1",
-            "torch/resnet18/1",
+            "resnet18/1",
         ),
         (
             "ResNet-18 layer1..3, batch 8",
             "features_r18/tessera_batch8",
-            "torch/resnet18/8",
+            "resnet18/8",
         ),
         (
             "Wide-ResNet-50-2 layer1..3, batch 1",
             "features_wrn50/tessera_batch1",
-            "torch/wide_resnet50_2/1",
+            "wide_resnet50_2/1",
         ),
         (
             "Wide-ResNet-50-2 layer1..3, batch 8",
             "features_wrn50/tessera_batch8",
-            "torch/wide_resnet50_2/8",
+            "wide_resnet50_2/8",
         ),
         (
             "training step R18, batch 8",
             "train_step_r18_b8/tessera",
-            "torch/train",
+            "train",
         ),
     ] {
-        if let (Some(a), Some(b)) = (measured_ms.get(ours), measured_ms.get(theirs)) {
-            lines.push(format!(
-                "| Tessera / PyTorch, {what} | {a:.1} / {b:.1} ms = {:.2}× |",
-                a / b
-            ));
+        for (name, key) in [
+            ("PyTorch", format!("torch/{theirs}")),
+            ("OpenVINO f32", format!("openvino/{theirs}/f32")),
+            (
+                "OpenVINO default precision",
+                format!("openvino/{theirs}/default"),
+            ),
+        ] {
+            if let (Some(a), Some(b)) = (measured_ms.get(ours), measured_ms.get(&key)) {
+                lines.push(format!(
+                    "| Tessera / {name}, {what} | {a:.1} / {b:.1} ms = {:.2}× |",
+                    a / b
+                ));
+            }
         }
     }
     println!("\n| measurement | value |\n|---|---|");
@@ -656,6 +695,20 @@ fn torch_conv_row(line: &str) -> Option<(String, f64)> {
         .find(|a| label.contains(&format!(" {a} ")))?;
     let batch = label.split("batch").nth(1)?.split_whitespace().next()?;
     Some((format!("torch/{arch}/{batch}"), ms))
+}
+
+/// `(key, ms)` from a row of `tools/bench/openvino_backbone.py`:
+/// `openvino/<arch>/<batch>/<f32|default>` (ms/image).
+fn openvino_row(line: &str) -> Option<(String, f64)> {
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    let (label, value) = (cells.get(1)?, cells.get(2)?);
+    let ms: f64 = value.split_whitespace().next()?.parse().ok()?;
+    let arch = ["wide_resnet50_2", "resnet18"]
+        .into_iter()
+        .find(|a| label.contains(&format!(" {a} ")))?;
+    let batch = label.split("batch").nth(1)?.split_whitespace().next()?;
+    let precision = label.split("threads, ").nth(1)?.split(':').next()?;
+    Some((format!("openvino/{arch}/{batch}/{precision}"), ms))
 }
 
 /// Table rows, also echoed as they are measured (a long run that is interrupted still reports).
@@ -756,6 +809,25 @@ not json at all
 #[cfg(test)]
 mod bench_rows {
     use super::torch_conv_row;
+
+    #[test]
+    fn parses_the_openvino_rows() {
+        assert_eq!(
+            super::openvino_row(
+                "| OpenVINO 2026.4.1 resnet18 layer1..3, batch8 (2 threads, f32: f32, max rel. \
+                 error vs f32 0.0e+00) | 18.39 ms/image |"
+            ),
+            Some(("openvino/resnet18/8/f32".into(), 18.39))
+        );
+        assert_eq!(
+            super::openvino_row(
+                "| OpenVINO 2026.4.1 wide_resnet50_2 layer1..3, batch1 (2 threads, default: bf16, \
+                 max rel. error vs f32 2.1e-02) | 3.10 ms/image |"
+            ),
+            Some(("openvino/wide_resnet50_2/1/default".into(), 3.10))
+        );
+        assert_eq!(super::openvino_row("| OpenVINO resnet18 | n/a |"), None);
+    }
 
     #[test]
     fn parses_the_pytorch_rows() {
