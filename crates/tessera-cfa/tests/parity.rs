@@ -230,14 +230,49 @@ fn end_to_end_training_updates_the_transform_and_matches_plain_fit_when_frozen()
 
 #[test]
 fn device_path_nearest_centres_equals_the_cpu_path() {
+    // Row counts below, at and across the fused search's 256-row blocks (with a remainder);
+    // more neighbours asked for than there are centres.
     let dev = candle_core::Device::Cpu;
-    let phi = Tensor::randn(0f32, 1., (50, 8), &dev).unwrap();
-    let centres = Tensor::randn(0f32, 1., (30, 8), &dev).unwrap();
-    let sq: Vec<f32> = centres.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
-    let (ia, da) = tessera_cfa::nearest_centres(&phi, &centres, &sq, 6).unwrap();
-    let (ib, db) = tessera_cfa::nearest_centres_tensor_ops(&phi, &centres, &sq, 6).unwrap();
-    assert_eq!(ia, ib);
-    for (a, b) in da.iter().zip(&db) {
-        assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+    for (rows, m, d, n) in [
+        (50, 30, 8, 6),
+        (256, 40, 16, 3),
+        (600, 70, 33, 6),
+        (5, 4, 8, 6),
+    ] {
+        let phi = Tensor::randn(0f32, 1., (rows, d), &dev).unwrap();
+        let centres = Tensor::randn(0f32, 1., (m, d), &dev).unwrap();
+        let sq: Vec<f32> = centres.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+        let (ia, da) = tessera_cfa::nearest_centres(&phi, &centres, &sq, n).unwrap();
+        let (ib, db) = tessera_cfa::nearest_centres_tensor_ops(&phi, &centres, &sq, n).unwrap();
+        assert_eq!(ia.len(), rows * n.min(m));
+        assert_eq!(ia, ib, "rows {rows}, centres {m}");
+        for (a, b) in da.iter().zip(&db) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+    }
+    // Shapes that do not fit are an error, not a panic.
+    let phi = Tensor::randn(0f32, 1., (4, 8), &dev).unwrap();
+    let centres = Tensor::randn(0f32, 1., (3, 7), &dev).unwrap();
+    assert!(tessera_cfa::nearest_centres(&phi, &centres, &[1.0; 3], 2).is_err());
+}
+
+#[test]
+fn descriptor_rows_written_directly_equal_the_tensor_ops() {
+    // Untracked CPU input takes the direct writer; the same values as a `Var` (tracked by
+    // autograd) take candle's permute + cat. Grids whose size is and is not a multiple of the
+    // writer's 64-position blocks, so that blocks straddle images.
+    let dev = candle_core::Device::Cpu;
+    for (b, c, h, w) in [(1, 3, 8, 8), (3, 5, 5, 7), (2, 130, 9, 11)] {
+        let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap();
+        let co = tessera_cfa::coords(h, w, &dev).unwrap();
+        let direct = tessera_cfa::rows_with_coords(&x, &co).unwrap();
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        let ops = tessera_cfa::rows_with_coords(tracked.as_tensor(), &co).unwrap();
+        assert_eq!(direct.dims(), [b * h * w, c + 2]);
+        let (a, o): (Vec<f32>, Vec<f32>) = (
+            direct.flatten_all().unwrap().to_vec1().unwrap(),
+            ops.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, o, "{b}×{c}×{h}×{w}");
     }
 }
