@@ -30,6 +30,12 @@ pub(crate) struct Cli {
     /// Print a JSON summary on stdout (implies --quiet).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Keep freed memory for the next batch instead of returning it (Linux/glibc): fewer page
+    /// faults for large buffers. Measured faster for PaDiM (Wide-ResNet-50-2 scoring 71–80 →
+    /// 49–58 ms/image) and CFA, slower for PatchCore; resident memory stays at its peak
+    /// (docs/performance.md).
+    #[arg(long, global = true)]
+    pub(crate) retain_freed_memory: bool,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }

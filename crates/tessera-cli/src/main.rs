@@ -287,6 +287,18 @@ fn summary<T: serde::Serialize>(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts (parsing starts none). Environment settings of glibc's
+    // allocator (MALLOC_*_, GLIBC_TUNABLES, TESSERA_SYSTEM_MALLOC) win over the flag.
+    if cli.retain_freed_memory
+        && !tessera_core::alloc::retain_freed_memory()
+        && !cli.quiet
+        && !cli.json
+    {
+        eprintln!(
+            "note: --retain-freed-memory not applied (not Linux/glibc, or allocator settings in \
+             the environment)"
+        );
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -14,6 +14,8 @@
 //! - [`io`]: the output policy every command follows — never write over a link, a folder, a
 //!   device or one of the command's own inputs; check before work; atomic files and folders.
 //! - [`Error`]: errors that name the file and the problem.
+//! - [`alloc`]: the process's allocator policy (keep freed memory for reuse), which binaries
+//!   set once at start.
 //!
 //! ```
 //! use tessera_core::{postprocess, AnomalyMap};
@@ -25,6 +27,7 @@
 //! assert!(map.image_score() > 0.0);
 //! ```
 
+pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod io;

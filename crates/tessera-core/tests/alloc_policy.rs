@@ -1,0 +1,49 @@
+//! `retain_freed_memory` makes a freed 64 MB block reusable without faulting its pages in again.
+//! Without the libtest harness, so that it runs on the main thread (the arena the policy covers).
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn main() {
+    use tessera_core::alloc::{retain_freed_memory, user_tuned};
+    /// Minor page faults of this thread so far.
+    fn faults() -> i64 {
+        // SAFETY: getrusage only writes into the struct passed to it.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
+        u.ru_minflt
+    }
+    /// Allocate and touch 64 MB, free it, do it again: the faults of the second round.
+    fn refault() -> i64 {
+        let touch = || drop(std::hint::black_box(vec![1u8; 64 << 20]));
+        touch();
+        let before = faults();
+        touch();
+        faults() - before
+    }
+    if user_tuned() {
+        println!(
+            "alloc_policy: allocator settings in the environment, policy not applied: SKIPPED"
+        );
+        return;
+    }
+    // 64 MB is above glibc's largest mmap threshold: by default each round maps fresh pages.
+    let fresh = refault();
+    assert!(retain_freed_memory(), "mallopt refused the policy");
+    let reused = refault();
+    assert!(
+        fresh > 10_000,
+        "default glibc faulted only {fresh} pages for 64 MB"
+    );
+    assert!(
+        reused < 1_000,
+        "{reused} faults for a freed 64 MB block with the policy"
+    );
+    println!(
+        "alloc_policy: {fresh} faults per 64 MB round by default, {reused} with the policy: ok"
+    );
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn main() {
+    assert!(!tessera_core::alloc::retain_freed_memory());
+    println!("alloc_policy: not Linux/glibc, the policy is a no-op");
+}
