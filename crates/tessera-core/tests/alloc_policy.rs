@@ -29,13 +29,11 @@ fn main() {
     let fresh = refault();
     assert!(retain_freed_memory(), "mallopt refused the policy");
     let reused = refault();
+    // 16,384 faults per round with 4 KB pages (fewer where huge pages back the mapping):
+    // with the policy a round must fault at most a tenth as often.
     assert!(
-        fresh > 10_000,
-        "default glibc faulted only {fresh} pages for 64 MB"
-    );
-    assert!(
-        reused < 1_000,
-        "{reused} faults for a freed 64 MB block with the policy"
+        reused * 10 <= fresh,
+        "{reused} faults for a freed 64 MB block with the policy, {fresh} without"
     );
     println!(
         "alloc_policy: {fresh} faults per 64 MB round by default, {reused} with the policy: ok"
