@@ -288,7 +288,7 @@ fn summary<T: serde::Serialize>(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread starts (parsing starts none). Environment settings of glibc's
-    // allocator (MALLOC_*_, GLIBC_TUNABLES, TESSERA_SYSTEM_MALLOC) win over the flag.
+    // allocator (MALLOC_*_, GLIBC_TUNABLES) win over the flag.
     if cli.retain_freed_memory
         && !tessera_core::alloc::retain_freed_memory()
         && !cli.quiet

@@ -26,12 +26,11 @@
 
 /// Environment variables through which a user tunes glibc's allocator; when one is set, the
 /// user's choice stands and [`retain_freed_memory`] changes nothing.
-pub const USER_SETTINGS: [&str; 5] = [
+pub const USER_SETTINGS: [&str; 4] = [
     "MALLOC_MMAP_MAX_",
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
     "GLIBC_TUNABLES",
-    "TESSERA_SYSTEM_MALLOC",
 ];
 
 /// Whether the user set one of [`USER_SETTINGS`].
