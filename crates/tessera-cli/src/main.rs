@@ -10,11 +10,19 @@ use args::*;
 use clap::Parser;
 use progress::Bars;
 use std::process::ExitCode;
-use tessera_pipeline::{PredictOptions, SbmOptions, SynthOptions, TestOptions};
+use tessera_pipeline::{Observer, PredictOptions, SbmOptions, SynthOptions, TestOptions};
 
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet || cli.json;
     let bars = Bars::new(quiet);
+    // Before any work starts a thread. Environment settings of glibc's allocator (MALLOC_*_,
+    // GLIBC_TUNABLES) win over the flag.
+    if cli.retain_freed_memory && !tessera_core::alloc::retain_freed_memory() {
+        bars.note(
+            "--retain-freed-memory not applied (not Linux/glibc, or allocator settings in \
+             the environment)",
+        );
+    }
     match cli.cmd {
         Cmd::Fit(a) => {
             let s = tessera_pipeline::fit(&a.options(), &bars)?;
@@ -287,18 +295,6 @@ fn summary<T: serde::Serialize>(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before any thread starts (parsing starts none). Environment settings of glibc's
-    // allocator (MALLOC_*_, GLIBC_TUNABLES) win over the flag.
-    if cli.retain_freed_memory
-        && !tessera_core::alloc::retain_freed_memory()
-        && !cli.quiet
-        && !cli.json
-    {
-        eprintln!(
-            "note: --retain-freed-memory not applied (not Linux/glibc, or allocator settings in \
-             the environment)"
-        );
-    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
