@@ -40,22 +40,32 @@ impl Default for PamConfig {
 /// about 2e-7; inputs below −87 give ≈ 1e-38 (not denormals); NaN stays NaN.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let x = if x < EXP_MIN { EXP_MIN } else { x };
+    let n = (x * std::f32::consts::LOG2_E + EXP_ROUND) - EXP_ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for k in &EXP_POLY[1..] {
+        p = p * r + k;
+    }
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+/// The exponential's constants, shared by [`exp_nonpositive`] and its AVX2 twin: inputs are
+/// clamped at −87, `ln 2` is split in two for an exact `x − n·ln 2`, adding 1.5·2²³ rounds to
+/// an integer, and the polynomial's coefficients run from the highest degree down.
+const EXP_MIN: f32 = -87.0;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_ROUND: f32 = 12_582_912.0;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 /// Softmax of one row into `o`.
 fn softmax_row(r: &[f32], o: &mut [f32]) {
@@ -325,23 +335,23 @@ unsafe fn exp_shifted_row_avx2(r: &mut [f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
     let set = |v: f32| _mm256_set1_ps(v);
     let vm = set(m);
-    let lo = set(-87.0);
+    let lo = set(EXP_MIN);
     let mut sums = _mm256_setzero_ps();
     for c in body.chunks_exact_mut(8) {
         let x = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), vm);
         // `x < −87 ? −87 : x` (NaN stays NaN, as in the portable code).
         let x = _mm256_blendv_ps(x, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
-        let rnd = set(12_582_912.0);
+        let rnd = set(EXP_ROUND);
         let n = _mm256_sub_ps(
             _mm256_add_ps(_mm256_mul_ps(x, set(std::f32::consts::LOG2_E)), rnd),
             rnd,
         );
         let rr = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, set(0.693_359_4))),
-            _mm256_mul_ps(n, set(-2.121_944_4e-4)),
+            _mm256_sub_ps(x, _mm256_mul_ps(n, set(LN2_HI))),
+            _mm256_mul_ps(n, set(LN2_LO)),
         );
-        let mut p = set(1.987_569_1e-4);
-        for k in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        let mut p = set(EXP_POLY[0]);
+        for &k in &EXP_POLY[1..] {
             p = _mm256_add_ps(_mm256_mul_ps(p, rr), set(k));
         }
         let e = _mm256_add_ps(
