@@ -362,12 +362,7 @@ fn bench(args: &[String]) -> Result<()> {
     let skip_criterion = args.iter().any(|a| a == "--skip-criterion");
     let skip_torch = args.iter().any(|a| a == "--skip-torch");
     let skip_openvino = args.iter().any(|a| a == "--skip-openvino");
-    let python = args
-        .iter()
-        .position(|a| a == "--python")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "python3".into());
+    let python = flag(args, "--python").unwrap_or_else(|| "python3".into());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -588,12 +583,7 @@ fn bench(args: &[String]) -> Result<()> {
                 cmd.args(extra);
                 let py = measured(&mut cmd)?;
                 if py.ok {
-                    for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
-                        lines.push(l.to_string());
-                        if let Some((key, ms)) = torch_conv_row(l) {
-                            measured_ms.insert(key, ms);
-                        }
-                    }
+                    lines.take_table(&py.stdout, &mut measured_ms, torch_conv_row);
                     lines.push(format!(
                         "| PyTorch {script} {} peak RSS | {:.0} MiB |",
                         extra.join(" "),
@@ -615,12 +605,7 @@ fn bench(args: &[String]) -> Result<()> {
             cmd.arg(threads.to_string());
             let py = measured(&mut cmd)?;
             if py.ok {
-                for l in py.stdout.lines().filter(|l| l.starts_with('|')) {
-                    lines.push(l.to_string());
-                    if let Some((key, ms)) = openvino_row(l) {
-                        measured_ms.insert(key, ms);
-                    }
-                }
+                lines.take_table(&py.stdout, &mut measured_ms, openvino_row);
             } else {
                 println!(
                     "bench: OpenVINO skipped ({python} with openvino + numpy not usable): {}",
@@ -681,32 +666,38 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `(key, ms)` from a row of `tools/bench/torch_conv.py`: `torch/<arch>/<batch>` for feature
-/// extraction (ms/image), `torch/train` for the training step.
-fn torch_conv_row(line: &str) -> Option<(String, f64)> {
-    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-    let (label, value) = (cells.get(1)?, cells.get(2)?);
-    let ms: f64 = value.split_whitespace().next()?.parse().ok()?;
-    if label.contains("training step") {
-        return Some(("torch/train".into(), ms));
-    }
+/// `(label, ms)` of a table row printed by a `tools/bench` script: `| label | 12.3 ms… |`.
+fn row_cells(line: &str) -> Option<(&str, f64)> {
+    let mut cells = line.split('|').map(str::trim).skip(1);
+    let (label, value) = (cells.next()?, cells.next()?);
+    Some((label, value.split_whitespace().next()?.parse().ok()?))
+}
+
+/// The backbone and batch size a feature-extraction row's label names (`… resnet18 …, batch8 …`).
+fn arch_batch(label: &str) -> Option<(&'static str, &str)> {
     let arch = ["wide_resnet50_2", "resnet18"]
         .into_iter()
         .find(|a| label.contains(&format!(" {a} ")))?;
     let batch = label.split("batch").nth(1)?.split_whitespace().next()?;
+    Some((arch, batch))
+}
+
+/// `(key, ms)` from a row of `tools/bench/torch_conv.py`: `torch/<arch>/<batch>` for feature
+/// extraction (ms/image), `torch/train` for the training step.
+fn torch_conv_row(line: &str) -> Option<(String, f64)> {
+    let (label, ms) = row_cells(line)?;
+    if label.contains("training step") {
+        return Some(("torch/train".into(), ms));
+    }
+    let (arch, batch) = arch_batch(label)?;
     Some((format!("torch/{arch}/{batch}"), ms))
 }
 
 /// `(key, ms)` from a row of `tools/bench/openvino_backbone.py`:
 /// `openvino/<arch>/<batch>/<f32|default>` (ms/image).
 fn openvino_row(line: &str) -> Option<(String, f64)> {
-    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-    let (label, value) = (cells.get(1)?, cells.get(2)?);
-    let ms: f64 = value.split_whitespace().next()?.parse().ok()?;
-    let arch = ["wide_resnet50_2", "resnet18"]
-        .into_iter()
-        .find(|a| label.contains(&format!(" {a} ")))?;
-    let batch = label.split("batch").nth(1)?.split_whitespace().next()?;
+    let (label, ms) = row_cells(line)?;
+    let (arch, batch) = arch_batch(label)?;
     let precision = label.split("threads, ").nth(1)?.split(':').next()?;
     Some((format!("openvino/{arch}/{batch}/{precision}"), ms))
 }
@@ -719,6 +710,21 @@ impl Rows {
     fn push(&mut self, row: String) {
         println!("bench row: {row}");
         self.0.push(row);
+    }
+
+    /// A script's table rows, kept as they are; the times `parse` recognises go to `ms`.
+    fn take_table(
+        &mut self,
+        stdout: &str,
+        ms: &mut std::collections::HashMap<String, f64>,
+        parse: fn(&str) -> Option<(String, f64)>,
+    ) {
+        for l in stdout.lines().filter(|l| l.starts_with('|')) {
+            self.push(l.to_string());
+            if let Some((key, v)) = parse(l) {
+                ms.insert(key, v);
+            }
+        }
     }
 }
 
