@@ -77,7 +77,13 @@ pub fn gaussian_blur(data: &mut [f32], h: usize, w: usize, sigma: f32) {
             *p = row[reflect(i as i64 - r, w as i64)];
         }
         let out = &mut tmp[y * w..(y + 1) * w];
-        for (j, &kv) in k.iter().enumerate() {
+        // The first tap is stored, not added to the zeroed buffer: a fresh allocation's first
+        // access must be a write, else the kernel maps the shared zero page on the read and
+        // copies it on the write (a second fault and a TLB flush on every core).
+        for (o, &v) in out.iter_mut().zip(&padded[..w]) {
+            *o = k[0] * v;
+        }
+        for (j, &kv) in k.iter().enumerate().skip(1) {
             for (o, &v) in out.iter_mut().zip(&padded[j..j + w]) {
                 *o += kv * v;
             }

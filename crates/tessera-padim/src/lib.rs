@@ -594,7 +594,11 @@ fn assemble(
 ) -> Result<Vec<f32>> {
     let p = h * w;
     let mut y = vec![0f32; b * d * p];
-    for part in parts {
+    for (n, part) in parts.iter().enumerate() {
+        // The first projected part covers every row: stored, not added to the zeroed buffer,
+        // so that each fresh page is first written (a read first maps the shared zero page,
+        // and the write after it copies the page and flushes the TLB on every core).
+        let sum = sum && n > 0;
         let (pb, dl, s) = part.y.dims3()?;
         if pb != b || part.first + dl > d || s != part.grid.0 * part.grid.1 {
             return Err(Error::Config("padim: inconsistent reduced level".into()));
@@ -824,6 +828,14 @@ impl Moments {
                     c.iter_mut().for_each(|c| *c /= f as f32);
                 });
         }
+        // The first chunk stores its products instead of adding them to the zeroed scatter
+        // matrices: their pages are then first written, not read (a read maps the shared zero
+        // page, and the write after it copies the page and flushes the TLB on every core).
+        let accum = if self.n == 0 {
+            Accum::Replace
+        } else {
+            Accum::Add
+        };
         self.scatter
             .par_chunks_mut(d * d)
             .zip(self.sum.par_chunks_mut(d))
@@ -842,7 +854,7 @@ impl Moments {
                     }
                     let ym = MatRef::from_row_major_slice(&yc[..], f, d);
                     let dst = MatMut::from_row_major_slice_mut(s2, d, d);
-                    matmul(dst, Accum::Add, ym.transpose(), ym, 1.0f32, Par::Seq);
+                    matmul(dst, accum, ym.transpose(), ym, 1.0f32, Par::Seq);
                 },
             );
         self.n += f;
