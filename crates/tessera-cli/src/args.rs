@@ -438,7 +438,7 @@ pub(crate) struct SbmTrainArgs {
     pub(crate) out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    #[arg(long, default_value = "paper", value_parser = preprocess_arg)]
+    #[arg(long, default_value = "auto", value_parser = preprocess_arg)]
     pub(crate) preprocess: Preprocess,
     /// Restrict synthetic defects to the object's foreground (default: object categories).
     #[arg(long)]
@@ -484,9 +484,10 @@ pub(crate) struct SynthArgs {
     pub(crate) foreground: Option<bool>,
 }
 
-/// `paper` (resize 256, center crop 224), `anomalib` (resize 256, no crop), `whole[:N]`
-/// (the whole image, aspect ratio kept, short side N, default 256), `native` (the images' own
-/// size) or `WxH` (exactly W × H).
+/// `auto` (`paper` for square images, `whole:224` for elongated ones), `paper` (resize 256,
+/// center crop 224), `anomalib` (resize 256, no crop), `whole[:N]` (the whole image, aspect
+/// ratio kept, short side N, default 256), `native` (the images' own size) or `WxH` (exactly
+/// W × H).
 pub(crate) fn preprocess_arg(s: &str) -> Result<Preprocess, String> {
     let k = s.trim().to_ascii_lowercase();
     let side = |v: &str| -> Result<u32, String> {
@@ -496,6 +497,7 @@ pub(crate) fn preprocess_arg(s: &str) -> Result<Preprocess, String> {
             .ok_or_else(|| format!("'{v}' is not a size in pixels (16..=16384)"))
     };
     let p = match k.as_str() {
+        "auto" => Preprocess::auto(),
         "paper" => Preprocess::paper(),
         "anomalib" => Preprocess::anomalib(),
         "whole" => Preprocess::with(Geometry::ShortSide { size: 256 }),
@@ -507,7 +509,7 @@ pub(crate) fn preprocess_arg(s: &str) -> Result<Preprocess, String> {
                 Preprocess::exact(side(w)?, side(h)?)
             } else {
                 return Err(format!(
-                    "'{s}': expected paper, anomalib, whole, whole:N, native or WxH (e.g. 256x640)"
+                    "'{s}': expected auto, paper, anomalib, whole, whole:N, native or WxH (e.g. 256x640)"
                 ));
             }
         }
@@ -568,10 +570,11 @@ pub(crate) struct FitArgs {
     /// initialisation, SBM).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    /// paper: resize 256, center crop 224; anomalib: resize 256, no crop; whole[:N]: the whole
-    /// image, aspect ratio kept, short side N (256); native: the images' own size; WxH: exactly
-    /// that size. Whole-image sizes are fixed from the first training image and stored.
-    #[arg(long, default_value = "paper", value_parser = preprocess_arg)]
+    /// auto: paper for (nearly) square images, whole:224 for elongated ones (long side over 1.25×
+    /// the short); paper: resize 256, center crop 224; anomalib: resize 256, no crop; whole[:N]:
+    /// the whole image, aspect ratio kept, short side N (256); native: the images' own size;
+    /// WxH: exactly that size. Sizes are fixed from the first training image and stored.
+    #[arg(long, default_value = "auto", value_parser = preprocess_arg)]
     pub(crate) preprocess: Preprocess,
     /// Score in overlapping square tiles of N px (overlap N/8, or N:OVERLAP), stitched into one
     /// map of the whole (resized) image: for large or elongated images.

@@ -597,3 +597,80 @@ fn pfam_train_synth_learns_from_synthetic_defects_without_the_jigsaw() {
         stderr(&bad)
     );
 }
+
+/// Elongated parts whose sizes differ by a pixel or two (as scanned parts do): the default
+/// `--preprocess auto` keeps them whole at one input size fixed from the first image, says so,
+/// stores it — and SBM's training sees that same size (it used to resolve each image on its own
+/// and refuse the set: "training images must share one size").
+#[test]
+fn auto_preprocessing_keeps_elongated_parts_whole_through_sbm_and_fit() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("strip");
+    let good = root.join("train/good");
+    let test = root.join("test/good");
+    std::fs::create_dir_all(&good).unwrap();
+    std::fs::create_dir_all(&test).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for i in 0..10u32 {
+        let (w, h) = (40 + i % 2, 100 + i % 3);
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let v = (((x * 7 + y * 3) % 50) as u8).saturating_add(rng.random_range(80..150));
+            image::Rgb([v, v, v])
+        });
+        let dir = if i < 8 { &good } else { &test };
+        img.save(dir.join(format!("{i:03}.png"))).unwrap();
+    }
+    let d = s(&root);
+    // Standalone SBM training: it runs (and, with nothing learnable, is flagged as such).
+    let tuned = dir.path().join("tuned.safetensors");
+    let t = s(&tuned);
+    let mut args = vec![
+        "--json",
+        "sbm",
+        "train",
+        "--data",
+        &d,
+        "--random-weights",
+        "1",
+        "--out",
+        &t,
+    ];
+    args.extend(UNLEARNABLE);
+    let out = tessera(&args);
+    let e = stderr(&out);
+    assert!(!e.contains("share one size"), "{e}");
+    assert!(e.contains("did NOT learn"), "{e}");
+    // fit with SBM on: the same geometry everywhere, chosen and said once.
+    let model = dir.path().join("m.safetensors");
+    let m = s(&model);
+    let mut args = vec![
+        "fit",
+        "--data",
+        &d,
+        "--random-weights",
+        "1",
+        "--method",
+        "sbm",
+        "--sbm",
+        "on",
+        "--out",
+        &m,
+    ];
+    args.extend(UNLEARNABLE);
+    let out = tessera(&args);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert_eq!(e.matches("preprocess auto").count(), 1, "{e}");
+    assert!(
+        e.contains("40×100") && e.contains("whole image") && e.contains("224×576"),
+        "{e}"
+    );
+    let meta = tessera_core::model::ModelFile::read_meta(&model).unwrap();
+    let pre = &meta["preprocess"];
+    assert_eq!(
+        (pre["width"].as_u64(), pre["height"].as_u64()),
+        (Some(224), Some(576)),
+        "{meta}"
+    );
+}

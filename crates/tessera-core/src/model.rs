@@ -53,7 +53,17 @@ pub enum Geometry {
     ShortSide { size: u32 },
     /// The training images' own size: resolved to [`Geometry::Exact`] at fit time.
     Native,
+    /// Chosen from the training images at fit time ([`Preprocess::resolve`]): the paper's
+    /// square resize + crop for (nearly) square images, and for elongated ones (long side over
+    /// [`AUTO_ASPECT`] times the short) the whole image with its aspect ratio kept, short side
+    /// 224 — squashing such an image into a square distorts it, and the crop cuts defects off
+    /// its ends.
+    Auto,
 }
+
+/// Above this ratio of long to short side, [`Geometry::Auto`] keeps the aspect ratio (a 4:3
+/// image does, a 5:4 one does not).
+pub const AUTO_ASPECT: f64 = 1.25;
 
 /// Overlapping square tiles over the resized image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +91,8 @@ struct PreprocessRepr {
     short_side: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     native: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    auto: bool,
     mean: [f32; 3],
     std: [f32; 3],
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,19 +103,28 @@ impl TryFrom<PreprocessRepr> for Preprocess {
     type Error = String;
     fn try_from(r: PreprocessRepr) -> std::result::Result<Self, String> {
         let geometry =
-            match (r.resize, r.crop, r.width, r.height, r.short_side, r.native) {
-                (Some(resize), crop, None, None, None, false) => Geometry::Square {
+            match (
+                r.resize,
+                r.crop,
+                r.width,
+                r.height,
+                r.short_side,
+                r.native,
+                r.auto,
+            ) {
+                (Some(resize), crop, None, None, None, false, false) => Geometry::Square {
                     resize,
                     crop: crop.unwrap_or(resize),
                 },
-                (None, None, Some(width), Some(height), None, false) => {
+                (None, None, Some(width), Some(height), None, false, false) => {
                     Geometry::Exact { width, height }
                 }
-                (None, None, None, None, Some(size), false) => Geometry::ShortSide { size },
-                (None, None, None, None, None, true) => Geometry::Native,
+                (None, None, None, None, Some(size), false, false) => Geometry::ShortSide { size },
+                (None, None, None, None, None, true, false) => Geometry::Native,
+                (None, None, None, None, None, false, true) => Geometry::Auto,
                 _ => return Err(
-                    "preprocessing needs exactly one of resize/crop, width/height, short_side or \
-                     native"
+                    "preprocessing needs exactly one of resize/crop, width/height, short_side, \
+                     native or auto"
                         .into(),
                 ),
             };
@@ -125,6 +146,7 @@ impl From<Preprocess> for PreprocessRepr {
             height: None,
             short_side: None,
             native: false,
+            auto: false,
             mean: p.mean,
             std: p.std,
             tiling: p.tiling,
@@ -140,6 +162,7 @@ impl From<Preprocess> for PreprocessRepr {
             }
             Geometry::ShortSide { size } => r.short_side = Some(size),
             Geometry::Native => r.native = true,
+            Geometry::Auto => r.auto = true,
         }
         r
     }
@@ -152,6 +175,11 @@ impl Preprocess {
     /// The paper's convention: resize 256, center crop 224, ImageNet statistics.
     pub fn paper() -> Self {
         Self::square(256, 224)
+    }
+    /// The default: the paper's for (nearly) square images, the whole image with its aspect
+    /// ratio kept (short side 224) for elongated ones ([`Geometry::Auto`]).
+    pub fn auto() -> Self {
+        Self::with(Geometry::Auto)
     }
     /// anomalib's convention: resize 256, no crop.
     pub fn anomalib() -> Self {
@@ -176,7 +204,7 @@ impl Preprocess {
     }
 
     /// Whether the geometry still depends on the images ([`Geometry::ShortSide`],
-    /// [`Geometry::Native`]).
+    /// [`Geometry::Native`], [`Geometry::Auto`]).
     pub fn is_resolved(&self) -> bool {
         matches!(
             self.geometry,
@@ -185,7 +213,8 @@ impl Preprocess {
     }
 
     /// The fixed geometry for images of `size` (width, height): short-side and native
-    /// geometries become exact; the others are returned as they are.
+    /// geometries become exact, the automatic one square or exact; the others are returned as
+    /// they are.
     pub fn resolve(&self, size: (u32, u32)) -> Self {
         let (w, h) = size;
         let geometry = match self.geometry {
@@ -207,6 +236,18 @@ impl Preprocess {
                 width: w,
                 height: h,
             },
+            Geometry::Auto => {
+                let (long, short) = (w.max(h) as f64, w.min(h).max(1) as f64);
+                let chosen = if long / short > AUTO_ASPECT {
+                    Self::with(Geometry::ShortSide { size: 224 })
+                } else {
+                    Self::paper()
+                };
+                return Self {
+                    geometry: chosen.resolve(size).geometry,
+                    ..self.clone()
+                };
+            }
             g => g,
         };
         Self {
@@ -251,7 +292,7 @@ impl Preprocess {
                     )));
                 }
             }
-            Geometry::Native => {}
+            Geometry::Native | Geometry::Auto => {}
         }
         if self.std.iter().chain(&self.mean).any(|s| !s.is_finite())
             || self.std.iter().any(|s| *s <= 0.0)
@@ -469,6 +510,41 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The automatic geometry: the paper's for square and nearly square images, the whole
+    /// image (aspect kept, short side 224) past the aspect threshold, in either orientation;
+    /// it survives serialisation unresolved.
+    #[test]
+    fn auto_geometry_follows_the_aspect_ratio() {
+        let g = |w, h| Preprocess::auto().resolve((w, h)).geometry;
+        let paper = Preprocess::paper().geometry;
+        assert_eq!(g(900, 900), paper);
+        assert_eq!(g(1000, 800), paper); // 1.25: not above the threshold
+        assert_eq!(
+            g(800, 600),
+            Geometry::Exact {
+                width: 288,
+                height: 224
+            }
+        );
+        assert_eq!(
+            g(250, 630),
+            Geometry::Exact {
+                width: 224,
+                height: 576
+            }
+        );
+        assert!(!Preprocess::auto().is_resolved());
+        assert!(Preprocess::auto().resolve((250, 630)).is_resolved());
+        let json = serde_json::to_string(&Preprocess::auto()).unwrap();
+        assert!(json.contains("\"auto\":true"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<Preprocess>(&json).unwrap(),
+            Preprocess::auto()
+        );
+        let both = json.replace("\"auto\":true", "\"auto\":true,\"native\":true");
+        assert!(serde_json::from_str::<Preprocess>(&both).is_err());
     }
 
     #[test]

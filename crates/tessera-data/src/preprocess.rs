@@ -110,7 +110,7 @@ fn fit_geometry<P: image::Pixel + 'static>(
                 image::imageops::resize(img, width, height, filter)
             }
         }
-        Geometry::ShortSide { .. } | Geometry::Native => {
+        Geometry::ShortSide { .. } | Geometry::Native | Geometry::Auto => {
             unreachable!("geometry_of resolves these")
         }
     }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_backbone::{Backbone, WeightsSource};
 use tessera_core::io::Outputs;
-use tessera_core::model::{Preprocess, FORMAT_VERSION};
+use tessera_core::model::{Geometry, Preprocess, AUTO_ASPECT, FORMAT_VERSION};
 use tessera_core::{DeviceSpec, Error, FeatureMaps, Result, Scorer};
 use tessera_data::{Dataset, Sample};
 use tessera_pfam::{Pfam, PfamConfig};
@@ -109,7 +109,7 @@ impl Default for FitOptions {
             sbm: SbmStage::default(),
             pfam_training: PfamTraining::Jigsaw,
             seed: 0,
-            preprocess: Preprocess::paper(),
+            preprocess: Preprocess::auto(),
             device: DeviceSpec::Cpu,
             out: PathBuf::from("model.safetensors"),
             batch_size: 8,
@@ -604,7 +604,14 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     o.outputs(&ds)?;
     let device = o.device.open()?;
     let all = ds.train()?;
-    let preprocess = resolve_preprocess(&o.preprocess, &all)?;
+    let preprocess = resolve_preprocess(&o.preprocess, &all, obs)?;
+    // Every later stage (SBM's training included) sees the geometry fixed for the whole set:
+    // resolving per image would give images of slightly different sizes different inputs.
+    let resolved = FitOptions {
+        preprocess: preprocess.clone(),
+        ..o.clone()
+    };
+    let o = &resolved;
     let (train, calib) = split_holdout(all, o.calibration.fraction, o.seed);
     if train.len() < 2 {
         return Err(Error::bad_input(
@@ -863,7 +870,11 @@ fn fit_detector(
 
 /// A whole-image geometry (short side, native size) made exact from the first training image,
 /// so every image of the model comes out at one size.
-fn resolve_preprocess(pre: &Preprocess, train: &[Sample]) -> Result<Preprocess> {
+pub(crate) fn resolve_preprocess(
+    pre: &Preprocess,
+    train: &[Sample],
+    obs: &dyn Observer,
+) -> Result<Preprocess> {
     if pre.is_resolved() {
         pre.validate()?;
         return Ok(pre.clone());
@@ -875,5 +886,20 @@ fn resolve_preprocess(pre: &Preprocess, train: &[Sample]) -> Result<Preprocess> 
         .map_err(|e| Error::bad_input(&first.path, format!("cannot read the image size: {e}")))?;
     let r = pre.resolve(size);
     r.validate()?;
+    if pre.geometry == Geometry::Auto {
+        let (w, h) = size;
+        obs.note(&match r.geometry {
+            Geometry::Exact { width, height } => format!(
+                "preprocess auto: the training images are {w}×{h} (aspect {:.2} > {AUTO_ASPECT}): \
+                 the whole image with its aspect ratio kept, {width}×{height} (--preprocess \
+                 paper would squash it into a square and crop its ends)",
+                w.max(h) as f64 / w.min(h).max(1) as f64
+            ),
+            _ => format!(
+                "preprocess auto: the training images are {w}×{h} (nearly square): the paper's \
+                 resize 256, center crop 224"
+            ),
+        });
+    }
     Ok(r)
 }

@@ -144,9 +144,12 @@ pub(crate) fn sbm_train_checked(
         o.config.train_layers,
         o.config.epochs,
     ));
+    // One geometry for the whole set (whole-image and automatic geometries resolved from the
+    // first image, as `fit` does), so images of slightly different sizes share one input size.
+    let preprocess = crate::fit::resolve_preprocess(&o.preprocess, &train, obs)?;
     let data = SbmData {
-        images: network_images(&train, &o.preprocess)?,
-        preprocess: o.preprocess.clone(),
+        images: network_images(&train, &preprocess)?,
+        preprocess: preprocess.clone(),
         synth: synth.as_ref(),
         source: source.describe(),
     };
