@@ -868,8 +868,9 @@ fn fit_detector(
     })
 }
 
-/// A whole-image geometry (short side, native size) made exact from the first training image,
-/// so every image of the model comes out at one size.
+/// A geometry that depends on the images (short side, native size, auto) fixed from the first
+/// training image, so every image of the model comes out at one size; the automatic choice is
+/// said.
 pub(crate) fn resolve_preprocess(
     pre: &Preprocess,
     train: &[Sample],
