@@ -48,27 +48,28 @@ const UNLEARNABLE: [&str; 10] = [
     "1e-12",
 ];
 
+/// `tessera HEAD… --data DATA --random-weights 1 EXTRA… --out OUT` with [`UNLEARNABLE`].
+fn run_unlearnable(head: &[&str], data: &Path, extra: &[&str], out: &Path) -> Output {
+    let (d, o) = (s(data), s(out));
+    let mut args = head.to_vec();
+    args.extend(["--data", &d, "--random-weights", "1"]);
+    args.extend(extra);
+    args.extend(["--out", &o]);
+    args.extend(UNLEARNABLE);
+    tessera(&args)
+}
+
 #[test]
 fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = category(dir.path());
     let tuned = dir.path().join("tuned.safetensors");
-    let (d, t) = (s(&data), s(&tuned));
-    let mut args = vec![
-        "--json",
-        "sbm",
-        "train",
-        "--data",
-        &d,
-        "--random-weights",
-        "1",
-        "--out",
-        &t,
-        "--preprocess",
-        "anomalib",
-    ];
-    args.extend(UNLEARNABLE);
-    let out = tessera(&args);
+    let out = run_unlearnable(
+        &["--json", "sbm", "train"],
+        &data,
+        &["--preprocess", "anomalib"],
+        &tuned,
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("did NOT learn"), "{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -127,22 +128,28 @@ fn a_run_that_did_not_learn_is_written_flagged_and_refused() {
 /// A category Tessera has no name for, made of seeded noise images (a texture: alike
 /// everywhere in the frame), in MVTec layout.
 fn noise_category(dir: &Path) -> PathBuf {
+    noise_images(&dir.join("speckle"), |_| (64, 64))
+}
+
+/// Ten seeded grey-noise images under `root` in MVTec layout (8 training, 2 good test), image
+/// `i` of size `size(i)` (width, height).
+fn noise_images(root: &Path, size: impl Fn(u32) -> (u32, u32)) -> PathBuf {
     use rand::{Rng, SeedableRng};
-    let root = dir.join("speckle");
     let good = root.join("train/good");
     std::fs::create_dir_all(&good).unwrap();
     let test = root.join("test/good");
     std::fs::create_dir_all(&test).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     for i in 0..10 {
-        let img = image::RgbImage::from_fn(64, 64, |_, _| {
+        let (w, h) = size(i);
+        let img = image::RgbImage::from_fn(w, h, |_, _| {
             let v: u8 = rng.random_range(60..200);
             image::Rgb([v, v, v])
         });
         let dir = if i < 8 { &good } else { &test };
         img.save(dir.join(format!("{i:03}.png"))).unwrap();
     }
-    root
+    root.to_path_buf()
 }
 
 /// `--sbm auto` on a category outside MVTec AD's name list decides texture or object from the
@@ -392,25 +399,19 @@ fn fit_falls_back_to_the_baseline_when_the_jigsaw_is_not_learned() {
     let data = category(dir.path());
     for method in ["sbm", "ours"] {
         let model = dir.path().join(format!("{method}.safetensors"));
-        let (d, m) = (s(&data), s(&model));
-        let mut args = vec![
-            "--json",
-            "fit",
-            "--data",
-            &d,
-            "--random-weights",
-            "1",
-            "--preprocess",
-            "anomalib",
-            "--method",
-            method,
-            "--sbm",
-            "on",
-            "--out",
-            &m,
-        ];
-        args.extend(UNLEARNABLE);
-        let out = tessera(&args);
+        let out = run_unlearnable(
+            &["--json", "fit"],
+            &data,
+            &[
+                "--preprocess",
+                "anomalib",
+                "--method",
+                method,
+                "--sbm",
+                "on",
+            ],
+            &model,
+        );
         let e = stderr(&out);
         assert!(out.status.success(), "{method}: {e}");
         assert!(
@@ -604,61 +605,17 @@ fn pfam_train_synth_learns_from_synthetic_defects_without_the_jigsaw() {
 /// and refuse the set: "training images must share one size").
 #[test]
 fn auto_preprocessing_keeps_elongated_parts_whole_through_sbm_and_fit() {
-    use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("strip");
-    let good = root.join("train/good");
-    let test = root.join("test/good");
-    std::fs::create_dir_all(&good).unwrap();
-    std::fs::create_dir_all(&test).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    for i in 0..10u32 {
-        let (w, h) = (40 + i % 2, 100 + i % 3);
-        let img = image::RgbImage::from_fn(w, h, |x, y| {
-            let v = (((x * 7 + y * 3) % 50) as u8).saturating_add(rng.random_range(80..150));
-            image::Rgb([v, v, v])
-        });
-        let dir = if i < 8 { &good } else { &test };
-        img.save(dir.join(format!("{i:03}.png"))).unwrap();
-    }
-    let d = s(&root);
+    let root = noise_images(&dir.path().join("strip"), |i| (40 + i % 2, 100 + i % 3));
     // Standalone SBM training: it runs (and, with nothing learnable, is flagged as such).
     let tuned = dir.path().join("tuned.safetensors");
-    let t = s(&tuned);
-    let mut args = vec![
-        "--json",
-        "sbm",
-        "train",
-        "--data",
-        &d,
-        "--random-weights",
-        "1",
-        "--out",
-        &t,
-    ];
-    args.extend(UNLEARNABLE);
-    let out = tessera(&args);
+    let out = run_unlearnable(&["--json", "sbm", "train"], &root, &[], &tuned);
     let e = stderr(&out);
     assert!(!e.contains("share one size"), "{e}");
     assert!(e.contains("did NOT learn"), "{e}");
     // fit with SBM on: the same geometry everywhere, chosen and said once.
     let model = dir.path().join("m.safetensors");
-    let m = s(&model);
-    let mut args = vec![
-        "fit",
-        "--data",
-        &d,
-        "--random-weights",
-        "1",
-        "--method",
-        "sbm",
-        "--sbm",
-        "on",
-        "--out",
-        &m,
-    ];
-    args.extend(UNLEARNABLE);
-    let out = tessera(&args);
+    let out = run_unlearnable(&["fit"], &root, &["--method", "sbm", "--sbm", "on"], &model);
     let e = stderr(&out);
     assert!(out.status.success(), "{e}");
     assert_eq!(e.matches("preprocess auto").count(), 1, "{e}");

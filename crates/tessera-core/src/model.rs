@@ -238,15 +238,13 @@ impl Preprocess {
             },
             Geometry::Auto => {
                 let (long, short) = (w.max(h) as f64, w.min(h).max(1) as f64);
-                let chosen = if long / short > AUTO_ASPECT {
+                if long / short > AUTO_ASPECT {
                     Self::with(Geometry::ShortSide { size: 224 })
+                        .resolve(size)
+                        .geometry
                 } else {
-                    Self::paper()
-                };
-                return Self {
-                    geometry: chosen.resolve(size).geometry,
-                    ..self.clone()
-                };
+                    Self::paper().geometry
+                }
             }
             g => g,
         };

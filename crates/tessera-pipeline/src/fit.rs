@@ -604,11 +604,10 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     o.outputs(&ds)?;
     let device = o.device.open()?;
     let all = ds.train()?;
-    let preprocess = resolve_preprocess(&o.preprocess, &all, obs)?;
     // Every later stage (SBM's training included) sees the geometry fixed for the whole set:
     // resolving per image would give images of slightly different sizes different inputs.
     let resolved = FitOptions {
-        preprocess: preprocess.clone(),
+        preprocess: resolve_preprocess(&o.preprocess, &all, obs)?,
         ..o.clone()
     };
     let o = &resolved;
@@ -623,8 +622,8 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         ));
     }
     // Memory bounds before any work: what the scorer will hold, against what is available.
-    if let Some((w, h)) = preprocess.input_size() {
-        let (size, per_image) = match preprocess.tiling {
+    if let Some((w, h)) = o.preprocess.input_size() {
+        let (size, per_image) = match o.preprocess.tiling {
             None => ((w, h), 1u64),
             Some(t) => ((t.tile, t.tile), TileGrid::new(w, h, t)?.count() as u64),
         };
@@ -663,7 +662,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         Ok((tessera_data::CategoryKind::Object, _))
     );
     let fitted = |prepared: &Prepared, backbone: Backbone| -> Result<Detector> {
-        fit_detector(o, &scorer_cfg, prepared, backbone, &train, &preprocess, obs)
+        fit_detector(o, &scorer_cfg, prepared, backbone, &train, obs)
     };
     let mut det = fitted(
         &prepared,
@@ -787,7 +786,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         pixel_threshold,
         guaranteed_fpr: guaranteed,
         notes,
-        preprocess,
+        preprocess: o.preprocess.clone(),
         backbone: det.meta.backbone.arch.name().into(),
         weights: det.meta.backbone.source.clone(),
         scorer_report,
@@ -797,15 +796,14 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
     })
 }
 
-/// With the backbone `prepared` names (and its PFAM), fit the scorer on `train`: an uncalibrated
-/// detector (threshold 0 until [`calibrate`]).
+/// With the backbone `prepared` names (and its PFAM), fit the scorer on `train` at `o`'s
+/// (resolved) preprocessing: an uncalibrated detector (threshold 0 until [`calibrate`]).
 fn fit_detector(
     o: &FitOptions,
     scorer_cfg: &ScorerConfig,
     prepared: &Prepared,
     backbone: Backbone,
     train: &[Sample],
-    preprocess: &Preprocess,
     obs: &dyn Observer,
 ) -> Result<Detector> {
     let pfam = match &prepared.pfam_from {
@@ -832,7 +830,7 @@ fn fit_detector(
         pfam.as_ref(),
         e2e.as_ref(),
         train,
-        preprocess,
+        &o.preprocess,
         o.batch_size,
         obs,
     )?;
@@ -845,7 +843,7 @@ fn fit_detector(
             tessera_version: tessera_core::VERSION.into(),
             method: prepared.method,
             seed: o.seed,
-            preprocess: preprocess.clone(),
+            preprocess: o.preprocess.clone(),
             backbone: BackboneMeta {
                 arch: o.weights.backbone,
                 layers: scorer_cfg.levels().to_vec(),

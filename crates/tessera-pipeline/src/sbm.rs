@@ -149,7 +149,7 @@ pub(crate) fn sbm_train_checked(
     let preprocess = crate::fit::resolve_preprocess(&o.preprocess, &train, obs)?;
     let data = SbmData {
         images: network_images(&train, &preprocess)?,
-        preprocess: preprocess.clone(),
+        preprocess,
         synth: synth.as_ref(),
         source: source.describe(),
     };
