@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Current model format version: 2 added the tensor checksum.
-pub const FORMAT_VERSION: u32 = 2;
+/// Current model format version: 2 added the tensor checksum; 3 stores PaDiM's inverse
+/// covariances as packed upper triangles (`inv_cov_upper`; format-2 files still load).
+pub const FORMAT_VERSION: u32 = 3;
 /// The header key of the metadata JSON.
 pub const META_KEY: &str = "tessera";
 /// The header key of the content checksum (SHA-256, hex; [`crate::st::ContentHash`]).

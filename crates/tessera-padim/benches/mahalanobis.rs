@@ -2,7 +2,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
-use tessera_padim::maha::{mahalanobis, InvCov};
+use tessera_padim::maha::{mahalanobis, packed_len, InvCov};
 
 /// Deterministic values in [-1, 1) (the kernel's speed does not depend on them).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -25,7 +25,8 @@ fn bench(c: &mut Criterion) {
     for &(d, p, b) in &[(100usize, 3136usize, 1usize), (100, 3136, 8), (550, 256, 8)] {
         let y = values(b * d * p, 1);
         let mean = values(p * d, 2);
-        let inv = values(p * d * d, 3);
+        // Packed upper triangles, as models store them.
+        let inv = values(p * packed_len(d), 3);
         let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
         // Multiply-adds of the symmetric form: half of d² per position and image.
         g.throughput(Throughput::Elements((b * p * d * (d + 1) / 2) as u64));
@@ -36,7 +37,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("f16_{tag}"), |bn| {
             bn.iter(|| mahalanobis(&y, &mean, InvCov::F16(&inv16), b, d).unwrap())
         });
-        // The memory floor: reading the f32 and the f16 Σ⁻¹ once, on all threads.
+        // The memory floor: reading the packed f32 and f16 Σ⁻¹ once, on all threads.
         g.bench_function(format!("read_f32_{tag}"), |bn| {
             bn.iter(|| {
                 inv.par_chunks(1 << 16)

@@ -12,7 +12,8 @@
 //!    the seed; or [`Reduction::Pca`] / [`Reduction::Npca`], the principal directions of
 //!    largest / smallest variance of the first training batch (no random choice);
 //! 3. per position: mean and covariance + 0.01·I, inverted in f64 through a Cholesky
-//!    factorisation (faer), one position per task on all cores;
+//!    factorisation (faer), one position per task on all cores; `Σ⁻¹` is kept (and stored)
+//!    as its packed upper triangle, half the bytes of the full matrix;
 //! 4. scoring: Mahalanobis distance per position; the caller upsamples (bilinear) and blurs
 //!    (σ = 4) with [`tessera_core::postprocess`]; image score = max of the map.
 //!
@@ -45,7 +46,7 @@ use tessera_core::tensor::{with_f16_slice, with_f32_slice};
 use tessera_core::{Error, FeatureMaps, Result};
 
 pub mod maha;
-use maha::{mahalanobis, InvCov};
+use maha::{mahalanobis, pack_upper, packed_len, InvCov};
 
 /// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -245,7 +246,7 @@ pub struct PadimConfig {
     pub reg: f64,
     /// Backbone levels used (1-based).
     pub levels: Vec<usize>,
-    /// Storage type of the inverse covariances (the bulk of the model: `P·d²` values).
+    /// Storage type of the inverse covariances (the bulk of the model: `P·d(d+1)/2` values).
     pub inv_cov_dtype: CovDtype,
 }
 
@@ -473,13 +474,12 @@ impl Reduce {
         })
     }
 
-    /// The chosen levels (`B × C_l × H_l × W_l`, the first level's grid first) → `(B, d, P)`,
+    /// The chosen levels (`B × C_l × H_l × W_l`, the first level's grid first) → `(B, P, d)`,
     /// without building the concatenated embedding: each level is reduced on its own grid and
     /// then brought to the first level's grid (nearest, as [`embed`]). A channel-wise linear
     /// map commutes with nearest upsampling, so this equals reducing `embed(..)` (up to the
     /// order of float additions for a projection), with layer2's and layer3's products on
-    /// their 4× and 16× smaller grids, no `C`-channel copy of the whole grid, and no
-    /// transposition of the inputs (`Wᵀ · X` per image).
+    /// their 4× and 16× smaller grids and no `C`-channel copy of the whole grid.
     fn reduce_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
         let (_, _, h, w) = maps[0].dims4()?;
         let dev = maps[0].device().clone();
@@ -491,7 +491,7 @@ impl Reduce {
             } else {
                 let idx = nearest_index(part.grid, (h, w));
                 let n = idx.len();
-                part.y.index_select(&Tensor::from_vec(idx, n, &dev)?, 2)?
+                part.y.index_select(&Tensor::from_vec(idx, n, &dev)?, 1)?
             };
             match self {
                 Reduce::Project(_) => {
@@ -508,12 +508,13 @@ impl Reduce {
                 sum.ok_or_else(|| Error::Config("padim: no feature level".into()))
             }
             // The index is increasing, so the levels' picks concatenate in its order.
-            Reduce::Index(_) => Ok(Tensor::cat(&parts, 1)?),
+            Reduce::Index(_) => Ok(Tensor::cat(&parts, 2)?),
         }
     }
 
-    /// Each level reduced on its own grid: `(B, d_l, S_l)` with the first output channel it
-    /// fills (a projection: all `d`, summed over the levels; a subset: the level's picks).
+    /// Each level reduced on its own grid: `(B, S_l, d_l)` (positions by channels, the layout
+    /// the Mahalanobis kernel reads) with the first output channel it fills (a projection: all
+    /// `d`, summed over the levels; a subset: the level's picks).
     fn reduce_parts(&self, maps: &[&Tensor]) -> Result<Vec<Part>> {
         let dev = maps[0].device().clone();
         let picked: Option<Vec<u32>> = match self {
@@ -528,8 +529,12 @@ impl Reduce {
             let x = m.contiguous()?.reshape((b, c, sh * sw))?;
             let y = match (self, &picked) {
                 (Reduce::Project(p), _) => {
-                    let wt = p.narrow(0, offset, c)?.t()?.contiguous()?.to_device(&dev)?;
-                    Some((wt.broadcast_matmul(&x)?, 0))
+                    // `Xᵀ · W` per image, the transposition read by the product's strides.
+                    let w = p.narrow(0, offset, c)?.to_device(&dev)?;
+                    let per_image = (0..b)
+                        .map(|i| x.i(i)?.t()?.matmul(&w))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Some((Tensor::stack(&per_image, 0)?, 0))
                 }
                 (Reduce::Index(_), Some(all)) => {
                     let mine: Vec<u32> = all
@@ -543,7 +548,8 @@ impl Reduce {
                     if n == 0 {
                         None
                     } else {
-                        Some((x.index_select(&Tensor::from_vec(mine, n, &dev)?, 1)?, first))
+                        let y = x.index_select(&Tensor::from_vec(mine, n, &dev)?, 1)?;
+                        Some((y.transpose(1, 2)?.contiguous()?, first))
                     }
                 }
                 _ => None,
@@ -562,7 +568,7 @@ impl Reduce {
 
     /// [`Self::reduce_levels`] as `(P, B, d)`, the layout of the statistics.
     fn apply_levels(&self, maps: &[&Tensor]) -> Result<Tensor> {
-        Ok(self.reduce_levels(maps)?.permute((2, 0, 1))?.contiguous()?)
+        Ok(self.reduce_levels(maps)?.transpose(0, 1)?.contiguous()?)
     }
 
     fn tensor(&self) -> (&'static str, Tensor) {
@@ -575,7 +581,7 @@ impl Reduce {
 
 /// One level reduced on its own grid ([`Reduce::reduce_parts`]).
 struct Part {
-    /// `(B, d_l, S_l)`.
+    /// `(B, S_l, d_l)`.
     y: Tensor,
     grid: (usize, usize),
     /// The first output channel it fills.
@@ -583,7 +589,7 @@ struct Part {
 }
 
 /// The parts brought to the `h × w` grid (nearest) and summed (projection) or placed
-/// (subset) into one `(B, d, P)` buffer, in plain loops over whole rows: what
+/// (subset) into one `(B, P, d)` buffer, whole `d_l`-vectors at a time: what
 /// [`Reduce::reduce_levels`] does with tensor ops, without its gathers' overhead.
 fn assemble(
     parts: &[Part],
@@ -592,38 +598,38 @@ fn assemble(
     (h, w): (usize, usize),
     sum: bool,
 ) -> Result<Vec<f32>> {
+    /// Positions per parallel task.
+    const ROWS: usize = 256;
     let p = h * w;
-    let mut y = vec![0f32; b * d * p];
+    let mut y = vec![0f32; b * p * d];
     for (n, part) in parts.iter().enumerate() {
         // The first projected part covers every row: stored, not added to the zeroed buffer,
         // so that each fresh page is first written (a read first maps the shared zero page,
         // and the write after it copies the page and flushes the TLB on every core).
         let sum = sum && n > 0;
-        let (pb, dl, s) = part.y.dims3()?;
+        let (pb, s, dl) = part.y.dims3()?;
         if pb != b || part.first + dl > d || s != part.grid.0 * part.grid.1 {
             return Err(Error::Config("padim: inconsistent reduced level".into()));
         }
         let idx = (part.grid != (h, w)).then(|| nearest_index(part.grid, (h, w)));
+        let cols = part.first..part.first + dl;
         with_f32_slice(&part.y.contiguous()?, |src| {
-            y.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
-                let (bi, ch) = (row / d, row % d);
-                if ch < part.first || ch >= part.first + dl {
-                    return;
-                }
-                let src = &src[(bi * dl + ch - part.first) * s..][..s];
-                match (&idx, sum) {
-                    (None, true) => dst.iter_mut().zip(src).for_each(|(o, v)| *o += v),
-                    (None, false) => dst.copy_from_slice(src),
-                    (Some(idx), true) => dst
-                        .iter_mut()
-                        .zip(idx)
-                        .for_each(|(o, &j)| *o += src[j as usize]),
-                    (Some(idx), false) => dst
-                        .iter_mut()
-                        .zip(idx)
-                        .for_each(|(o, &j)| *o = src[j as usize]),
-                }
-            })
+            y.par_chunks_mut(ROWS * d)
+                .enumerate()
+                .for_each(|(task, rows)| {
+                    for (r, dst) in rows.chunks_exact_mut(d).enumerate() {
+                        let row = task * ROWS + r;
+                        let (bi, pos) = (row / p, row % p);
+                        let at = idx.as_ref().map_or(pos, |idx| idx[pos] as usize);
+                        let src = &src[(bi * s + at) * dl..][..dl];
+                        let dst = &mut dst[cols.clone()];
+                        if sum {
+                            dst.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                        } else {
+                            dst.copy_from_slice(src);
+                        }
+                    }
+                })
         })?;
     }
     Ok(y)
@@ -637,10 +643,54 @@ pub struct Padim {
     reduce: Reduce,
     /// `P × d` means (P = H·W positions).
     mean: Tensor,
-    /// `P × d × d` inverse covariances.
-    inv_cov: Tensor,
+    /// The inverse covariances.
+    inv_cov: InvStore,
     height: usize,
     width: usize,
+}
+
+/// PaDiM's inverse covariances in the form its scoring path reads.
+#[derive(Debug, Clone)]
+enum InvStore {
+    /// On the CPU: `(P, d (d + 1) / 2)`, each position's symmetric `Σ⁻¹` as its packed upper
+    /// triangle ([`maha::pack_upper`]), f32 or f16. The kernel streams `Σ⁻¹` from memory for
+    /// every batch; the packed form is half the bytes of the full matrices (and of the file).
+    Packed(Tensor),
+    /// On other devices: the full `(P, d, d)` matrices, for a batched matrix product.
+    Full(Tensor),
+}
+
+impl InvStore {
+    /// The packed `(P, T)` triangles → the form that scores on `dev`.
+    fn on(packed: Tensor, d: usize, dev: &Device) -> Result<Self> {
+        if dev.is_cpu() {
+            return Ok(InvStore::Packed(packed.to_device(dev)?));
+        }
+        Ok(InvStore::Full(Self::unpack(&packed.to_device(dev)?, d)?))
+    }
+
+    /// `(P, T)` packed triangles → `(P, d, d)` symmetric matrices, on the tensor's device.
+    fn unpack(packed: &Tensor, d: usize) -> Result<Tensor> {
+        let p = packed.dims()[0];
+        let idx = Tensor::from_vec(maha::unpack_index(d), d * d, packed.device())?;
+        Ok(packed.index_select(&idx, 1)?.reshape((p, d, d))?)
+    }
+
+    /// The packed triangles on the CPU (what the model file stores).
+    fn packed(&self) -> Result<Tensor> {
+        match self {
+            InvStore::Packed(t) => Ok(t.clone()),
+            InvStore::Full(t) => {
+                let (p, d, _) = t.dims3()?;
+                let dtype = t.dtype();
+                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Ok(
+                    Tensor::from_vec(pack_upper(&v, d), (p, packed_len(d)), &Device::Cpu)?
+                        .to_dtype(dtype)?,
+                )
+            }
+        }
+    }
 }
 
 impl FitScorer for PadimConfig {
@@ -701,13 +751,13 @@ impl FitScorer for PadimConfig {
         let dev = match &reduce {
             Reduce::Index(t) | Reduce::Project(t) => t.device().clone(),
         };
+        // Rounded to f16 while the f32 buffer shrinks: the peak stays the f32 statistics.
+        let t = packed_len(d);
         let inv_cov = match self.inv_cov_dtype {
-            CovDtype::F32 => Tensor::from_vec(inv, (p, d, d), &Device::Cpu)?,
-            CovDtype::F16 => {
-                Tensor::from_vec(to_f16_shrinking(inv, 16 * d * d), (p, d, d), &Device::Cpu)?
-            }
-        }
-        .to_device(&dev)?;
+            CovDtype::F32 => Tensor::from_vec(inv, (p, t), &Device::Cpu)?,
+            CovDtype::F16 => Tensor::from_vec(to_f16_shrinking(inv, 16 * t), (p, t), &Device::Cpu)?,
+        };
+        let inv_cov = InvStore::on(inv_cov, d, &dev)?;
         let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
         Ok(Padim {
             config: self.clone(),
@@ -740,9 +790,10 @@ fn to_f16_shrinking(mut v: Vec<f32>, block: usize) -> Vec<half::f16> {
     out
 }
 
-/// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices take
-/// `P·d²` f32 — the size of the model's Σ⁻¹, which they become in place — whatever the number
-/// of training images; the embeddings themselves are never stored. Images are gathered into
+/// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices, kept as
+/// packed upper triangles, take `P·d(d+1)/2` f32 — the size of the model's packed Σ⁻¹, which
+/// they become in place — whatever the number of training images; the embeddings themselves
+/// are never stored. Images are gathered into
 /// chunks of a fixed size before they are added, so the result depends on the images and their
 /// order, not on the batch size that delivered them. Sums are taken about the first chunk's
 /// mean (a per-position shift), which keeps them accurate in f32.
@@ -759,7 +810,8 @@ struct Moments {
     shift: Vec<f32>,
     /// `P × d`: `Σ (x − shift)`.
     sum: Vec<f64>,
-    /// `P × d × d`: `Σ (x − shift)(x − shift)ᵀ`.
+    /// `P × d(d+1)/2`: `Σ (x − shift)(x − shift)ᵀ`, upper triangles packed
+    /// ([`maha::pack_upper`]'s layout).
     scatter: Vec<f32>,
 }
 
@@ -778,7 +830,7 @@ impl Moments {
             filled: 0,
             shift: Vec::new(),
             sum: vec![0f64; p * d],
-            scatter: vec![0f32; p * d * d],
+            scatter: vec![0f32; p * packed_len(d)],
         }
     }
 
@@ -831,19 +883,15 @@ impl Moments {
         // The first chunk stores its products instead of adding them to the zeroed scatter
         // matrices: their pages are then first written, not read (a read maps the shared zero
         // page, and the write after it copies the page and flushes the TLB on every core).
-        let accum = if self.n == 0 {
-            Accum::Replace
-        } else {
-            Accum::Add
-        };
+        let first = self.n == 0;
         self.scatter
-            .par_chunks_mut(d * d)
+            .par_chunks_mut(packed_len(d))
             .zip(self.sum.par_chunks_mut(d))
             .zip(self.shift.par_chunks(d))
             .enumerate()
             .for_each_init(
-                || vec![0f32; f * d],
-                |yc, (pos, ((s2, s1), c))| {
+                || (vec![0f32; f * d], vec![0f32; d * d]),
+                |(yc, g), (pos, ((s2, s1), c))| {
                     for bi in 0..f {
                         let row = &pending[(pos * k + bi) * d..][..d];
                         for j in 0..d {
@@ -853,16 +901,26 @@ impl Moments {
                         }
                     }
                     let ym = MatRef::from_row_major_slice(&yc[..], f, d);
-                    let dst = MatMut::from_row_major_slice_mut(s2, d, d);
-                    matmul(dst, accum, ym.transpose(), ym, 1.0f32, Par::Seq);
+                    let dst = MatMut::from_row_major_slice_mut(&mut g[..], d, d);
+                    matmul(dst, Accum::Replace, ym.transpose(), ym, 1.0f32, Par::Seq);
+                    // The product's upper triangle, row by row, into the packed sums.
+                    for i in 0..d {
+                        let src = &g[i * d + i..(i + 1) * d];
+                        let dst = &mut s2[maha::row_start(i, d)..maha::row_start(i + 1, d)];
+                        if first {
+                            dst.copy_from_slice(src);
+                        } else {
+                            dst.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                        }
+                    }
                 },
             );
         self.n += f;
         self.filled = 0;
     }
 
-    /// Means `P × d` and the regularised inverse covariances `P × d × d` (computed in place of
-    /// the scatter matrices, in f64 per position).
+    /// Means `P × d` and the regularised inverse covariances `P × d(d+1)/2`, packed upper
+    /// triangles (computed in place of the scatter matrices, in f64 per position).
     fn finish(mut self, reg: f64) -> Result<(Vec<f32>, Vec<f32>)> {
         self.flush();
         let (n, d) = (self.n, self.d);
@@ -873,13 +931,15 @@ impl Moments {
         }
         let nf = n as f64;
         self.scatter
-            .par_chunks_mut(d * d)
+            .par_chunks_mut(packed_len(d))
             .zip(self.sum.par_chunks(d))
             .enumerate()
             .try_for_each(|(pos, (s2, s1))| {
                 // Σ = (S − s sᵀ / n) / (n − 1) about the shift, the same as about the mean.
                 let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
-                    (s2[i * d + j] as f64 - s1[i] * s1[j] / nf) / (nf - 1.0)
+                    let (lo, hi) = (i.min(j), i.max(j));
+                    (s2[maha::row_start(lo, d) + hi - lo] as f64 - s1[i] * s1[j] / nf)
+                        / (nf - 1.0)
                         + if i == j { reg } else { 0.0 }
                 });
                 let llt = m.llt(faer::Side::Lower).map_err(|e| {
@@ -888,8 +948,11 @@ impl Moments {
                     ))
                 })?;
                 let inv = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
-                for (k, v) in s2.iter_mut().enumerate() {
-                    *v = inv[(k / d, k % d)] as f32;
+                for i in 0..d {
+                    let row = &mut s2[maha::row_start(i, d)..maha::row_start(i + 1, d)];
+                    for (j, v) in (i..d).zip(row) {
+                        *v = inv[(i, j)] as f32;
+                    }
                 }
                 Ok::<(), Error>(())
             })?;
@@ -915,6 +978,7 @@ impl Restore for Padim {
         // The stored tensor says which reduction was fitted (files from before the projection
         // existed carry `index` and no `reduction` in their configuration).
         let projected = tensors.contains_key("projection");
+        let packed = tensors.contains_key("inv_cov_upper");
         let mut t = StoredTensors::new("padim", tensors);
         let reduce = if projected {
             Reduce::Project(t.take("projection")?.to_dtype(DType::F32)?)
@@ -922,7 +986,13 @@ impl Restore for Padim {
             Reduce::Index(t.take("index")?.to_dtype(DType::U32)?)
         };
         let mean = t.take("mean")?;
-        let inv_cov = t.take("inv_cov")?.to_dtype(config.inv_cov_dtype.dtype())?;
+        let dtype = config.inv_cov_dtype.dtype();
+        // Files from before the packed form (format 2) hold the full `(P, d, d)` matrices.
+        let inv_cov = if packed {
+            t.take("inv_cov_upper")?.to_dtype(dtype)?
+        } else {
+            t.take("inv_cov")?.to_dtype(dtype)?
+        };
         let (height, width) = t.take_grid()?;
         let reduce_ok = match &reduce {
             Reduce::Index(i) => i.rank() == 1,
@@ -932,9 +1002,32 @@ impl Restore for Padim {
             return Err(t.inconsistent());
         }
         let (p, d) = mean.dims2()?;
-        if height * width != p || inv_cov.dims() != [p, d, d] || reduce.dims() != d {
+        let want: &[usize] = if packed {
+            &[p, packed_len(d)]
+        } else {
+            &[p, d, d]
+        };
+        if height * width != p || inv_cov.dims() != want || reduce.dims() != d {
             return Err(t.inconsistent());
         }
+        let inv_cov = if packed {
+            inv_cov
+        } else {
+            let full = inv_cov.to_device(&Device::Cpu)?;
+            match dtype {
+                DType::F16 => Tensor::from_vec(
+                    with_f16_slice(&full, |v| pack_upper(v, d))?,
+                    (p, packed_len(d)),
+                    &Device::Cpu,
+                )?,
+                _ => Tensor::from_vec(
+                    with_f32_slice(&full, |v| pack_upper(v, d))?,
+                    (p, packed_len(d)),
+                    &Device::Cpu,
+                )?,
+            }
+        };
+        let inv_cov = InvStore::on(inv_cov, d, mean.device())?;
         if let Reduce::Index(index) = &reduce {
             let idx: Vec<u32> = index.to_vec1()?;
             if idx.windows(2).any(|w| w[0] >= w[1]) {
@@ -999,28 +1092,31 @@ impl Scorer for Padim {
                 self.height, self.width
             )));
         }
-        let data = if self.mean.device().is_cpu() {
-            let d = self.dims();
-            let sum = matches!(self.reduce, Reduce::Project(_));
-            let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
-            with_f32_slice(&self.mean, |mean| match self.inv_cov.dtype() {
-                DType::F16 => with_f16_slice(&self.inv_cov, |inv| {
-                    mahalanobis(&y, mean, InvCov::F16(inv), b, d)
-                }),
-                _ => with_f32_slice(&self.inv_cov, |inv| {
-                    mahalanobis(&y, mean, InvCov::F32(inv), b, d)
-                }),
-            })???
-        } else {
-            let y = self
-                .reduce
-                .reduce_levels(&maps)?
-                .to_device(self.mean.device())?;
-            let x = y.permute((2, 0, 1))?.contiguous()?; // (P, B, d)
-            let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
-            let t = diff.matmul(&self.inv_cov.to_dtype(DType::F32)?)?; // (P, B, d)
-            let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
-            dist.t()?.contiguous()?.flatten_all()?.to_vec1()?
+        let data = match &self.inv_cov {
+            InvStore::Packed(inv_cov) => {
+                let d = self.dims();
+                let sum = matches!(self.reduce, Reduce::Project(_));
+                let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
+                with_f32_slice(&self.mean, |mean| match inv_cov.dtype() {
+                    DType::F16 => with_f16_slice(inv_cov, |inv| {
+                        mahalanobis(&y, mean, InvCov::F16(inv), b, d)
+                    }),
+                    _ => with_f32_slice(inv_cov, |inv| {
+                        mahalanobis(&y, mean, InvCov::F32(inv), b, d)
+                    }),
+                })???
+            }
+            InvStore::Full(inv_cov) => {
+                let y = self
+                    .reduce
+                    .reduce_levels(&maps)?
+                    .to_device(self.mean.device())?;
+                let x = y.transpose(0, 1)?.contiguous()?; // (P, B, d)
+                let diff = x.broadcast_sub(&self.mean.unsqueeze(1)?)?;
+                let t = diff.matmul(&inv_cov.to_dtype(DType::F32)?)?; // (P, B, d)
+                let dist = (t * &diff)?.sum(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?; // (P, B)
+                dist.t()?.contiguous()?.flatten_all()?.to_vec1()?
+            }
         };
         Ok(RawMaps::new(b, h, w, data))
     }
@@ -1031,7 +1127,7 @@ impl Scorer for Padim {
         Ok(vec![
             (name.into(), reduce),
             ("mean".into(), self.mean.clone()),
-            ("inv_cov".into(), self.inv_cov.clone()),
+            ("inv_cov_upper".into(), self.inv_cov.packed()?),
             ("grid".into(), grid),
         ])
     }
@@ -1107,7 +1203,7 @@ mod tests {
     fn fused_mahalanobis_equals_the_tensor_formulation() {
         let dev = Device::Cpu;
         let (b, d, p) = (3usize, 21usize, 37usize);
-        let y = Tensor::rand(-1f32, 1., (b, d, p), &dev).unwrap();
+        let y = Tensor::rand(-1f32, 1., (b, p, d), &dev).unwrap();
         let mean = Tensor::rand(-1f32, 1., (p, d), &dev).unwrap();
         // Symmetric positive definite: A Aᵀ + I per position.
         let a = Tensor::rand(-1f32, 1., (p, d, d), &dev).unwrap();
@@ -1122,8 +1218,9 @@ mod tests {
         .contiguous()
         .unwrap();
         let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let got = mahalanobis(&v(&y), &v(&mean), InvCov::F32(&v(&inv)), b, d).unwrap();
-        let x = y.permute((2, 0, 1)).unwrap().contiguous().unwrap();
+        let packed = pack_upper(&v(&inv), d);
+        let got = mahalanobis(&v(&y), &v(&mean), InvCov::F32(&packed), b, d).unwrap();
+        let x = y.transpose(0, 1).unwrap().contiguous().unwrap();
         let diff = x.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();
         // The tensor formulation, `(P, B)` → `(B, P)`, for a given Σ⁻¹.
         let reference = |inv: &Tensor| -> Vec<f32> {
@@ -1141,7 +1238,7 @@ mod tests {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
         }
         // f16 storage: the same distances as the f32 formulation on the f16-rounded Σ⁻¹.
-        let inv16: Vec<half::f16> = v(&inv).iter().map(|&x| half::f16::from_f32(x)).collect();
+        let inv16: Vec<half::f16> = packed.iter().map(|&x| half::f16::from_f32(x)).collect();
         let got16 = mahalanobis(&v(&y), &v(&mean), InvCov::F16(&inv16), b, d).unwrap();
         let inv_r = inv
             .to_dtype(DType::F16)
@@ -1155,7 +1252,7 @@ mod tests {
             got16.iter().zip(&got).any(|(a, b)| a != b),
             "f16 rounding must show"
         );
-        assert!(mahalanobis(&v(&y), &v(&mean), InvCov::F32(&v(&inv)), b + 1, d).is_err());
+        assert!(mahalanobis(&v(&y), &v(&mean), InvCov::F32(&packed), b + 1, d).is_err());
     }
 
     /// The streamed statistics (batch by batch, about a shift, f32 scatter) equal the
@@ -1232,7 +1329,9 @@ mod tests {
             );
             for i in 0..d {
                 for j in 0..d {
-                    let (g, w) = (inv[pos * d * d + i * d + j] as f64, want[(i, j)]);
+                    let (lo, hi) = (i.min(j), i.max(j));
+                    let at = pos * packed_len(d) + maha::row_start(lo, d) + hi - lo;
+                    let (g, w) = (inv[at] as f64, want[(i, j)]);
                     assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
                 }
             }
@@ -1241,5 +1340,65 @@ mod tests {
         let mut single = Moments::new(p, d, 5);
         single.add(&batches[3], 1).unwrap();
         assert!(single.finish(reg).is_err());
+    }
+
+    /// The full-matrix path other devices run (forced here on the CPU) scores like the packed
+    /// CPU kernel and writes the same packed tensor; a format-2 file (full `inv_cov`) loads
+    /// into the packed form and scores to the bit like the model it came from.
+    #[test]
+    fn packed_full_and_legacy_models_agree() {
+        use tessera_core::scorer::Restore;
+        let dev = Device::Cpu;
+        let feats = |s: u64| {
+            let t = |c: usize, g: usize, k: f64| {
+                Tensor::rand(0f32, 1., (3, c, g, g), &dev)
+                    .unwrap()
+                    .affine(k, s as f64 * 0.01)
+                    .unwrap()
+            };
+            Ok(FeatureMaps::new(vec![t(6, 8, 1.0), t(5, 4, 2.0), t(7, 2, 3.0)]))
+        };
+        for dtype in [CovDtype::F32, CovDtype::F16] {
+            let cfg = PadimConfig {
+                dims: Some(9),
+                inv_cov_dtype: dtype,
+                ..Default::default()
+            };
+            let m = cfg.fit(&mut (0..4).map(feats)).unwrap();
+            let test = feats(9).unwrap();
+            let want = m.score(&test).unwrap();
+            let packed = m.inv_cov.packed().unwrap();
+            assert_eq!(packed.dims(), [64, packed_len(9)]);
+            assert_eq!(packed.dtype(), dtype.dtype());
+            let full = InvStore::unpack(&packed, 9).unwrap();
+            let on_device = Padim {
+                inv_cov: InvStore::Full(full.clone()),
+                ..m.clone()
+            };
+            let got = on_device.score(&test).unwrap();
+            for (g, w) in got.data.iter().zip(&want.data) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+            }
+            let repacked = on_device.inv_cov.packed().unwrap();
+            assert_eq!(
+                repacked.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+                packed.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+            );
+            // A format-2 file: `inv_cov` as the full matrices.
+            let mut old: std::collections::HashMap<String, Tensor> =
+                m.tensors().unwrap().into_iter().collect();
+            assert!(old.remove("inv_cov_upper").is_some());
+            old.insert("inv_cov".into(), full);
+            let back = Padim::restore(cfg.clone(), old.clone()).unwrap();
+            assert_eq!(back.score(&test).unwrap(), want);
+            // A full matrix under the new name, or a packed one under the old, is refused.
+            let mut wrong = old.clone();
+            let full = wrong.remove("inv_cov").unwrap();
+            wrong.insert("inv_cov_upper".into(), full);
+            assert!(Padim::restore(cfg.clone(), wrong).is_err());
+            let mut wrong = old;
+            wrong.insert("inv_cov".into(), packed);
+            assert!(Padim::restore(cfg, wrong).is_err());
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! Batched Mahalanobis distances on the CPU: every position's `Σ⁻¹` is read once for all images
 //! of a batch and multiplied by a register-blocked kernel.
 //!
-//! Per position the distances are `q_b = x_bᵀ S x_b` with `S = Σ⁻¹` symmetric. Only the upper
-//! triangle is read: it is copied (or widened from f16) into a padded scratch `S'` with the
-//! off-diagonal entries doubled and zeros below, so that `q_b = Σ_J ⟨Σ_k x_bk S'[k, J], x_bJ⟩`
-//! over column blocks `J` (16 columns, then 8) — about half the arithmetic and half the bytes
-//! of `X·S`. Each `S'[k, J]` row segment updates a 4-image × 16-column tile of accumulators
+//! Per position the distances are `q_b = x_bᵀ S x_b` with `S = Σ⁻¹` symmetric, stored as its
+//! packed upper triangle ([`packed_len`]): streaming `Σ⁻¹` from memory is what bounds this
+//! kernel, and the packed form is half the bytes. Each position's triangle is copied (or
+//! widened from f16) into a padded scratch `S'` with the off-diagonal entries doubled and zeros
+//! below, so that `q_b = Σ_J ⟨Σ_k x_bk S'[k, J], x_bJ⟩` over column blocks `J` (16 columns,
+//! then 8) — about half the arithmetic of `X·S`. Each `S'[k, J]` row segment updates a 4-image × 16-column tile of accumulators
 //! held in registers (8 fused multiply-adds per 2 loads and 4 broadcasts), where a dot product
 //! per row and image with a horizontal sum each was latency-bound.
 
@@ -22,7 +23,49 @@ const WIDE: usize = 2;
 /// Images per pass of the main kernel.
 const ROWS: usize = 4;
 
-/// Inverse covariances `(P, d, d)` as stored, each symmetric (only the upper triangle is read).
+/// Values in one position's packed upper triangle: `d (d + 1) / 2`.
+pub fn packed_len(d: usize) -> usize {
+    d * (d + 1) / 2
+}
+
+/// Where row `i` of a packed upper triangle starts: the rows before it hold `d, d − 1, …`
+/// values (row `i` holds columns `i … d`).
+#[inline]
+pub(crate) fn row_start(i: usize, d: usize) -> usize {
+    i * (2 * d + 1 - i) / 2
+}
+
+/// `(P, d, d)` row-major symmetric matrices → their packed upper triangles `(P, d (d + 1) / 2)`:
+/// row `i`'s columns `i … d`, rows in order. The lower triangles are not read.
+pub fn pack_upper<T: Copy>(full: &[T], d: usize) -> Vec<T> {
+    if d == 0 {
+        return Vec::new();
+    }
+    let p = full.len() / (d * d).max(1);
+    let mut out = Vec::with_capacity(p * packed_len(d));
+    for m in full.chunks_exact(d * d) {
+        for i in 0..d {
+            out.extend_from_slice(&m[i * d + i..(i + 1) * d]);
+        }
+    }
+    out
+}
+
+/// For each entry `(i, j)` of a row-major `d × d` matrix, its index in the packed upper
+/// triangle of the symmetric matrix: the gather that unpacks it (other devices score with the
+/// full matrices).
+pub fn unpack_index(d: usize) -> Vec<u32> {
+    (0..d * d)
+        .map(|k| {
+            let (i, j) = (k / d, k % d);
+            let (lo, hi) = (i.min(j), i.max(j));
+            (row_start(lo, d) + hi - lo) as u32
+        })
+        .collect()
+}
+
+/// Inverse covariances `(P, d (d + 1) / 2)` as stored: each position's symmetric `Σ⁻¹` as its
+/// packed upper triangle ([`pack_upper`]).
 #[derive(Clone, Copy, Debug)]
 pub enum InvCov<'a> {
     /// `f32` storage.
@@ -41,15 +84,16 @@ impl InvCov<'_> {
 }
 
 /// Mahalanobis distances `√((y − μ)ᵀ Σ⁻¹ (y − μ))` of `b` images at every position: `y` is
-/// `(B, d, P)`, `mean` `(P, d)`, `inv` `(P, d, d)` symmetric; the result is `(B, P)`, rounding
+/// `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, d (d + 1) / 2)` packed; the result is `(B, P)`, rounding
 /// below zero clamped to 0 before the root. Blocks of positions run in parallel on rayon's
 /// pool; the CPU's widest vector unit is detected at run time, with the same operations in the
 /// same order on every path (the results do not depend on it).
 ///
 /// ```
 /// use tessera_padim::maha::{mahalanobis, InvCov};
-/// // One position, d = 2, Σ⁻¹ = diag(1, 4): the distance of (3, 1) from (0, 0) is √(9 + 4).
-/// let d = mahalanobis(&[3.0, 1.0], &[0.0, 0.0], InvCov::F32(&[1.0, 0.0, 0.0, 4.0]), 1, 2)?;
+/// // One position, d = 2, Σ⁻¹ = diag(1, 4), packed as (S₀₀, S₀₁, S₁₁): the distance of (3, 1)
+/// // from (0, 0) is √(9 + 4).
+/// let d = mahalanobis(&[3.0, 1.0], &[0.0, 0.0], InvCov::F32(&[1.0, 0.0, 4.0]), 1, 2)?;
 /// assert_eq!(d, vec![13f32.sqrt()]);
 /// # Ok::<(), tessera_core::Error>(())
 /// ```
@@ -61,7 +105,7 @@ pub fn mahalanobis(
     d: usize,
 ) -> Result<Vec<f32>> {
     let p = mean.len() / d.max(1);
-    if d == 0 || y.len() != b * d * p || mean.len() != p * d || inv.len() != p * d * d {
+    if d == 0 || y.len() != b * d * p || mean.len() != p * d || inv.len() != p * packed_len(d) {
         return Err(Error::Config(format!(
             "padim: mahalanobis on inconsistent sizes (y {}, mean {}, inv {}, b {b}, d {d})",
             y.len(),
@@ -90,8 +134,8 @@ pub fn mahalanobis(
     Ok(dist)
 }
 
-/// The inputs of [`mahalanobis`], checked: `y` `(B, d, P)`, `mean` `(P, d)`, `inv` `(P, d, d)`,
-/// `dims` = `(B, d, P)`.
+/// The inputs of [`mahalanobis`], checked: `y` `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, T)`
+/// packed, `dims` = `(B, d, P)`.
 #[derive(Clone, Copy)]
 struct Job<'a> {
     y: &'a [f32],
@@ -144,15 +188,15 @@ fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
     let p0 = blk * BLOCK;
     let n = BLOCK.min(p - p0);
     let dp = d.div_ceil(LANES) * LANES;
-    // x[(k·b + bi)·dp + i] = y[bi, i, p0 + k] − μ[p0 + k, i]; the padding columns stay 0.
+    // x[(k·b + bi)·dp + i] = y[bi, p0 + k, i] − μ[p0 + k, i]; the padding columns stay 0.
     let mut x = vec![0f32; n * b * dp];
     for k in 0..n {
         let mu = &mean[(p0 + k) * d..][..d];
         for bi in 0..b {
             let dst = &mut x[(k * b + bi) * dp..][..d];
-            let src = &y[bi * d * p + p0 + k..];
-            for (i, (o, m)) in dst.iter_mut().zip(mu).enumerate() {
-                *o = src[i * p] - m;
+            let src = &y[(bi * p + p0 + k) * d..][..d];
+            for ((o, v), m) in dst.iter_mut().zip(src).zip(mu) {
+                *o = v - m;
             }
         }
     }
@@ -164,19 +208,21 @@ fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
     let blocks: Vec<(usize, usize)> = column_blocks(d).collect();
     let groups = b.div_ceil(ROWS);
     let mut out = vec![0f32; n * b];
+    let t = packed_len(d);
     for k in 0..n {
-        let at = (p0 + k) * d * d;
+        let at = (p0 + k) * t;
         for i in 0..d {
             let dst = &mut s[i * dp + i..i * dp + d];
+            let row = at + row_start(i, d)..at + row_start(i + 1, d);
             match inv {
                 InvCov::F32(v) => {
-                    let src = &v[at + i * d + i..at + (i + 1) * d];
+                    let src = &v[row];
                     dst[0] = src[0];
                     for (o, v) in dst[1..].iter_mut().zip(&src[1..]) {
                         *o = v + v;
                     }
                 }
-                InvCov::F16(v) => widen_doubled::<FMA>(&v[at + i * d + i..at + (i + 1) * d], dst),
+                InvCov::F16(v) => widen_doubled::<FMA>(&v[row], dst),
             }
         }
         let q = &mut out[k * b..][..b];
@@ -350,7 +396,7 @@ mod tests {
         for bi in 0..b {
             for k in 0..p {
                 let x: Vec<f64> = (0..d)
-                    .map(|i| (y[(bi * d + i) * p + k] - mean[k * d + i]) as f64)
+                    .map(|i| (y[(bi * p + k) * d + i] - mean[k * d + i]) as f64)
                     .collect();
                 let s = &inv[k * d * d..][..d * d];
                 let mut q = 0f64;
@@ -377,7 +423,7 @@ mod tests {
 
     /// Every image-group remainder (b = 1…9), dimensions below, at and across the vector and
     /// block widths, positions not a multiple of the task block; symmetric positive definite
-    /// Σ⁻¹ with its lower triangle overwritten by garbage (it must not be read).
+    /// Σ⁻¹ with its lower triangle overwritten by garbage before packing (it must not be read).
     #[test]
     fn equals_the_full_product() {
         let mut rnd = lcg(3);
@@ -412,12 +458,14 @@ mod tests {
                     }
                 }
             }
-            let got = mahalanobis(&y, &mean, InvCov::F32(&garbage), b, d).unwrap();
+            let packed = pack_upper(&garbage, d);
+            assert_eq!(packed.len(), p * packed_len(d));
+            let got = mahalanobis(&y, &mean, InvCov::F32(&packed), b, d).unwrap();
             for (g, w) in got.iter().zip(&want) {
                 let tol = 1e-5 * w.abs().max(1.0);
                 assert!((*g as f64 - w).abs() <= tol, "b {b} d {d}: {g} vs {w}");
             }
-            let inv16: Vec<half::f16> = garbage.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let inv16: Vec<half::f16> = packed.iter().map(|&v| half::f16::from_f32(v)).collect();
             let rounded: Vec<f32> = inv
                 .iter()
                 .map(|&v| half::f16::from_f32(v).to_f32())
@@ -439,7 +487,7 @@ mod tests {
         let (b, d, p) = (7usize, 45usize, 70usize);
         let y: Vec<f32> = (0..b * d * p).map(|_| rnd()).collect();
         let mean: Vec<f32> = (0..p * d).map(|_| rnd()).collect();
-        let inv: Vec<f32> = (0..p * d * d).map(|_| rnd()).collect();
+        let inv: Vec<f32> = (0..p * packed_len(d)).map(|_| rnd()).collect();
         let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
         for s in [InvCov::F32(&inv), InvCov::F16(&inv16)] {
             for blk in 0..p.div_ceil(BLOCK) {
@@ -469,11 +517,41 @@ mod tests {
         let e = mahalanobis(
             &[0.0; 5],
             &[0.0; 2],
-            InvCov::F32(&[1.0, 0.0, 0.0, 1.0]),
+            InvCov::F32(&[1.0, 0.0, 1.0]),
             2,
             2,
         );
         assert!(e.is_err());
+        // A full d × d matrix is not a packed one.
+        let full = mahalanobis(&[0.0; 2], &[0.0; 2], InvCov::F32(&[1.0, 0.0, 0.0, 1.0]), 1, 2);
+        assert!(full.is_err());
         assert!(mahalanobis(&[], &[], InvCov::F32(&[]), 1, 0).is_err());
+    }
+
+    /// Unpacking gathers every entry of the symmetric matrix back, both triangles.
+    #[test]
+    fn packing_round_trips() {
+        let (p, d) = (3usize, 7usize);
+        let mut rnd = lcg(11);
+        let mut full = vec![0f32; p * d * d];
+        for k in 0..p {
+            for i in 0..d {
+                for j in i..d {
+                    let v = rnd();
+                    full[k * d * d + i * d + j] = v;
+                    full[k * d * d + j * d + i] = v;
+                }
+            }
+        }
+        let packed = pack_upper(&full, d);
+        let idx = unpack_index(d);
+        let t = packed_len(d);
+        let back: Vec<f32> = (0..p)
+            .flat_map(|k| idx.iter().map(move |&j| (k, j)))
+            .map(|(k, j)| packed[k * t + j as usize])
+            .collect();
+        assert_eq!(back, full);
+        assert_eq!(packed_len(0), 0);
+        assert!(pack_upper(&[0f32; 0], 0).is_empty());
     }
 }

@@ -271,7 +271,7 @@ fn f16_inverse_covariances_score_like_f32_and_round_trip() {
     }
     let t: std::collections::HashMap<String, Tensor> =
         half.tensors().unwrap().into_iter().collect();
-    assert_eq!(t["inv_cov"].dtype(), candle_core::DType::F16);
+    assert_eq!(t["inv_cov_upper"].dtype(), candle_core::DType::F16);
     let cfg: PadimConfig = serde_json::from_value(half.config()).unwrap();
     assert_eq!(cfg.inv_cov_dtype, CovDtype::F16);
     let back = <Padim as tessera_core::scorer::Restore>::restore(cfg, t).unwrap();
