@@ -938,8 +938,7 @@ impl Moments {
                 // Σ = (S − s sᵀ / n) / (n − 1) about the shift, the same as about the mean.
                 let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
                     let (lo, hi) = (i.min(j), i.max(j));
-                    (s2[maha::row_start(lo, d) + hi - lo] as f64 - s1[i] * s1[j] / nf)
-                        / (nf - 1.0)
+                    (s2[maha::row_start(lo, d) + hi - lo] as f64 - s1[i] * s1[j] / nf) / (nf - 1.0)
                         + if i == j { reg } else { 0.0 }
                 });
                 let llt = m.llt(faer::Side::Lower).map_err(|e| {
@@ -1098,12 +1097,12 @@ impl Scorer for Padim {
                 let sum = matches!(self.reduce, Reduce::Project(_));
                 let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
                 with_f32_slice(&self.mean, |mean| match inv_cov.dtype() {
-                    DType::F16 => with_f16_slice(inv_cov, |inv| {
-                        mahalanobis(&y, mean, InvCov::F16(inv), b, d)
-                    }),
-                    _ => with_f32_slice(inv_cov, |inv| {
-                        mahalanobis(&y, mean, InvCov::F32(inv), b, d)
-                    }),
+                    DType::F16 => {
+                        with_f16_slice(inv_cov, |inv| mahalanobis(&y, mean, InvCov::F16(inv), b, d))
+                    }
+                    _ => {
+                        with_f32_slice(inv_cov, |inv| mahalanobis(&y, mean, InvCov::F32(inv), b, d))
+                    }
                 })???
             }
             InvStore::Full(inv_cov) => {
@@ -1356,7 +1355,11 @@ mod tests {
                     .affine(k, s as f64 * 0.01)
                     .unwrap()
             };
-            Ok(FeatureMaps::new(vec![t(6, 8, 1.0), t(5, 4, 2.0), t(7, 2, 3.0)]))
+            Ok(FeatureMaps::new(vec![
+                t(6, 8, 1.0),
+                t(5, 4, 2.0),
+                t(7, 2, 3.0),
+            ]))
         };
         for dtype in [CovDtype::F32, CovDtype::F16] {
             let cfg = PadimConfig {
@@ -1381,8 +1384,16 @@ mod tests {
             }
             let repacked = on_device.inv_cov.packed().unwrap();
             assert_eq!(
-                repacked.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
-                packed.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+                repacked
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                packed
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
             );
             // A format-2 file: `inv_cov` as the full matrices.
             let mut old: std::collections::HashMap<String, Tensor> =

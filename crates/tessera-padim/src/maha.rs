@@ -514,16 +514,16 @@ mod tests {
 
     #[test]
     fn refuses_inconsistent_sizes() {
-        let e = mahalanobis(
-            &[0.0; 5],
-            &[0.0; 2],
-            InvCov::F32(&[1.0, 0.0, 1.0]),
-            2,
-            2,
-        );
+        let e = mahalanobis(&[0.0; 5], &[0.0; 2], InvCov::F32(&[1.0, 0.0, 1.0]), 2, 2);
         assert!(e.is_err());
         // A full d × d matrix is not a packed one.
-        let full = mahalanobis(&[0.0; 2], &[0.0; 2], InvCov::F32(&[1.0, 0.0, 0.0, 1.0]), 1, 2);
+        let full = mahalanobis(
+            &[0.0; 2],
+            &[0.0; 2],
+            InvCov::F32(&[1.0, 0.0, 0.0, 1.0]),
+            1,
+            2,
+        );
         assert!(full.is_err());
         assert!(mahalanobis(&[], &[], InvCov::F32(&[]), 1, 0).is_err());
     }
