@@ -793,10 +793,10 @@ fn to_f16_shrinking(mut v: Vec<f32>, block: usize) -> Vec<half::f16> {
 /// Per-position Gaussian statistics, accumulated batch by batch. The scatter matrices, kept as
 /// packed upper triangles, take `P·d(d+1)/2` f32 — the size of the model's packed Σ⁻¹, which
 /// they become in place — whatever the number of training images; the embeddings themselves
-/// are never stored. Images are gathered into
-/// chunks of a fixed size before they are added, so the result depends on the images and their
-/// order, not on the batch size that delivered them. Sums are taken about the first chunk's
-/// mean (a per-position shift), which keeps them accurate in f32.
+/// are never stored. Images are gathered into chunks of a fixed size before they are added,
+/// so the result depends on the images and their order, not on the batch size that delivered
+/// them. Sums are taken about the first chunk's mean (a per-position shift), which keeps them
+/// accurate in f32.
 struct Moments {
     p: usize,
     d: usize,
