@@ -2,13 +2,14 @@
 //! of a batch and multiplied by a register-blocked kernel.
 //!
 //! Per position the distances are `q_b = x_bᵀ S x_b` with `S = Σ⁻¹` symmetric, stored as its
-//! packed upper triangle ([`packed_len`]): streaming `Σ⁻¹` from memory is what bounds this
-//! kernel, and the packed form is half the bytes. Each position's triangle is copied (or
-//! widened from f16) into a padded scratch `S'` with the off-diagonal entries doubled and zeros
-//! below, so that `q_b = Σ_J ⟨Σ_k x_bk S'[k, J], x_bJ⟩` over column blocks `J` (16 columns,
-//! then 8) — about half the arithmetic of `X·S`. Each `S'[k, J]` row segment updates a 4-image × 16-column tile of accumulators
-//! held in registers (8 fused multiply-adds per 2 loads and 4 broadcasts), where a dot product
-//! per row and image with a horizontal sum each was latency-bound.
+//! packed upper triangle ([`packed_len`]): `Σ⁻¹` is streamed from memory for every batch, and
+//! the packed form is half the bytes of the full matrices. Each position's triangle is copied
+//! (or widened from f16) into a padded scratch `S'` with the off-diagonal entries doubled and
+//! zeros below, so that `q_b = Σ_J ⟨Σ_k x_bk S'[k, J], x_bJ⟩` over column blocks `J` (16
+//! columns, then 8) — about half the arithmetic of `X·S`. Each `S'[k, J]` row segment updates a
+//! 4-image × 16-column tile of accumulators held in registers (8 fused multiply-adds per 2 loads
+//! and 4 broadcasts), where a dot product per row and image with a horizontal sum each was
+//! latency-bound.
 
 use rayon::prelude::*;
 use tessera_core::{Error, Result};
@@ -84,8 +85,8 @@ impl InvCov<'_> {
 }
 
 /// Mahalanobis distances `√((y − μ)ᵀ Σ⁻¹ (y − μ))` of `b` images at every position: `y` is
-/// `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, d (d + 1) / 2)` packed; the result is `(B, P)`, rounding
-/// below zero clamped to 0 before the root. Blocks of positions run in parallel on rayon's
+/// `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, d (d + 1) / 2)` packed; the result is `(B, P)`,
+/// rounding below zero clamped to 0 before the root. Blocks of positions run in parallel on rayon's
 /// pool; the CPU's widest vector unit is detected at run time, with the same operations in the
 /// same order on every path (the results do not depend on it).
 ///
