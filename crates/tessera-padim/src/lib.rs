@@ -302,6 +302,26 @@ impl Default for PadimConfig {
 }
 
 impl PadimConfig {
+    /// The dimensions kept for features of `channels` channels: [`Self::dims`], or the default
+    /// (100 up to 448 channels, else 550), at most `channels`.
+    pub fn dims_for(&self, channels: usize) -> usize {
+        self.dims
+            .unwrap_or(if channels <= 448 { 100 } else { 550 })
+            .min(channels)
+    }
+
+    /// The bytes `fit` holds for a grid of `positions` and features of `channels` channels,
+    /// whatever the number of training images (the statistics are streamed): the packed f32
+    /// scatter matrices, which become Σ⁻¹ in place, the per-position sums, shift and pending
+    /// chunk, and one batch of 8 reduced embeddings (reduced, then transposed: twice).
+    pub fn fit_bytes(&self, positions: usize, channels: usize) -> u64 {
+        let (p, d) = (positions as u64, self.dims_for(channels) as u64);
+        let scatter = p * packed_len(d as usize) as u64 * 4;
+        let per_position = p * d * (MOMENT_CHUNK as u64 * 4 + 8 + 4);
+        let batch = 2 * p * 8 * d * 4;
+        scatter + per_position + batch
+    }
+
     fn validate(&self) -> Result<()> {
         if self.levels.is_empty() || self.levels.contains(&0) {
             return Err(Error::Config(
@@ -712,7 +732,7 @@ impl FitScorer for PadimConfig {
                         "padim: {d} channels asked for, but the features have {c}; choose at most {c}"
                     )));
                 }
-                let d = self.dims.unwrap_or(if c <= 448 { 100 } else { 550 }).min(c);
+                let d = self.dims_for(c);
                 // The data-driven reductions learn from the first batch's whole embedding.
                 let emb = if matches!(self.reduction, Reduction::Pca | Reduction::Npca) {
                     Some(embed(&batch, &self.levels)?)
