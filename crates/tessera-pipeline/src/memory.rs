@@ -133,7 +133,11 @@ mod tests {
         // estimate before the streamed, packed statistics was 16 GiB and refused 16 GB
         // machines).
         let wide = estimate_fit(&padim, Arch::WideResNet50_2, (224, 224), 209);
-        assert!(wide.bytes > 1900 << 20 && wide.bytes < 2600 << 20, "{}", wide.bytes);
+        assert!(
+            wide.bytes > 1900 << 20 && wide.bytes < 2600 << 20,
+            "{}",
+            wide.bytes
+        );
         assert!(check_fit_memory(&wide, Some(14 << 30)).is_ok());
         assert!(wide.what.contains("550 dimensions"), "{}", wide.what);
         let pc = ScorerConfig::Patchcore(PatchcoreConfig {
