@@ -46,7 +46,7 @@ use tessera_core::tensor::{with_f16_slice, with_f32_slice};
 use tessera_core::{Error, FeatureMaps, Result};
 
 pub mod maha;
-use maha::{mahalanobis, pack_upper, packed_len, InvCov};
+use maha::{mahalanobis, packed_len, InvCov};
 
 /// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -696,19 +696,18 @@ impl InvStore {
         Ok(packed.index_select(&idx, 1)?.reshape((p, d, d))?)
     }
 
+    /// `(P, d, d)` symmetric matrices → `(P, T)` packed triangles, on the tensor's device.
+    fn pack(full: &Tensor) -> Result<Tensor> {
+        let (p, d, _) = full.dims3()?;
+        let idx = Tensor::from_vec(maha::pack_index(d), packed_len(d), full.device())?;
+        Ok(full.reshape((p, d * d))?.index_select(&idx, 1)?)
+    }
+
     /// The packed triangles on the CPU (what the model file stores).
     fn packed(&self) -> Result<Tensor> {
         match self {
             InvStore::Packed(t) => Ok(t.clone()),
-            InvStore::Full(t) => {
-                let (p, d, _) = t.dims3()?;
-                let dtype = t.dtype();
-                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Ok(
-                    Tensor::from_vec(pack_upper(&v, d), (p, packed_len(d)), &Device::Cpu)?
-                        .to_dtype(dtype)?,
-                )
-            }
+            InvStore::Full(t) => Ok(Self::pack(t)?.to_device(&Device::Cpu)?),
         }
     }
 }
@@ -1005,13 +1004,8 @@ impl Restore for Padim {
             Reduce::Index(t.take("index")?.to_dtype(DType::U32)?)
         };
         let mean = t.take("mean")?;
-        let dtype = config.inv_cov_dtype.dtype();
         // Files from before the packed form (format 2) hold the full `(P, d, d)` matrices.
-        let inv_cov = if packed {
-            t.take("inv_cov_upper")?.to_dtype(dtype)?
-        } else {
-            t.take("inv_cov")?.to_dtype(dtype)?
-        };
+        let inv_cov = t.take(if packed { "inv_cov_upper" } else { "inv_cov" })?;
         let (height, width) = t.take_grid()?;
         let reduce_ok = match &reduce {
             Reduce::Index(i) => i.rank() == 1,
@@ -1032,20 +1026,9 @@ impl Restore for Padim {
         let inv_cov = if packed {
             inv_cov
         } else {
-            let full = inv_cov.to_device(&Device::Cpu)?;
-            match dtype {
-                DType::F16 => Tensor::from_vec(
-                    with_f16_slice(&full, |v| pack_upper(v, d))?,
-                    (p, packed_len(d)),
-                    &Device::Cpu,
-                )?,
-                _ => Tensor::from_vec(
-                    with_f32_slice(&full, |v| pack_upper(v, d))?,
-                    (p, packed_len(d)),
-                    &Device::Cpu,
-                )?,
-            }
-        };
+            InvStore::pack(&inv_cov)?
+        }
+        .to_dtype(config.inv_cov_dtype.dtype())?;
         let inv_cov = InvStore::on(inv_cov, d, mean.device())?;
         if let Reduce::Index(index) = &reduce {
             let idx: Vec<u32> = index.to_vec1()?;
@@ -1237,7 +1220,7 @@ mod tests {
         .contiguous()
         .unwrap();
         let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let packed = pack_upper(&v(&inv), d);
+        let packed = maha::pack_upper(&v(&inv), d);
         let got = mahalanobis(&v(&y), &v(&mean), InvCov::F32(&packed), b, d).unwrap();
         let x = y.transpose(0, 1).unwrap().contiguous().unwrap();
         let diff = x.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();

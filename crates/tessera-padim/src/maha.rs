@@ -36,20 +36,24 @@ pub(crate) fn row_start(i: usize, d: usize) -> usize {
     i * (2 * d + 1 - i) / 2
 }
 
-/// `(P, d, d)` row-major symmetric matrices → their packed upper triangles `(P, d (d + 1) / 2)`:
-/// row `i`'s columns `i … d`, rows in order. The lower triangles are not read.
+/// For each value of a packed upper triangle, its index in the row-major `d × d` matrix: row
+/// `i`'s columns `i … d`, rows in order (the gather that packs; the lower triangle is not read).
+pub fn pack_index(d: usize) -> Vec<u32> {
+    (0..d)
+        .flat_map(|i| (i..d).map(move |j| (i * d + j) as u32))
+        .collect()
+}
+
+/// `(P, d, d)` row-major symmetric matrices → their packed upper triangles `(P, d (d + 1) / 2)`
+/// ([`pack_index`]'s layout).
 pub fn pack_upper<T: Copy>(full: &[T], d: usize) -> Vec<T> {
     if d == 0 {
         return Vec::new();
     }
-    let p = full.len() / (d * d).max(1);
-    let mut out = Vec::with_capacity(p * packed_len(d));
-    for m in full.chunks_exact(d * d) {
-        for i in 0..d {
-            out.extend_from_slice(&m[i * d + i..(i + 1) * d]);
-        }
-    }
-    out
+    let idx = pack_index(d);
+    full.chunks_exact(d * d)
+        .flat_map(|m| idx.iter().map(move |&k| m[k as usize]))
+        .collect()
 }
 
 /// For each entry `(i, j)` of a row-major `d × d` matrix, its index in the packed upper

@@ -53,8 +53,8 @@ pub fn estimate_fit(
         ScorerConfig::Padim(c) => {
             // The statistics are streamed: the number of images does not count.
             let (total, p) = (chans(&c.levels) as usize, first_grid(&c.levels) as usize);
-            let d = c.dims_for(total) as u64;
-            let inv = p as u64 * d * (d + 1) / 2 * 4;
+            let d = c.dims_for(total);
+            let inv = (p * tessera_padim::maha::packed_len(d) * 4) as u64;
             Estimate {
                 bytes: c.fit_bytes(p, total),
                 what: format!(
