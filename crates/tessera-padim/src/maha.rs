@@ -3,18 +3,19 @@
 //!
 //! Per position the distances are `q_b = x_bᵀ S x_b` with `S = Σ⁻¹` symmetric, stored as its
 //! packed upper triangle ([`packed_len`]): `Σ⁻¹` is streamed from memory for every batch, and
-//! the packed form is half the bytes of the full matrices. Each position's triangle is copied
-//! (or widened from f16) into a padded scratch `S'` with the off-diagonal entries doubled and
-//! zeros below, so that `q_b = Σ_J ⟨Σ_k x_bk S'[k, J], x_bJ⟩` over column blocks `J` (16
-//! columns, then 8) — about half the arithmetic of `X·S`. Each `S'[k, J]` row segment updates a
-//! 4-image × 16-column tile of accumulators held in registers (8 fused multiply-adds per 2 loads
-//! and 4 broadcasts), where a dot product per row and image with a horizontal sum each was
-//! latency-bound.
+//! the packed form is half the bytes of the full matrices. With `U` the strict upper triangle,
+//! `q_b = Σ_i S_ii x_bi² + Σ_J ⟨2 Σ_k x_bk U[k, J], x_bJ⟩` over column blocks `J` (16 columns,
+//! then 8) — about half the arithmetic of `X·S`. Row `k`'s segment of a block is contiguous in
+//! the packed triangle and is read in place (widened from f16 in registers); inside the block,
+//! where the window starts in the previous row's tail, those lanes are masked to zero, so no
+//! position's matrix is copied. Each segment updates a 4-image × 16-column tile of accumulators
+//! held in registers (8 fused multiply-adds per 2 loads and 4 broadcasts), where a dot product
+//! per row and image with a horizontal sum each was latency-bound.
 
 use rayon::prelude::*;
 use tessera_core::{Error, Result};
 
-/// Positions per parallel task: their differences and one padded `S'` fit in L2, and each
+/// Positions per parallel task: their differences and one triangle fit in L2, and each
 /// `(image, channel)` row of `y` is read in runs of 256 bytes.
 const BLOCK: usize = 64;
 /// Lanes of one vector (AVX2 `f32`).
@@ -23,6 +24,10 @@ const LANES: usize = 8;
 const WIDE: usize = 2;
 /// Images per pass of the main kernel.
 const ROWS: usize = 4;
+/// Rows of a column block whose window is prefetched ahead of its use.
+const AHEAD: usize = 8;
+/// Triangles above this size are prefetched ([`AHEAD`]).
+const FAR_BYTES: usize = 16 << 10;
 
 /// Values in one position's packed upper triangle: `d (d + 1) / 2`.
 pub fn packed_len(d: usize) -> usize {
@@ -170,25 +175,86 @@ unsafe fn block_avx2(job: Job<'_>, blk: usize) -> Vec<f32> {
     block_generic::<true>(job, blk)
 }
 
-/// The column blocks of a `d`-wide row: `(start, vectors)`, `8·WIDE` columns while they fit,
-/// then 8 (the last of which may run past `d` into the scratch rows' zero padding).
-fn column_blocks(d: usize) -> impl Iterator<Item = (usize, usize)> {
+/// The column blocks of a `d`-wide row (`d ≥ 8`): `(start, vectors, first counted column)`,
+/// `8·WIDE` columns while they fit, then 8; a remainder of fewer than 8 columns is a block of 8
+/// ending at `d` that counts only its columns from the previous block's end (its window stays
+/// inside the row, where one past `d` would read the next row).
+fn column_blocks(d: usize) -> Vec<(usize, usize, usize)> {
     let wide = d / (WIDE * LANES) * (WIDE * LANES);
-    (0..wide)
+    let narrow = d / LANES * LANES;
+    let mut v: Vec<(usize, usize, usize)> = (0..wide)
         .step_by(WIDE * LANES)
-        .map(|j| (j, WIDE))
-        .chain((wide..d).step_by(LANES).map(|j| (j, 1)))
+        .map(|j| (j, WIDE, j))
+        .chain((wide..narrow).step_by(LANES).map(|j| (j, 1, j)))
+        .collect();
+    if narrow < d {
+        v.push((d - LANES, 1, narrow));
+    }
+    v
+}
+
+/// An element of stored `Σ⁻¹`: `f32`, or `f16` widened as it is read.
+trait Stored: Copy {
+    const ZERO: Self;
+    fn widen(self) -> f32;
+    /// Eight consecutive values widened to one vector.
+    ///
+    /// # Safety
+    /// AVX2 + F16C must be present and `p … p + 8` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Stored for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Stored for half::f16 {
+    const ZERO: Self = half::f16::ZERO;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
 }
 
 /// Squared distances of positions `blk·BLOCK …`, `(n, B)`; `FMA`: the caller is compiled for
 /// AVX2 + FMA + F16C and the CPU has them.
 #[inline(always)]
 fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
+    match job.inv {
+        InvCov::F32(v) => block_typed::<f32, FMA>(job, v, blk),
+        InvCov::F16(v) => block_typed::<half::f16, FMA>(job, v, blk),
+    }
+}
+
+/// [`block_generic`] for one storage type.
+///
+/// `q = Σ_i S_ii x_i² + ⟨2 Σ_k x_k U[k, J], x_J⟩` summed over column blocks `J`, `U` the strict
+/// upper triangle. Row `k`'s window of block `J` is read in place from the packed triangle: for
+/// `k` inside the block the window starts in the previous row's tail, and those lanes (and the
+/// diagonal) are masked to zero, so nothing is copied per position.
+#[inline(always)]
+fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) -> Vec<f32> {
     let Job {
         y,
         mean,
-        inv,
         dims: (b, d, p),
+        ..
     } = job;
     let p0 = blk * BLOCK;
     let n = BLOCK.min(p - p0);
@@ -205,54 +271,61 @@ fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
             }
         }
     }
-    // One position's S with rows padded to dp, upper triangle only, the off-diagonal entries
-    // doubled (S[k, j] and S[j, k] both count; doubling is exact): then
-    // q = Σ_J ⟨Σ_{k<end(J)} x_k S'[k, J], x_J⟩ with no mirrored lower part. Everything below
-    // the diagonal and the padding columns stay 0, so they add nothing.
-    let mut s = vec![0f32; d * dp];
-    let blocks: Vec<(usize, usize)> = column_blocks(d).collect();
-    let groups = b.div_ceil(ROWS);
-    let mut out = vec![0f32; n * b];
     let t = packed_len(d);
-    for k in 0..n {
-        let at = (p0 + k) * t;
-        for i in 0..d {
-            let dst = &mut s[i * dp + i..i * dp + d];
-            let row = at + row_start(i, d)..at + row_start(i + 1, d);
-            match inv {
-                InvCov::F32(v) => {
-                    let src = &v[row];
-                    dst[0] = src[0];
-                    for (o, v) in dst[1..].iter_mut().zip(&src[1..]) {
-                        *o = v + v;
-                    }
-                }
-                InvCov::F16(v) => widen_doubled::<FMA>(&v[row], dst),
+    let here = &inv[p0 * t..(p0 + n) * t];
+    // Below one vector, the triangles are widened to d = 8 with zero rows and columns (x's
+    // padding is zero too), so every window is a whole vector inside its row.
+    let padded: Vec<T>;
+    let (tris, d) = if d < LANES {
+        let tp = packed_len(LANES);
+        let mut v = vec![T::ZERO; n * tp];
+        for (dst, src) in v.chunks_exact_mut(tp).zip(here.chunks_exact(t)) {
+            for i in 0..d {
+                dst[row_start(i, LANES)..][..d - i]
+                    .copy_from_slice(&src[row_start(i, d)..row_start(i + 1, d)]);
             }
         }
+        padded = v;
+        (&padded[..], LANES)
+    } else {
+        (here, d)
+    };
+    let t = packed_len(d);
+    let blocks = column_blocks(d);
+    let groups = b.div_ceil(ROWS);
+    let mut out = vec![0f32; n * b];
+    let mut diag = vec![0f32; dp];
+    for k in 0..n {
+        let tri = &tris[k * t..][..t];
+        for (i, o) in diag[..d].iter_mut().enumerate() {
+            *o = tri[row_start(i, d)].widen();
+        }
         let q = &mut out[k * b..][..b];
-        for g in 0..groups {
-            let (lo, hi) = (g * ROWS, ((g + 1) * ROWS).min(b));
-            let xg = &x[(k * b + lo) * dp..(k * b + hi) * dp];
-            for &(j0, vecs) in &blocks {
+        for (bi, qr) in q.iter_mut().enumerate() {
+            *qr = diagonal::<FMA>(&diag, &x[(k * b + bi) * dp..][..dp]);
+        }
+        for &(j0, vecs, lo) in &blocks {
+            for g in 0..groups {
+                let (rlo, rhi) = (g * ROWS, ((g + 1) * ROWS).min(b));
                 let t = Tile {
-                    s: &s,
-                    x: xg,
+                    tri,
+                    x: &x[(k * b + rlo) * dp..(k * b + rhi) * dp],
                     j0,
-                    end: (j0 + vecs * LANES).min(d),
+                    lo,
+                    d,
                     dp,
                 };
-                let part: &[f32] = match (hi - lo, vecs == WIDE) {
-                    (4, true) => &tile::<4, WIDE, FMA>(t),
-                    (3, true) => &tile::<3, WIDE, FMA>(t),
-                    (2, true) => &tile::<2, WIDE, FMA>(t),
-                    (1, true) => &tile::<1, WIDE, FMA>(t),
-                    (4, false) => &tile::<4, 1, FMA>(t),
-                    (3, false) => &tile::<3, 1, FMA>(t),
-                    (2, false) => &tile::<2, 1, FMA>(t),
-                    _ => &tile::<1, 1, FMA>(t),
+                let part: &[f32] = match (rhi - rlo, vecs == WIDE) {
+                    (4, true) => &tile::<T, 4, WIDE, FMA>(t),
+                    (3, true) => &tile::<T, 3, WIDE, FMA>(t),
+                    (2, true) => &tile::<T, 2, WIDE, FMA>(t),
+                    (1, true) => &tile::<T, 1, WIDE, FMA>(t),
+                    (4, false) => &tile::<T, 4, 1, FMA>(t),
+                    (3, false) => &tile::<T, 3, 1, FMA>(t),
+                    (2, false) => &tile::<T, 2, 1, FMA>(t),
+                    _ => &tile::<T, 1, 1, FMA>(t),
                 };
-                for (qr, v) in q[lo..hi].iter_mut().zip(part) {
+                for (qr, v) in q[rlo..rhi].iter_mut().zip(part) {
                     *qr += v;
                 }
             }
@@ -261,67 +334,85 @@ fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
     out
 }
 
-/// `dst = src` widened to f32, all but the first entry doubled (one row of `S'`).
+/// `Σ_i S_ii x_i²` over the padded row (lane `l` sums `i ≡ l mod 8` in order).
 #[inline(always)]
-fn widen_doubled<const FMA: bool>(src: &[half::f16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA is set only by callers compiled for AVX2 + FMA + F16C on a CPU that has
-        // them; every access is inside the slices (whole chunks of 8 only).
-        unsafe {
-            use std::arch::x86_64::*;
-            for (c, o) in src.chunks_exact(LANES).zip(dst.chunks_exact_mut(LANES)) {
-                let w = _mm256_cvtph_ps(_mm_loadu_si128(c.as_ptr() as *const __m128i));
-                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(w, w));
-            }
-        }
-        done = src.len() / LANES * LANES;
-    }
-    for (o, h) in dst[done..].iter_mut().zip(&src[done..]) {
-        let w = h.to_f32();
-        *o = w + w;
-    }
-    // The diagonal entry counts once.
-    if let (Some(o), Some(h)) = (dst.first_mut(), src.first()) {
-        *o = h.to_f32();
-    }
-}
-
-/// The operands of [`tile`]: the scratch `S'`, `R` images' differences `x`, the block's first
-/// column `j0`, the rows it reads (`0 … end`), the padded row length `dp`.
-#[derive(Clone, Copy)]
-struct Tile<'a> {
-    s: &'a [f32],
-    x: &'a [f32],
-    j0: usize,
-    end: usize,
-    dp: usize,
-}
-
-/// One column block `J = j0 … j0 + 8V` for the `R` images of `x` (rows of `dp`):
-/// `⟨Σ_{k<end} x_k S'[k, J], x_J⟩`, with an `R × 8V` accumulator tile held in registers. `s` is
-/// the padded scratch `S'` (upper triangle, off-diagonal doubled; `S'[k, j]` at `k·dp + j`).
-#[inline(always)]
-fn tile<const R: usize, const V: usize, const FMA: bool>(t: Tile<'_>) -> [f32; R] {
-    let Tile { s, x, j0, end, dp } = t;
-    // Every read below stays inside these bounds.
-    assert!(x.len() == R * dp && j0 + V * LANES <= dp && end * dp <= s.len() && end > j0);
+fn diagonal<const FMA: bool>(diag: &[f32], x: &[f32]) -> f32 {
+    assert_eq!(diag.len(), x.len());
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: FMA is set only by callers compiled for AVX2 + FMA on a CPU that has them;
-        // the bounds were checked just above.
-        return unsafe { tile_fma::<R, V>(t) };
+        // whole chunks of 8 inside both slices.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut lane = _mm256_setzero_ps();
+            for (s, v) in diag.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+                let xv = _mm256_loadu_ps(v.as_ptr());
+                let sx = _mm256_mul_ps(_mm256_loadu_ps(s.as_ptr()), xv);
+                lane = _mm256_fmadd_ps(sx, xv, lane);
+            }
+            let mut l = [0f32; LANES];
+            _mm256_storeu_ps(l.as_mut_ptr(), lane);
+            return hsum(&l);
+        }
+    }
+    let mut lane = [0f32; LANES];
+    for (s, v) in diag.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lane[l] = (s[l] * v[l]).mul_add(v[l], lane[l]);
+        }
+    }
+    hsum(&lane)
+}
+
+/// The operands of [`tile`]: one position's packed triangle `tri` (dimension `d ≥ 8`), `R`
+/// images' differences `x` (rows of `dp`), the block's first column `j0` and first counted
+/// column `lo`.
+#[derive(Clone, Copy)]
+struct Tile<'a, T> {
+    tri: &'a [T],
+    x: &'a [f32],
+    j0: usize,
+    lo: usize,
+    d: usize,
+    dp: usize,
+}
+
+/// One column block `J = j0 … j0 + 8V` for the `R` images of `x`: `⟨2 Σ_k x_k U[k, J],
+/// x_J⟩` over the columns from `lo`, with an `R × 8V` accumulator tile held in registers. Row
+/// `k`'s window is `tri[row_start(k) + j0 − k …]`; rows `k ≥ j0` keep only lanes `j > k`.
+#[inline(always)]
+fn tile<T: Stored, const R: usize, const V: usize, const FMA: bool>(t: Tile<'_, T>) -> [f32; R] {
+    let Tile {
+        tri,
+        x,
+        j0,
+        lo,
+        d,
+        dp,
+    } = t;
+    let end = j0 + V * LANES;
+    // Every read below stays inside these bounds: row k's window ends at
+    // `row_start(k) + end − k ≤ row_start(k + 1)` when `end ≤ d`, and starts at or after 0.
+    assert!(x.len() == R * dp && end <= d && lo >= j0 && lo < end && tri.len() == packed_len(d));
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is set only by callers compiled for AVX2 + FMA + F16C on a CPU that has
+        // them; the bounds were checked just above.
+        return unsafe { tile_fma::<T, R, V>(t) };
     }
     let mut acc = [[[0f32; LANES]; V]; R];
     for k in 0..end {
-        let row = &s[k * dp + j0..][..V * LANES];
+        let row = &tri[row_start(k, d) + j0 - k..][..V * LANES];
         for r in 0..R {
             let xk = x[r * dp + k];
             for v in 0..V {
                 for l in 0..LANES {
-                    acc[r][v][l] = xk.mul_add(row[v * LANES + l], acc[r][v][l]);
+                    let s = if j0 + v * LANES + l > k {
+                        row[v * LANES + l].widen()
+                    } else {
+                        0.0
+                    };
+                    acc[r][v][l] = xk.mul_add(s, acc[r][v][l]);
                 }
             }
         }
@@ -332,7 +423,9 @@ fn tile<const R: usize, const V: usize, const FMA: bool>(t: Tile<'_>) -> [f32; R
         for v in 0..V {
             let xv = &x[r * dp + j0 + v * LANES..][..LANES];
             for l in 0..LANES {
-                lane[l] = acc[r][v][l].mul_add(xv[l], lane[l]);
+                let xj = if j0 + v * LANES + l >= lo { xv[l] } else { 0.0 };
+                let a = acc[r][v][l] + acc[r][v][l];
+                lane[l] = a.mul_add(xj, lane[l]);
             }
         }
         q[r] = hsum(&lane);
@@ -355,20 +448,50 @@ fn hsum(lane: &[f32; LANES]) -> f32 {
 /// [`tile`] with AVX2 + FMA intrinsics: the same operations in the same order.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA, and the bounds asserted in [`tile`] must hold.
+/// The CPU must have AVX2, FMA and F16C, and the bounds asserted in [`tile`] must hold.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile_fma<const R: usize, const V: usize>(t: Tile<'_>) -> [f32; R] {
+unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) -> [f32; R] {
     use std::arch::x86_64::*;
-    let Tile { s, x, j0, end, dp } = t;
-    let (sp, xp) = (s.as_ptr(), x.as_ptr());
+    let Tile {
+        tri,
+        x,
+        j0,
+        lo,
+        d,
+        dp,
+    } = t;
+    let end = j0 + V * LANES;
+    let (tp, xp) = (tri.as_ptr(), x.as_ptr());
+    // Column index of every lane of the block.
+    let mut cols = [_mm256_setzero_si256(); V];
+    for (v, c) in cols.iter_mut().enumerate() {
+        let base = _mm256_set1_epi32((j0 + v * LANES) as i32);
+        *c = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
     let mut acc = [[_mm256_setzero_ps(); V]; R];
-    for k in 0..end {
-        let row = sp.add(k * dp + j0);
+    let mut row = tp.add(j0);
+    // The windows of successive rows are `d − k − 1` apart, a stride the hardware prefetcher
+    // does not follow: each is requested `AHEAD` rows early (a hint; past the end it is
+    // dropped, never read).
+    let mut ahead = row;
+    for k in 0..AHEAD.min(end) {
+        ahead = ahead.wrapping_add(d - k - 1);
+    }
+    let last = std::mem::size_of::<T>() * (V * LANES - 1);
+    // A triangle that fits in half of L1 is there after its first block: hints would only cost.
+    let far = std::mem::size_of_val(tri) > FAR_BYTES;
+    // Rows above the block: every lane is strictly upper.
+    for k in 0..j0 {
+        if far {
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>((ahead as *const i8).wrapping_add(last));
+        }
+        ahead = ahead.wrapping_add(d.wrapping_sub(k + AHEAD + 1));
         let mut sv = [_mm256_setzero_ps(); V];
         for (v, o) in sv.iter_mut().enumerate() {
-            *o = _mm256_loadu_ps(row.add(v * LANES));
+            *o = T::load8(row.add(v * LANES));
         }
         for (r, ar) in acc.iter_mut().enumerate() {
             let xk = _mm256_set1_ps(*xp.add(r * dp + k));
@@ -376,12 +499,37 @@ unsafe fn tile_fma<const R: usize, const V: usize>(t: Tile<'_>) -> [f32; R] {
                 *a = _mm256_fmadd_ps(xk, *sv, *a);
             }
         }
+        row = row.add(d - k - 1);
     }
+    // Rows inside it: lanes at or left of the diagonal masked to zero.
+    for k in j0..end {
+        if far {
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>((ahead as *const i8).wrapping_add(last));
+        }
+        ahead = ahead.wrapping_add(d.wrapping_sub(k + AHEAD + 1));
+        let kv = _mm256_set1_epi32(k as i32);
+        let mut sv = [_mm256_setzero_ps(); V];
+        for (v, o) in sv.iter_mut().enumerate() {
+            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(cols[v], kv));
+            *o = _mm256_and_ps(T::load8(row.add(v * LANES)), keep);
+        }
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let xk = _mm256_set1_ps(*xp.add(r * dp + k));
+            for (a, sv) in ar.iter_mut().zip(&sv) {
+                *a = _mm256_fmadd_ps(xk, *sv, *a);
+            }
+        }
+        row = row.add(d - k - 1);
+    }
+    let lov = _mm256_set1_epi32(lo as i32 - 1);
     let mut q = [0f32; R];
     for (r, (ar, qr)) in acc.iter().zip(q.iter_mut()).enumerate() {
         let mut lane = _mm256_setzero_ps();
         for (v, a) in ar.iter().enumerate() {
-            lane = _mm256_fmadd_ps(*a, _mm256_loadu_ps(xp.add(r * dp + j0 + v * LANES)), lane);
+            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(cols[v], lov));
+            let xj = _mm256_and_ps(_mm256_loadu_ps(xp.add(r * dp + j0 + v * LANES)), keep);
+            lane = _mm256_fmadd_ps(_mm256_add_ps(*a, *a), xj, lane);
         }
         let mut l = [0f32; LANES];
         _mm256_storeu_ps(l.as_mut_ptr(), lane);
@@ -489,29 +637,31 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits() {
         let mut rnd = lcg(5);
-        let (b, d, p) = (7usize, 45usize, 70usize);
-        let y: Vec<f32> = (0..b * d * p).map(|_| rnd()).collect();
-        let mean: Vec<f32> = (0..p * d).map(|_| rnd()).collect();
-        let inv: Vec<f32> = (0..p * packed_len(d)).map(|_| rnd()).collect();
-        let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
-        for s in [InvCov::F32(&inv), InvCov::F16(&inv16)] {
-            for blk in 0..p.div_ceil(BLOCK) {
-                let job = Job {
-                    y: &y,
-                    mean: &mean,
-                    inv: s,
-                    dims: (b, d, p),
-                };
-                let fast = block(job, blk);
-                let portable = block_generic::<false>(job, blk);
-                assert_eq!(fast.len(), portable.len());
-                for (f, q) in fast.iter().zip(&portable) {
-                    assert_eq!(
-                        f.to_bits(),
-                        q.to_bits(),
-                        "f16: {}",
-                        matches!(s, InvCov::F16(_))
-                    );
+        // Below one vector (widened), whole blocks only, and a remainder block.
+        for (b, d, p) in [(7usize, 45usize, 70usize), (5, 5, 9), (3, 48, 66)] {
+            let y: Vec<f32> = (0..b * d * p).map(|_| rnd()).collect();
+            let mean: Vec<f32> = (0..p * d).map(|_| rnd()).collect();
+            let inv: Vec<f32> = (0..p * packed_len(d)).map(|_| rnd()).collect();
+            let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
+            for s in [InvCov::F32(&inv), InvCov::F16(&inv16)] {
+                for blk in 0..p.div_ceil(BLOCK) {
+                    let job = Job {
+                        y: &y,
+                        mean: &mean,
+                        inv: s,
+                        dims: (b, d, p),
+                    };
+                    let fast = block(job, blk);
+                    let portable = block_generic::<false>(job, blk);
+                    assert_eq!(fast.len(), portable.len());
+                    for (f, q) in fast.iter().zip(&portable) {
+                        assert_eq!(
+                            f.to_bits(),
+                            q.to_bits(),
+                            "f16: {}",
+                            matches!(s, InvCov::F16(_))
+                        );
+                    }
                 }
             }
         }
