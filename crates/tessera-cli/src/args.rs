@@ -588,6 +588,9 @@ pub(crate) struct FitArgs {
     /// calibrate on training images, without a guarantee).
     #[arg(long, default_value_t = 0.2, value_parser = float_in(0.0, 0.9, false))]
     pub(crate) calibration_fraction: f64,
+    /// The seed that draws the held-out calibration images (default: --seed).
+    #[arg(long, value_name = "SEED")]
+    pub(crate) split_seed: Option<u64>,
     /// The false-alarm rate the image threshold must keep on normal parts.
     #[arg(long, default_value_t = 0.05, value_parser = float_in(0.0, 0.5, true))]
     pub(crate) target_fpr: f64,
@@ -725,6 +728,7 @@ impl FitArgs {
                 fraction: self.calibration_fraction,
                 target_fpr: self.target_fpr,
                 textures: self.sbm_args.textures.clone(),
+                split_seed: self.split_seed,
             },
             method_gate: self.method_gate,
         }

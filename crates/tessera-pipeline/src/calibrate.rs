@@ -49,6 +49,8 @@ pub struct CalibrationOptions {
     pub target_fpr: f64,
     /// Texture images for synthetic defects (optional; the structure source otherwise).
     pub textures: Option<PathBuf>,
+    /// The seed that draws the held-out images; `None`: the fit's own seed.
+    pub split_seed: Option<u64>,
 }
 
 impl Default for CalibrationOptions {
@@ -58,6 +60,7 @@ impl Default for CalibrationOptions {
             fraction: 0.2,
             target_fpr: 0.05,
             textures: None,
+            split_seed: None,
         }
     }
 }
@@ -135,6 +138,9 @@ pub struct Calibration {
     pub source: String,
     pub fraction: f64,
     pub seed: u64,
+    /// The seed that drew the held-out images when it was not `seed` (`--split-seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
     /// Calibration normals scored.
     pub images: usize,
     /// Their image scores, sorted (for p-values).
@@ -391,6 +397,7 @@ pub fn calibrate(
         source: if held_out { "holdout" } else { "in-sample" }.into(),
         fraction: opts.fraction,
         seed,
+        split_seed: opts.split_seed.filter(|&s| s != seed),
         images: normals.len(),
         scores,
         image,

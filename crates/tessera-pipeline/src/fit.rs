@@ -611,7 +611,8 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         ..o.clone()
     };
     let o = &resolved;
-    let (train, calib) = split_holdout(all, o.calibration.fraction, o.seed);
+    let split_seed = o.calibration.split_seed.unwrap_or(o.seed);
+    let (train, calib) = split_holdout(all, o.calibration.fraction, split_seed);
     if train.len() < 2 {
         return Err(Error::bad_input(
             &o.data,
@@ -640,7 +641,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
             "calibration: {} of {} normal training images held out (seed {}), never fitted on",
             calib.len(),
             calib.len() + train.len(),
-            o.seed
+            split_seed
         ));
     }
     let mut scorer_cfg = o.scorer.clone();
