@@ -607,6 +607,11 @@ pub(crate) struct FitArgs {
     /// distances still computed in f32).
     #[arg(long, default_value = "f32", value_parser = named::<CovDtype>(CovDtype::NAMES))]
     pub(crate) padim_cov_dtype: CovDtype,
+    /// PaDiM: one covariance per N × N block of neighbouring positions (each keeps its own
+    /// mean): N² times fewer inverse covariances, so every channel's full covariance fits
+    /// (e.g. --padim-dims 448 --padim-tie 4 for ResNet-18: no random projection at all).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) padim_tie: u64,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
     #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     pub(crate) coreset_ratio: f64,
@@ -679,6 +684,7 @@ impl FitArgs {
                 dims: self.padim_dims.map(|d| d as usize),
                 reduction: self.padim_reduction,
                 inv_cov_dtype: self.padim_cov_dtype,
+                tie: self.padim_tie as usize,
                 ..Default::default()
             }),
             ScorerKind::Patchcore => ScorerConfig::Patchcore(PatchcoreConfig {

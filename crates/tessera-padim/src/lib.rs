@@ -13,7 +13,10 @@
 //!    largest / smallest variance of the first training batch (no random choice);
 //! 3. per position: mean and covariance + 0.01·I, inverted in f64 through a Cholesky
 //!    factorisation (faer), one position per task on all cores; `Σ⁻¹` is kept (and stored)
-//!    as its packed upper triangle, half the bytes of the full matrix;
+//!    as its packed upper triangle, half the bytes of the full matrix. With
+//!    [`PadimConfig::tie`] > 1 (our addition) one covariance is shared by each `tie × tie`
+//!    block of positions (pooled about each position's own mean), which makes a full
+//!    covariance over every channel — no reduction, no random choice — affordable;
 //! 4. scoring: Mahalanobis distance per position; the caller upsamples (bilinear) and blurs
 //!    (σ = 4) with [`tessera_core::postprocess`]; image score = max of the map.
 //!
@@ -46,7 +49,7 @@ use tessera_core::tensor::{with_f16_slice, with_f32_slice};
 use tessera_core::{Error, FeatureMaps, Result};
 
 pub mod maha;
-use maha::{mahalanobis, packed_len, InvCov};
+use maha::{mahalanobis, mahalanobis_shared, packed_len, InvCov};
 
 /// How PaDiM reduces the concatenated channels before fitting a Gaussian per position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -248,6 +251,11 @@ pub struct PadimConfig {
     pub levels: Vec<usize>,
     /// Storage type of the inverse covariances (the bulk of the model: `P·d(d+1)/2` values).
     pub inv_cov_dtype: CovDtype,
+    /// One covariance per `tie × tie` block of neighbouring positions (each position keeps its
+    /// own mean; the block's covariance pools its positions' deviations from their means): the
+    /// model's Σ⁻¹ shrinks `tie²`-fold, so a full covariance over every channel fits where a
+    /// per-position one does not. `1`: per position (the paper's).
+    pub tie: usize,
 }
 
 /// Storage type of PaDiM's inverse covariances.
@@ -297,6 +305,7 @@ impl Default for PadimConfig {
             reg: 0.01,
             levels: vec![1, 2, 3],
             inv_cov_dtype: CovDtype::F32,
+            tie: 1,
         }
     }
 }
@@ -310,13 +319,15 @@ impl PadimConfig {
             .min(channels)
     }
 
-    /// The bytes `fit` holds for a grid of `positions` and features of `channels` channels,
-    /// whatever the number of training images (the statistics are streamed): the packed f32
-    /// scatter matrices, which become Σ⁻¹ in place, the per-position sums, shift and pending
-    /// chunk, and one batch of 8 reduced embeddings (reduced, then transposed: twice).
-    pub fn fit_bytes(&self, positions: usize, channels: usize) -> u64 {
-        let (p, d) = (positions as u64, self.dims_for(channels) as u64);
-        let scatter = p * packed_len(d as usize) as u64 * 4;
+    /// The bytes `fit` holds for a `(height, width)` grid of positions and features of
+    /// `channels` channels, whatever the number of training images (the statistics are
+    /// streamed): the packed f32 scatter matrices (one per block of [`Self::tie`]), which become
+    /// Σ⁻¹ in place, the per-position sums, shift and pending chunk, and one batch of 8 reduced
+    /// embeddings (reduced, then transposed: twice).
+    pub fn fit_bytes(&self, grid: (usize, usize), channels: usize) -> u64 {
+        let p = (grid.0 * grid.1) as u64;
+        let d = self.dims_for(channels) as u64;
+        let scatter = self.covariances(grid) as u64 * packed_len(d as usize) as u64 * 4;
         let per_position = p * d * (MOMENT_CHUNK as u64 * 4 + 8 + 4);
         let batch = 2 * p * 8 * d * 4;
         scatter + per_position + batch
@@ -334,8 +345,28 @@ impl PadimConfig {
         if self.dims == Some(0) {
             return Err(Error::Config("padim: dims must be ≥ 1".into()));
         }
+        if self.tie == 0 {
+            return Err(Error::Config("padim: tie must be ≥ 1".into()));
+        }
         Ok(())
     }
+
+    /// The number of inverse covariances for a `(height, width)` grid: one per `tie × tie`
+    /// block (partial at the right and bottom edges).
+    pub fn covariances(&self, (h, w): (usize, usize)) -> usize {
+        let t = self.tie.max(1);
+        h.div_ceil(t) * w.div_ceil(t)
+    }
+}
+
+/// For each position of a `(height, width)` grid (row-major), the index of its `tie × tie`
+/// block's covariance (blocks row-major too).
+pub fn shared_index((h, w): (usize, usize), tie: usize) -> Vec<u32> {
+    let t = tie.max(1);
+    let wt = w.div_ceil(t);
+    (0..h * w)
+        .map(|p| ((p / w / t) * wt + (p % w) / t) as u32)
+        .collect()
 }
 
 /// Concatenate the chosen levels on the first level's grid (nearest upsampling), `B × C × H × W`.
@@ -410,6 +441,15 @@ impl Reduce {
         let project = |m: Vec<f32>| -> Result<Self> {
             Ok(Reduce::Project(Tensor::from_vec(m, (c, d), dev)?))
         };
+        // Every channel kept: any full-rank reduction is a rotation, which Mahalanobis distances
+        // (with ε·I) do not see, so none is applied.
+        if d == c {
+            return Ok(Reduce::Index(Tensor::from_vec(
+                (0..c as u32).collect(),
+                c,
+                dev,
+            )?));
+        }
         match reduction {
             Reduction::Subset => Ok(Reduce::Index(Tensor::from_vec(
                 channel_subset(c, d, seed),
@@ -665,6 +705,8 @@ pub struct Padim {
     mean: Tensor,
     /// The inverse covariances.
     inv_cov: InvStore,
+    /// Each position's covariance block when they are shared ([`PadimConfig::tie`] > 1).
+    shared: Option<Vec<u32>>,
     height: usize,
     width: usize,
 }
@@ -681,12 +723,17 @@ enum InvStore {
 }
 
 impl InvStore {
-    /// The packed `(P, T)` triangles → the form that scores on `dev`.
-    fn on(packed: Tensor, d: usize, dev: &Device) -> Result<Self> {
+    /// The packed `(G, T)` triangles → the form that scores on `dev`; `shared`: each
+    /// position's triangle when positions share them (the full form holds one per position).
+    fn on(packed: Tensor, d: usize, dev: &Device, shared: Option<&[u32]>) -> Result<Self> {
         if dev.is_cpu() {
             return Ok(InvStore::Packed(packed.to_device(dev)?));
         }
-        Ok(InvStore::Full(Self::unpack(&packed.to_device(dev)?, d)?))
+        let full = Self::unpack(&packed.to_device(dev)?, d)?;
+        Ok(InvStore::Full(match shared {
+            Some(g) => full.index_select(&Tensor::from_slice(g, g.len(), dev)?, 0)?,
+            None => full,
+        }))
     }
 
     /// `(P, T)` packed triangles → `(P, d, d)` symmetric matrices, on the tensor's device.
@@ -703,11 +750,27 @@ impl InvStore {
         Ok(full.reshape((p, d * d))?.index_select(&idx, 1)?)
     }
 
-    /// The packed triangles on the CPU (what the model file stores).
-    fn packed(&self) -> Result<Tensor> {
+    /// The packed triangles on the CPU (what the model file stores): one per block when
+    /// positions share them (`shared`).
+    fn packed(&self, shared: Option<&[u32]>) -> Result<Tensor> {
         match self {
             InvStore::Packed(t) => Ok(t.clone()),
-            InvStore::Full(t) => Ok(Self::pack(t)?.to_device(&Device::Cpu)?),
+            InvStore::Full(t) => {
+                let t = match shared {
+                    Some(g) => {
+                        // The first position of each block holds its matrix.
+                        let mut first =
+                            vec![u32::MAX; g.iter().map(|&i| i as usize + 1).max().unwrap_or(0)];
+                        for (pos, &i) in g.iter().enumerate().rev() {
+                            first[i as usize] = pos as u32;
+                        }
+                        let n = first.len();
+                        t.index_select(&Tensor::from_vec(first, n, t.device())?, 0)?
+                    }
+                    None => t.clone(),
+                };
+                Ok(Self::pack(&t)?.to_device(&Device::Cpu)?)
+            }
         }
     }
 }
@@ -759,30 +822,46 @@ impl FitScorer for PadimConfig {
                 r.check_channels(c)?;
                 let y = r.apply_levels(&maps)?.to_device(&Device::Cpu)?; // (P, B, d)
                 let (p, b, d) = y.dims3()?;
-                let m = moments.get_or_insert_with(|| Moments::new(p, d, MOMENT_CHUNK));
+                let m = moments.get_or_insert_with(|| {
+                    let shared = (self.tie > 1).then(|| shared_index(grid, self.tie));
+                    Moments::new(p, d, MOMENT_CHUNK, shared.as_deref())
+                });
                 with_f32_slice(&y, |y| m.add(y, b))??;
             }
         }
         let reduce = reduce.ok_or_else(|| Error::Config("padim: no training images".into()))?;
         let moments = moments.ok_or_else(|| Error::Config("padim: no training images".into()))?;
-        let (p, d) = (moments.p, moments.d);
+        let d = moments.d;
         let (mean, inv) = moments.finish(self.reg)?;
         let dev = match &reduce {
             Reduce::Index(t) | Reduce::Project(t) => t.device().clone(),
         };
         // Rounded to f16 while the f32 buffer shrinks: the peak stays the f32 statistics.
         let t = packed_len(d);
+        let g = inv.len() / t;
         let inv_cov = match self.inv_cov_dtype {
-            CovDtype::F32 => Tensor::from_vec(inv, (p, t), &Device::Cpu)?,
-            CovDtype::F16 => Tensor::from_vec(to_f16_shrinking(inv, 16 * t), (p, t), &Device::Cpu)?,
+            CovDtype::F32 => Tensor::from_vec(inv, (g, t), &Device::Cpu)?,
+            CovDtype::F16 => Tensor::from_vec(to_f16_shrinking(inv, 16 * t), (g, t), &Device::Cpu)?,
         };
-        let inv_cov = InvStore::on(inv_cov, d, &dev)?;
+        let shared = (self.tie > 1).then(|| shared_index(grid, self.tie));
+        let inv_cov = InvStore::on(inv_cov, d, &dev, shared.as_deref())?;
+        let p = grid.0 * grid.1;
         let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
+        // All channels are kept as they are (no random choice left): say so.
+        let reduction = reduce.reduction();
         Ok(Padim {
-            config: self.clone(),
+            config: PadimConfig {
+                reduction: if reduction == Reduction::Subset {
+                    reduction
+                } else {
+                    self.reduction
+                },
+                ..self.clone()
+            },
             reduce,
             mean,
             inv_cov,
+            shared,
             height: grid.0,
             width: grid.1,
         })
@@ -829,17 +908,32 @@ struct Moments {
     shift: Vec<f32>,
     /// `P × d`: `Σ (x − shift)`.
     sum: Vec<f64>,
-    /// `P × d(d+1)/2`: `Σ (x − shift)(x − shift)ᵀ`, upper triangles packed
-    /// ([`maha::pack_upper`]'s layout).
+    /// `G × d(d+1)/2`: per covariance block, `Σ (x − shift)(x − shift)ᵀ` over its positions
+    /// (each about its own shift), upper triangles packed ([`maha::pack_upper`]'s layout).
     scatter: Vec<f32>,
+    /// Each block's positions (one each when covariances are not shared).
+    members: Vec<Vec<u32>>,
 }
 
 /// Images per accumulation step of [`Moments`].
 const MOMENT_CHUNK: usize = 16;
 
 impl Moments {
-    fn new(p: usize, d: usize, chunk: usize) -> Self {
+    /// Statistics for `p` positions of `d` dimensions; `shared`: each position's covariance
+    /// block ([`shared_index`]), or one per position.
+    fn new(p: usize, d: usize, chunk: usize, shared: Option<&[u32]>) -> Self {
         let chunk = chunk.max(1);
+        let members: Vec<Vec<u32>> = match shared {
+            Some(g) => {
+                let n = g.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+                let mut m = vec![Vec::new(); n];
+                for (pos, &i) in g.iter().enumerate() {
+                    m[i as usize].push(pos as u32);
+                }
+                m
+            }
+            None => (0..p as u32).map(|i| vec![i]).collect(),
+        };
         Self {
             p,
             d,
@@ -849,7 +943,8 @@ impl Moments {
             filled: 0,
             shift: Vec::new(),
             sum: vec![0f64; p * d],
-            scatter: vec![0f32; p * packed_len(d)],
+            scatter: vec![0f32; members.len() * packed_len(d)],
+            members,
         }
     }
 
@@ -878,7 +973,7 @@ impl Moments {
         Ok(())
     }
 
-    /// Add the pending images (one GEMM per position, in parallel over positions).
+    /// Add the pending images (one GEMM per covariance block, in parallel over blocks).
     fn flush(&mut self) {
         use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
         let (d, k, f) = (self.d, self.chunk, self.filled);
@@ -903,23 +998,40 @@ impl Moments {
         // matrices: their pages are then first written, not read (a read maps the shared zero
         // page, and the write after it copies the page and flushes the TLB on every core).
         let first = self.n == 0;
-        self.scatter
-            .par_chunks_mut(packed_len(d))
-            .zip(self.sum.par_chunks_mut(d))
+        self.sum
+            .par_chunks_mut(d)
             .zip(self.shift.par_chunks(d))
             .enumerate()
+            .for_each(|(pos, (s1, c))| {
+                for bi in 0..f {
+                    let row = &pending[(pos * k + bi) * d..][..d];
+                    for j in 0..d {
+                        s1[j] += (row[j] - c[j]) as f64;
+                    }
+                }
+            });
+        let shift = &self.shift;
+        self.scatter
+            .par_chunks_mut(packed_len(d))
+            .zip(self.members.par_iter())
             .for_each_init(
-                || (vec![0f32; f * d], vec![0f32; d * d]),
-                |(yc, g), (pos, ((s2, s1), c))| {
-                    for bi in 0..f {
-                        let row = &pending[(pos * k + bi) * d..][..d];
-                        for j in 0..d {
-                            let v = row[j] - c[j];
-                            yc[bi * d + j] = v;
-                            s1[j] += v as f64;
+                || (Vec::new(), vec![0f32; d * d]),
+                |(yc, g), (s2, members)| {
+                    // Every member's deviations from its own shift, stacked: one product.
+                    let rows = f * members.len();
+                    yc.resize(rows * d, 0f32);
+                    for (mi, &pos) in members.iter().enumerate() {
+                        let pos = pos as usize;
+                        let c = &shift[pos * d..][..d];
+                        for bi in 0..f {
+                            let row = &pending[(pos * k + bi) * d..][..d];
+                            let dst = &mut yc[(mi * f + bi) * d..][..d];
+                            for j in 0..d {
+                                dst[j] = row[j] - c[j];
+                            }
                         }
                     }
-                    let ym = MatRef::from_row_major_slice(&yc[..], f, d);
+                    let ym = MatRef::from_row_major_slice(&yc[..rows * d], rows, d);
                     let dst = MatMut::from_row_major_slice_mut(&mut g[..], d, d);
                     matmul(dst, Accum::Replace, ym.transpose(), ym, 1.0f32, Par::Seq);
                     // The product's upper triangle, row by row, into the packed sums.
@@ -938,8 +1050,8 @@ impl Moments {
         self.filled = 0;
     }
 
-    /// Means `P × d` and the regularised inverse covariances `P × d(d+1)/2`, packed upper
-    /// triangles (computed in place of the scatter matrices, in f64 per position).
+    /// Means `P × d` and the regularised inverse covariances `G × d(d+1)/2`, packed upper
+    /// triangles (computed in place of the scatter matrices, in f64 per block).
     fn finish(mut self, reg: f64) -> Result<(Vec<f32>, Vec<f32>)> {
         self.flush();
         let (n, d) = (self.n, self.d);
@@ -949,20 +1061,32 @@ impl Moments {
             )));
         }
         let nf = n as f64;
+        let sum = &self.sum;
         self.scatter
             .par_chunks_mut(packed_len(d))
-            .zip(self.sum.par_chunks(d))
-            .enumerate()
-            .try_for_each(|(pos, (s2, s1))| {
-                // Σ = (S − s sᵀ / n) / (n − 1) about the shift, the same as about the mean.
-                let m = faer::Mat::<f64>::from_fn(d, d, |i, j| {
+            .zip(self.members.par_iter())
+            .try_for_each(|(s2, members)| {
+                // Σ = (S − Σ_p s_p s_pᵀ / n) / (m (n − 1)) for a block of m positions, each about
+                // its shift: the same as about each position's own mean (m = 1: the usual).
+                let m = members.len() as f64;
+                let cov = faer::Mat::<f64>::from_fn(d, d, |i, j| {
                     let (lo, hi) = (i.min(j), i.max(j));
-                    (s2[maha::row_start(lo, d) + hi - lo] as f64 - s1[i] * s1[j] / nf) / (nf - 1.0)
+                    let centre = members.iter().fold(0.0, |a, &p| {
+                        let s1 = &sum[p as usize * d..][..d];
+                        a + s1[i] * s1[j] / nf
+                    });
+                    (s2[maha::row_start(lo, d) + hi - lo] as f64 - centre) / (m * (nf - 1.0))
                         + if i == j { reg } else { 0.0 }
                 });
-                let llt = m.llt(faer::Side::Lower).map_err(|e| {
+                let llt = cov.llt(faer::Side::Lower).map_err(|e| {
+                    let shared = if members.len() > 1 {
+                        format!(" (shared by {} positions)", members.len())
+                    } else {
+                        String::new()
+                    };
                     Error::Config(format!(
-                        "padim: covariance at position {pos} is not positive definite ({e:?})"
+                        "padim: covariance at position {}{shared} is not positive definite ({e:?})",
+                        members.first().copied().unwrap_or(0)
                     ))
                 })?;
                 let inv = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
@@ -1015,11 +1139,16 @@ impl Restore for Padim {
             return Err(t.inconsistent());
         }
         let (p, d) = mean.dims2()?;
+        // Shared covariances came with the packed form: one per block.
+        let blocks = config.covariances((height, width));
         let want: &[usize] = if packed {
-            &[p, packed_len(d)]
+            &[blocks, packed_len(d)]
         } else {
             &[p, d, d]
         };
+        if !packed && config.tie > 1 {
+            return Err(t.inconsistent());
+        }
         if height * width != p || inv_cov.dims() != want || reduce.dims() != d {
             return Err(t.inconsistent());
         }
@@ -1029,7 +1158,8 @@ impl Restore for Padim {
             InvStore::pack(&inv_cov)?
         }
         .to_dtype(config.inv_cov_dtype.dtype())?;
-        let inv_cov = InvStore::on(inv_cov, d, mean.device())?;
+        let shared = (config.tie > 1).then(|| shared_index((height, width), config.tie));
+        let inv_cov = InvStore::on(inv_cov, d, mean.device(), shared.as_deref())?;
         if let Reduce::Index(index) = &reduce {
             let idx: Vec<u32> = index.to_vec1()?;
             if idx.windows(2).any(|w| w[0] >= w[1]) {
@@ -1052,6 +1182,7 @@ impl Restore for Padim {
             reduce,
             mean,
             inv_cov,
+            shared,
             height,
             width,
         })
@@ -1099,13 +1230,13 @@ impl Scorer for Padim {
                 let d = self.dims();
                 let sum = matches!(self.reduce, Reduce::Project(_));
                 let y = assemble(&self.reduce.reduce_parts(&maps)?, b, d, (h, w), sum)?;
+                let run = |mean: &[f32], inv: InvCov<'_>| match &self.shared {
+                    Some(g) => mahalanobis_shared(&y, mean, inv, b, d, g),
+                    None => mahalanobis(&y, mean, inv, b, d),
+                };
                 with_f32_slice(&self.mean, |mean| match inv_cov.dtype() {
-                    DType::F16 => {
-                        with_f16_slice(inv_cov, |inv| mahalanobis(&y, mean, InvCov::F16(inv), b, d))
-                    }
-                    _ => {
-                        with_f32_slice(inv_cov, |inv| mahalanobis(&y, mean, InvCov::F32(inv), b, d))
-                    }
+                    DType::F16 => with_f16_slice(inv_cov, |inv| run(mean, InvCov::F16(inv))),
+                    _ => with_f32_slice(inv_cov, |inv| run(mean, InvCov::F32(inv))),
                 })???
             }
             InvStore::Full(inv_cov) => {
@@ -1129,7 +1260,10 @@ impl Scorer for Padim {
         Ok(vec![
             (name.into(), reduce),
             ("mean".into(), self.mean.clone()),
-            ("inv_cov_upper".into(), self.inv_cov.packed()?),
+            (
+                "inv_cov_upper".into(),
+                self.inv_cov.packed(self.shared.as_deref())?,
+            ),
             ("grid".into(), grid),
         ])
     }
@@ -1280,7 +1414,7 @@ mod tests {
             })
             .collect();
         // Chunks of 5 over batches of 4, 3, 6, 1: chunks fill across batch boundaries.
-        let mut m = Moments::new(p, d, 5);
+        let mut m = Moments::new(p, d, 5, None);
         for (y, &b) in batches.iter().zip(&sizes) {
             m.add(y, b).unwrap();
         }
@@ -1288,7 +1422,7 @@ mod tests {
         let (mean, inv) = m.finish(reg).unwrap();
         // The same images one at a time: the same result to the bit (the batch size that
         // delivers the images does not matter).
-        let mut one = Moments::new(p, d, 5);
+        let mut one = Moments::new(p, d, 5, None);
         for (y, &b) in batches.iter().zip(&sizes) {
             for i in 0..b {
                 let img: Vec<f32> = (0..p)
@@ -1339,7 +1473,7 @@ mod tests {
             }
         }
         // Fewer than two images: no covariance.
-        let mut single = Moments::new(p, d, 5);
+        let mut single = Moments::new(p, d, 5, None);
         single.add(&batches[3], 1).unwrap();
         assert!(single.finish(reg).is_err());
     }
@@ -1373,7 +1507,7 @@ mod tests {
             let m = cfg.fit(&mut (0..4).map(feats)).unwrap();
             let test = feats(9).unwrap();
             let want = m.score(&test).unwrap();
-            let packed = m.inv_cov.packed().unwrap();
+            let packed = m.inv_cov.packed(m.shared.as_deref()).unwrap();
             assert_eq!(packed.dims(), [64, packed_len(9)]);
             assert_eq!(packed.dtype(), dtype.dtype());
             let full = InvStore::unpack(&packed, 9).unwrap();
@@ -1385,7 +1519,10 @@ mod tests {
             for (g, w) in got.data.iter().zip(&want.data) {
                 assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
             }
-            let repacked = on_device.inv_cov.packed().unwrap();
+            let repacked = on_device
+                .inv_cov
+                .packed(on_device.shared.as_deref())
+                .unwrap();
             assert_eq!(
                 repacked
                     .to_dtype(DType::F32)
@@ -1414,5 +1551,178 @@ mod tests {
             wrong.insert("inv_cov".into(), packed);
             assert!(Padim::restore(cfg, wrong).is_err());
         }
+    }
+
+    /// Shared covariances: each `tie × tie` block's Σ pools its positions' deviations from
+    /// their own means (checked against a direct f64 computation, edge blocks partial).
+    #[test]
+    fn shared_covariances_pool_their_positions() {
+        let (h, w, d, n, reg) = (3usize, 5usize, 3usize, 7usize, 0.01);
+        let p = h * w;
+        let shared = shared_index((h, w), 2);
+        assert_eq!(shared, [0, 0, 1, 1, 2, 0, 0, 1, 1, 2, 3, 3, 4, 4, 5]);
+        let cfg = PadimConfig {
+            tie: 2,
+            ..Default::default()
+        };
+        assert_eq!(cfg.covariances((h, w)), 6);
+        let mut s = 17u64;
+        let mut rnd = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        // (P, B, d) per image, n images; position p's values offset by p (distinct means).
+        let x: Vec<Vec<f32>> = (0..n)
+            .map(|_| (0..p * d).map(|i| rnd() + (i / d) as f32).collect())
+            .collect();
+        let mut m = Moments::new(p, d, 5, Some(&shared));
+        for img in &x {
+            m.add(img, 1).unwrap();
+        }
+        let (mean, inv) = m.finish(reg).unwrap();
+        assert_eq!(inv.len(), 6 * packed_len(d));
+        for g in 0..6u32 {
+            let members: Vec<usize> = (0..p).filter(|&q| shared[q] == g).collect();
+            let mut cov = faer::Mat::<f64>::zeros(d, d);
+            for &q in &members {
+                let mu: Vec<f64> = (0..d)
+                    .map(|j| x.iter().map(|img| img[q * d + j] as f64).sum::<f64>() / n as f64)
+                    .collect();
+                for (j, m) in mu.iter().enumerate() {
+                    assert!((mean[q * d + j] as f64 - m).abs() < 1e-5);
+                }
+                for img in &x {
+                    for i in 0..d {
+                        for j in 0..d {
+                            cov[(i, j)] +=
+                                (img[q * d + i] as f64 - mu[i]) * (img[q * d + j] as f64 - mu[j]);
+                        }
+                    }
+                }
+            }
+            let k = (members.len() * (n - 1)) as f64;
+            let cov = faer::Mat::<f64>::from_fn(d, d, |i, j| {
+                cov[(i, j)] / k + if i == j { reg } else { 0.0 }
+            });
+            let want = faer::linalg::solvers::DenseSolveCore::inverse(
+                &cov.llt(faer::Side::Lower).unwrap(),
+            );
+            let got = &inv[g as usize * packed_len(d)..][..packed_len(d)];
+            for i in 0..d {
+                for j in i..d {
+                    let (a, b) = (got[maha::row_start(i, d) + j - i] as f64, want[(i, j)]);
+                    assert!(
+                        (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                        "block {g} ({i}, {j}): {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A model with shared covariances scores like one with each block's Σ⁻¹ copied to its
+    /// positions, on the CPU kernel and the full-matrix (device) path; it stores one triangle
+    /// per block, restores to the same scores, and a file whose block count does not match its
+    /// configuration is refused.
+    #[test]
+    fn shared_covariances_score_like_their_copies() {
+        use tessera_core::scorer::Restore;
+        let dev = Device::Cpu;
+        let feats = |s: u64| {
+            let t = |c: usize, g: (usize, usize), k: f64| {
+                Tensor::rand(0f32, 1., (3, c, g.0, g.1), &dev)
+                    .unwrap()
+                    .affine(k, s as f64 * 0.01)
+                    .unwrap()
+            };
+            Ok(FeatureMaps::new(vec![
+                t(6, (7, 5), 1.0),
+                t(5, (4, 3), 2.0),
+                t(7, (2, 2), 3.0),
+            ]))
+        };
+        for dtype in [CovDtype::F32, CovDtype::F16] {
+            let cfg = PadimConfig {
+                dims: Some(9),
+                inv_cov_dtype: dtype,
+                tie: 2,
+                ..Default::default()
+            };
+            let m = cfg.fit(&mut (0..6).map(feats)).unwrap();
+            let test = feats(9).unwrap();
+            let want = m.score(&test).unwrap();
+            let shared = m.shared.clone().unwrap();
+            let packed = m.inv_cov.packed(Some(&shared)).unwrap();
+            assert_eq!(packed.dims(), [12, packed_len(9)]);
+            let idx = Tensor::from_slice(&shared, shared.len(), &dev).unwrap();
+            let copied = Padim {
+                inv_cov: InvStore::Packed(packed.index_select(&idx, 0).unwrap()),
+                shared: None,
+                ..m.clone()
+            };
+            assert_eq!(copied.score(&test).unwrap(), want);
+            let full = InvStore::unpack(&packed, 9)
+                .unwrap()
+                .index_select(&idx, 0)
+                .unwrap();
+            let on_device = Padim {
+                inv_cov: InvStore::Full(full),
+                ..m.clone()
+            };
+            for (g, w) in on_device.score(&test).unwrap().data.iter().zip(&want.data) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+            }
+            let repacked = on_device.inv_cov.packed(Some(&shared)).unwrap();
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(f32s(&repacked), f32s(&packed));
+            let stored: std::collections::HashMap<String, Tensor> =
+                m.tensors().unwrap().into_iter().collect();
+            let back = Padim::restore(cfg.clone(), stored.clone()).unwrap();
+            assert_eq!(back.score(&test).unwrap(), want);
+            for tie in [1, 3] {
+                let other = PadimConfig { tie, ..cfg.clone() };
+                assert!(Padim::restore(other, stored.clone()).is_err(), "tie {tie}");
+            }
+        }
+    }
+
+    /// With every channel kept no reduction is applied: the seed and the reduction asked for
+    /// change nothing, and the model says it kept the channels as they are.
+    #[test]
+    fn every_channel_needs_no_reduction() {
+        let dev = Device::Cpu;
+        let feats = |s: u64| {
+            let t = |c: usize, g: usize, k: f64| {
+                Tensor::rand(0f32, 1., (4, c, g, g), &dev)
+                    .unwrap()
+                    .affine(k, s as f64 * 0.01)
+                    .unwrap()
+            };
+            Ok::<_, Error>(FeatureMaps::new(vec![
+                t(6, 4, 1.0),
+                t(5, 2, 2.0),
+                t(7, 1, 3.0),
+            ]))
+        };
+        // Tensor::rand draws anew on every call: the same batches for every fit.
+        let train: Vec<FeatureMaps> = (0..5).map(|s| feats(s).unwrap()).collect();
+        let test = feats(9).unwrap();
+        let fit = |reduction: Reduction, seed: u64| {
+            let cfg = PadimConfig {
+                dims: Some(18),
+                reduction,
+                seed,
+                ..Default::default()
+            };
+            let m = cfg.fit(&mut train.iter().cloned().map(Ok)).unwrap();
+            assert_eq!(m.reduction(), Reduction::Subset);
+            m.score(&test).unwrap()
+        };
+        let want = fit(Reduction::Orthogonal, 1);
+        assert_eq!(fit(Reduction::Orthogonal, 2), want);
+        assert_eq!(fit(Reduction::Subset, 3), want);
+        assert_eq!(fit(Reduction::Pca, 0), want);
     }
 }

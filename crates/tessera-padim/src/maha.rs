@@ -114,8 +114,50 @@ pub fn mahalanobis(
     b: usize,
     d: usize,
 ) -> Result<Vec<f32>> {
+    run(y, mean, inv, b, d, None)
+}
+
+/// [`mahalanobis`] where positions share inverse covariances: position `p` uses triangle
+/// `shared[p]` of `inv` (`(G, d (d + 1) / 2)`, every index below `G`). Neighbouring positions
+/// that share one read it from cache.
+///
+/// ```
+/// use tessera_padim::maha::{mahalanobis_shared, InvCov};
+/// // Two positions, d = 1, both using the one Σ⁻¹ = 4.
+/// let d = mahalanobis_shared(&[1.0, 2.0], &[0.0, 0.0], InvCov::F32(&[4.0]), 1, 1, &[0, 0])?;
+/// assert_eq!(d, vec![2.0, 4.0]);
+/// # Ok::<(), tessera_core::Error>(())
+/// ```
+pub fn mahalanobis_shared(
+    y: &[f32],
+    mean: &[f32],
+    inv: InvCov<'_>,
+    b: usize,
+    d: usize,
+    shared: &[u32],
+) -> Result<Vec<f32>> {
+    run(y, mean, inv, b, d, Some(shared))
+}
+
+fn run(
+    y: &[f32],
+    mean: &[f32],
+    inv: InvCov<'_>,
+    b: usize,
+    d: usize,
+    shared: Option<&[u32]>,
+) -> Result<Vec<f32>> {
     let p = mean.len() / d.max(1);
-    if d == 0 || y.len() != b * d * p || mean.len() != p * d || inv.len() != p * packed_len(d) {
+    let t = packed_len(d);
+    let matrices = match shared {
+        Some(g) if g.len() == p && t > 0 && inv.len() % t == 0 => {
+            let count = inv.len() / t;
+            g.iter().all(|&i| (i as usize) < count).then_some(p)
+        }
+        Some(_) => None,
+        None => (inv.len() == p * t).then_some(p),
+    };
+    if d == 0 || y.len() != b * d * p || mean.len() != p * d || matrices.is_none() {
         return Err(Error::Config(format!(
             "padim: mahalanobis on inconsistent sizes (y {}, mean {}, inv {}, b {b}, d {d})",
             y.len(),
@@ -127,6 +169,7 @@ pub fn mahalanobis(
         y,
         mean,
         inv,
+        shared,
         dims: (b, d, p),
     };
     let blocks: Vec<Vec<f32>> = (0..p.div_ceil(BLOCK))
@@ -145,12 +188,13 @@ pub fn mahalanobis(
 }
 
 /// The inputs of [`mahalanobis`], checked: `y` `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, T)`
-/// packed, `dims` = `(B, d, P)`.
+/// packed (or `(G, T)` with `shared`, each position's triangle index), `dims` = `(B, d, P)`.
 #[derive(Clone, Copy)]
 struct Job<'a> {
     y: &'a [f32],
     mean: &'a [f32],
     inv: InvCov<'a>,
+    shared: Option<&'a [u32]>,
     dims: (usize, usize, usize),
 }
 
@@ -253,6 +297,7 @@ fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) 
     let Job {
         y,
         mean,
+        shared,
         dims: (b, d, p),
         ..
     } = job;
@@ -272,23 +317,27 @@ fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) 
         }
     }
     let t = packed_len(d);
-    let here = &inv[p0 * t..(p0 + n) * t];
+    // Position p0 + k's triangle.
+    let source = |k: usize| {
+        let m = shared.map_or(p0 + k, |g| g[p0 + k] as usize);
+        &inv[m * t..][..t]
+    };
     // Below one vector, the triangles are widened to d = 8 with zero rows and columns (x's
     // padding is zero too), so every window is a whole vector inside its row.
-    let padded: Vec<T>;
-    let (tris, d) = if d < LANES {
+    let (small, d) = (d < LANES, d.max(LANES));
+    let padded: Vec<T> = if small {
         let tp = packed_len(LANES);
         let mut v = vec![T::ZERO; n * tp];
-        for (dst, src) in v.chunks_exact_mut(tp).zip(here.chunks_exact(t)) {
-            for i in 0..d {
-                dst[row_start(i, LANES)..][..d - i]
-                    .copy_from_slice(&src[row_start(i, d)..row_start(i + 1, d)]);
+        for (k, dst) in v.chunks_exact_mut(tp).enumerate() {
+            let (src, d0) = (source(k), job.dims.1);
+            for i in 0..d0 {
+                dst[row_start(i, LANES)..][..d0 - i]
+                    .copy_from_slice(&src[row_start(i, d0)..row_start(i + 1, d0)]);
             }
         }
-        padded = v;
-        (&padded[..], LANES)
+        v
     } else {
-        (here, d)
+        Vec::new()
     };
     let t = packed_len(d);
     let blocks = column_blocks(d);
@@ -296,7 +345,11 @@ fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) 
     let mut out = vec![0f32; n * b];
     let mut diag = vec![0f32; dp];
     for k in 0..n {
-        let tri = &tris[k * t..][..t];
+        let tri = if small {
+            &padded[k * t..][..t]
+        } else {
+            source(k)
+        };
         for (i, o) in diag[..d].iter_mut().enumerate() {
             *o = tri[row_start(i, d)].widen();
         }
@@ -649,6 +702,7 @@ mod tests {
                         y: &y,
                         mean: &mean,
                         inv: s,
+                        shared: None,
                         dims: (b, d, p),
                     };
                     let fast = block(job, blk);
@@ -664,6 +718,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Positions that share triangles score exactly as with each shared triangle copied to
+    /// them, for f32 and f16, below one vector and above; an index past the triangles is refused.
+    #[test]
+    fn shared_triangles_equal_copies() {
+        let mut rnd = lcg(13);
+        for (b, d, p, g) in [(5usize, 30usize, 70usize, 9usize), (3, 5, 11, 4)] {
+            let y: Vec<f32> = (0..b * d * p).map(|_| rnd()).collect();
+            let mean: Vec<f32> = (0..p * d).map(|_| rnd()).collect();
+            let t = packed_len(d);
+            let inv: Vec<f32> = (0..g * t).map(|_| rnd()).collect();
+            let shared: Vec<u32> = (0..p).map(|i| ((i * 7 + i / 3) % g) as u32).collect();
+            let copied: Vec<f32> = shared
+                .iter()
+                .flat_map(|&m| inv[m as usize * t..][..t].iter().copied())
+                .collect();
+            let a = mahalanobis_shared(&y, &mean, InvCov::F32(&inv), b, d, &shared).unwrap();
+            let c = mahalanobis(&y, &mean, InvCov::F32(&copied), b, d).unwrap();
+            assert_eq!(a, c);
+            let h = |v: &[f32]| -> Vec<half::f16> {
+                v.iter().map(|&x| half::f16::from_f32(x)).collect()
+            };
+            let (inv16, copied16) = (h(&inv), h(&copied));
+            let a = mahalanobis_shared(&y, &mean, InvCov::F16(&inv16), b, d, &shared).unwrap();
+            let c = mahalanobis(&y, &mean, InvCov::F16(&copied16), b, d).unwrap();
+            assert_eq!(a, c);
+            let mut bad = shared.clone();
+            bad[p - 1] = g as u32;
+            assert!(mahalanobis_shared(&y, &mean, InvCov::F32(&inv), b, d, &bad).is_err());
+            assert!(mahalanobis_shared(&y, &mean, InvCov::F32(&inv), b, d, &bad[1..]).is_err());
         }
     }
 

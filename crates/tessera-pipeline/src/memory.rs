@@ -44,21 +44,29 @@ pub fn estimate_fit(
             .map(|&c| c as u64)
             .sum()
     };
-    let first_grid = |levels: &[usize]| -> u64 {
+    let first_grid_hw = |levels: &[usize]| -> (u64, u64) {
         let l = levels.first().copied().unwrap_or(1).clamp(1, 3);
-        grid(w, stride[l - 1]) * grid(h, stride[l - 1])
+        (grid(h, stride[l - 1]), grid(w, stride[l - 1]))
+    };
+    let first_grid = |levels: &[usize]| -> u64 {
+        let (gh, gw) = first_grid_hw(levels);
+        gh * gw
     };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match scorer {
         ScorerConfig::Padim(c) => {
             // The statistics are streamed: the number of images does not count.
-            let (total, p) = (chans(&c.levels) as usize, first_grid(&c.levels) as usize);
+            let total = chans(&c.levels) as usize;
+            let (gh, gw) = first_grid_hw(&c.levels);
+            let g = (gh as usize, gw as usize);
+            let (p, n) = (g.0 * g.1, c.covariances(g));
             let d = c.dims_for(total);
-            let inv = (p * tessera_padim::maha::packed_len(d) * 4) as u64;
+            let inv = (n * tessera_padim::maha::packed_len(d) * 4) as u64;
             Estimate {
-                bytes: c.fit_bytes(p, total),
+                bytes: c.fit_bytes(g, total),
                 what: format!(
-                    "PaDiM: {p} positions × {d} dimensions: the covariances (packed, f32) {:.2} GiB",
+                    "PaDiM: {p} positions ({n} covariances) × {d} dimensions: the covariances \
+                     (packed, f32) {:.2} GiB",
                     gib(inv)
                 ),
             }
