@@ -2,7 +2,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
-use tessera_padim::maha::{mahalanobis, packed_len, InvCov};
+use tessera_padim::maha::{mahalanobis, mahalanobis_shared, packed_len, InvCov};
+use tessera_padim::shared_index;
 
 /// Deterministic values in [-1, 1) (the kernel's speed does not depend on them).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -54,6 +55,22 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // Every ResNet-18 channel (d = 448) with one Σ⁻¹ per 4 × 4 block of the 56 × 56 grid
+    // (`--padim-dims 448 --padim-tie 4`): 196 triangles, each read by 16 positions.
+    let (d, b, grid) = (448usize, 8usize, (56usize, 56usize));
+    let p = grid.0 * grid.1;
+    let shared = shared_index(grid, 4);
+    let y = values(b * d * p, 1);
+    let mean = values(p * d, 2);
+    let inv = values(196 * packed_len(d), 3);
+    let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
+    g.throughput(Throughput::Elements((b * p * d * (d + 1) / 2) as u64));
+    g.bench_function(format!("f32_d{d}_p{p}_tie4_b{b}"), |bn| {
+        bn.iter(|| mahalanobis_shared(&y, &mean, InvCov::F32(&inv), b, d, &shared).unwrap())
+    });
+    g.bench_function(format!("f16_d{d}_p{p}_tie4_b{b}"), |bn| {
+        bn.iter(|| mahalanobis_shared(&y, &mean, InvCov::F16(&inv16), b, d, &shared).unwrap())
+    });
     g.finish();
 }
 
