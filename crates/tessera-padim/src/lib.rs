@@ -588,6 +588,29 @@ impl Reduce {
             // (B, c, S): channels by positions.
             let x = m.contiguous()?.reshape((b, c, sh * sw))?;
             let y = match (self, &picked) {
+                (Reduce::Project(p), _) if dev.is_cpu() && p.dtype() == DType::F32 => {
+                    // `Xᵀ · W` per image straight into one `(B, S, d)` buffer: `X` (c × S,
+                    // row-major) read as `Xᵀ` through column-major strides, no stacking copy.
+                    let w = p.narrow(0, offset, c)?.contiguous()?;
+                    let d = w.dims()[1];
+                    let s = sh * sw;
+                    let mut out = vec![0f32; b * s * d];
+                    with_f32_slice(&x, |xs| {
+                        with_f32_slice(&w, |ws| {
+                            use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
+                            let rhs = MatRef::from_row_major_slice(ws, c, d);
+                            let par = if b == 1 { Par::rayon(0) } else { Par::Seq };
+                            out.par_chunks_mut(s * d)
+                                .zip(xs.par_chunks(c * s))
+                                .for_each(|(dst, xi)| {
+                                    let lhs = MatRef::from_column_major_slice(xi, s, c);
+                                    let dst = MatMut::from_row_major_slice_mut(dst, s, d);
+                                    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+                                });
+                        })
+                    })??;
+                    Some((Tensor::from_vec(out, (b, s, d), &dev)?, 0))
+                }
                 (Reduce::Project(p), _) => {
                     // `Xᵀ · W` per image, the transposition read by the product's strides.
                     let w = p.narrow(0, offset, c)?.to_device(&dev)?;
