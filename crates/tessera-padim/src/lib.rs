@@ -357,6 +357,12 @@ impl PadimConfig {
         let t = self.tie.max(1);
         h.div_ceil(t) * w.div_ceil(t)
     }
+
+    /// Each position's covariance block on a `(height, width)` grid when they are shared
+    /// ([`Self::tie`] > 1; [`shared_index`]), else `None`.
+    fn shared(&self, grid: (usize, usize)) -> Option<Vec<u32>> {
+        (self.tie > 1).then(|| shared_index(grid, self.tie))
+    }
 }
 
 /// For each position of a `(height, width)` grid (row-major), the index of its `tie × tie`
@@ -367,6 +373,16 @@ pub fn shared_index((h, w): (usize, usize), tie: usize) -> Vec<u32> {
     (0..h * w)
         .map(|p| ((p / w / t) * wt + (p % w) / t) as u32)
         .collect()
+}
+
+/// The positions of each block of a [`shared_index`], in order.
+fn block_members(shared: &[u32]) -> Vec<Vec<u32>> {
+    let n = shared.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+    let mut m = vec![Vec::new(); n];
+    for (pos, &i) in shared.iter().enumerate() {
+        m[i as usize].push(pos as u32);
+    }
+    m
 }
 
 /// Concatenate the chosen levels on the first level's grid (nearest upsampling), `B × C × H × W`.
@@ -782,11 +798,10 @@ impl InvStore {
                 let t = match shared {
                     Some(g) => {
                         // The first position of each block holds its matrix.
-                        let mut first =
-                            vec![u32::MAX; g.iter().map(|&i| i as usize + 1).max().unwrap_or(0)];
-                        for (pos, &i) in g.iter().enumerate().rev() {
-                            first[i as usize] = pos as u32;
-                        }
+                        let first: Vec<u32> = block_members(g)
+                            .iter()
+                            .map(|m| m.first().copied().unwrap_or(u32::MAX))
+                            .collect();
                         let n = first.len();
                         t.index_select(&Tensor::from_vec(first, n, t.device())?, 0)?
                     }
@@ -806,6 +821,7 @@ impl FitScorer for PadimConfig {
         let mut moments: Option<Moments> = None;
         let mut reduce: Option<Reduce> = None;
         let mut grid = (0, 0);
+        let mut shared: Option<Vec<u32>> = None;
         for batch in batches {
             let batch = batch?;
             let maps = pick_levels(&batch, &self.levels)?;
@@ -832,6 +848,7 @@ impl FitScorer for PadimConfig {
                     maps[0].device(),
                 )?);
                 grid = (h, w);
+                shared = self.shared(grid);
             }
             if (h, w) != grid {
                 return Err(Error::Config(format!(
@@ -845,10 +862,8 @@ impl FitScorer for PadimConfig {
                 r.check_channels(c)?;
                 let y = r.apply_levels(&maps)?.to_device(&Device::Cpu)?; // (P, B, d)
                 let (p, b, d) = y.dims3()?;
-                let m = moments.get_or_insert_with(|| {
-                    let shared = (self.tie > 1).then(|| shared_index(grid, self.tie));
-                    Moments::new(p, d, MOMENT_CHUNK, shared.as_deref())
-                });
+                let m = moments
+                    .get_or_insert_with(|| Moments::new(p, d, MOMENT_CHUNK, shared.as_deref()));
                 with_f32_slice(&y, |y| m.add(y, b))??;
             }
         }
@@ -866,7 +881,6 @@ impl FitScorer for PadimConfig {
             CovDtype::F32 => Tensor::from_vec(inv, (g, t), &Device::Cpu)?,
             CovDtype::F16 => Tensor::from_vec(to_f16_shrinking(inv, 16 * t), (g, t), &Device::Cpu)?,
         };
-        let shared = (self.tie > 1).then(|| shared_index(grid, self.tie));
         let inv_cov = InvStore::on(inv_cov, d, &dev, shared.as_deref())?;
         let p = grid.0 * grid.1;
         let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
@@ -947,14 +961,7 @@ impl Moments {
     fn new(p: usize, d: usize, chunk: usize, shared: Option<&[u32]>) -> Self {
         let chunk = chunk.max(1);
         let members: Vec<Vec<u32>> = match shared {
-            Some(g) => {
-                let n = g.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
-                let mut m = vec![Vec::new(); n];
-                for (pos, &i) in g.iter().enumerate() {
-                    m[i as usize].push(pos as u32);
-                }
-                m
-            }
+            Some(g) => block_members(g),
             None => (0..p as u32).map(|i| vec![i]).collect(),
         };
         Self {
@@ -1181,7 +1188,7 @@ impl Restore for Padim {
             InvStore::pack(&inv_cov)?
         }
         .to_dtype(config.inv_cov_dtype.dtype())?;
-        let shared = (config.tie > 1).then(|| shared_index((height, width), config.tie));
+        let shared = config.shared((height, width));
         let inv_cov = InvStore::on(inv_cov, d, mean.device(), shared.as_deref())?;
         if let Reduce::Index(index) = &reduce {
             let idx: Vec<u32> = index.to_vec1()?;
@@ -1295,6 +1302,22 @@ impl Scorer for Padim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Random features of `b` images, one map per `(channels, (height, width), scale)`, shifted
+    /// by `0.01·s`; `Tensor::rand` draws anew on every call.
+    fn random_features(b: usize, levels: &[(usize, (usize, usize), f64)], s: u64) -> FeatureMaps {
+        FeatureMaps::new(
+            levels
+                .iter()
+                .map(|&(c, (h, w), k)| {
+                    Tensor::rand(0f32, 1., (b, c, h, w), &Device::Cpu)
+                        .unwrap()
+                        .affine(k, s as f64 * 0.01)
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
 
     /// Reducing each level on its own grid then upsampling equals reducing the concatenated
     /// embedding: exactly for a channel subset, to float rounding for a projection; on grids
@@ -1507,19 +1530,12 @@ mod tests {
     #[test]
     fn packed_full_and_legacy_models_agree() {
         use tessera_core::scorer::Restore;
-        let dev = Device::Cpu;
         let feats = |s: u64| {
-            let t = |c: usize, g: usize, k: f64| {
-                Tensor::rand(0f32, 1., (3, c, g, g), &dev)
-                    .unwrap()
-                    .affine(k, s as f64 * 0.01)
-                    .unwrap()
-            };
-            Ok(FeatureMaps::new(vec![
-                t(6, 8, 1.0),
-                t(5, 4, 2.0),
-                t(7, 2, 3.0),
-            ]))
+            Ok::<_, Error>(random_features(
+                3,
+                &[(6, (8, 8), 1.0), (5, (4, 4), 2.0), (7, (2, 2), 3.0)],
+                s,
+            ))
         };
         for dtype in [CovDtype::F32, CovDtype::F16] {
             let cfg = PadimConfig {
@@ -1654,17 +1670,11 @@ mod tests {
         use tessera_core::scorer::Restore;
         let dev = Device::Cpu;
         let feats = |s: u64| {
-            let t = |c: usize, g: (usize, usize), k: f64| {
-                Tensor::rand(0f32, 1., (3, c, g.0, g.1), &dev)
-                    .unwrap()
-                    .affine(k, s as f64 * 0.01)
-                    .unwrap()
-            };
-            Ok(FeatureMaps::new(vec![
-                t(6, (7, 5), 1.0),
-                t(5, (4, 3), 2.0),
-                t(7, (2, 2), 3.0),
-            ]))
+            Ok::<_, Error>(random_features(
+                3,
+                &[(6, (7, 5), 1.0), (5, (4, 3), 2.0), (7, (2, 2), 3.0)],
+                s,
+            ))
         };
         for dtype in [CovDtype::F32, CovDtype::F16] {
             let cfg = PadimConfig {
@@ -1715,19 +1725,12 @@ mod tests {
     /// change nothing, and the model says it kept the channels as they are.
     #[test]
     fn every_channel_needs_no_reduction() {
-        let dev = Device::Cpu;
         let feats = |s: u64| {
-            let t = |c: usize, g: usize, k: f64| {
-                Tensor::rand(0f32, 1., (4, c, g, g), &dev)
-                    .unwrap()
-                    .affine(k, s as f64 * 0.01)
-                    .unwrap()
-            };
-            Ok::<_, Error>(FeatureMaps::new(vec![
-                t(6, 4, 1.0),
-                t(5, 2, 2.0),
-                t(7, 1, 3.0),
-            ]))
+            Ok::<_, Error>(random_features(
+                4,
+                &[(6, (4, 4), 1.0), (5, (2, 2), 2.0), (7, (1, 1), 3.0)],
+                s,
+            ))
         };
         // Tensor::rand draws anew on every call: the same batches for every fit.
         let train: Vec<FeatureMaps> = (0..5).map(|s| feats(s).unwrap()).collect();

@@ -149,15 +149,17 @@ fn run(
 ) -> Result<Vec<f32>> {
     let p = mean.len() / d.max(1);
     let t = packed_len(d);
-    let matrices = match shared {
-        Some(g) if g.len() == p && t > 0 && inv.len() % t == 0 => {
-            let count = inv.len() / t;
-            g.iter().all(|&i| (i as usize) < count).then_some(p)
+    // Whole triangles, and every position's one among them.
+    let inv_fits = match shared {
+        Some(g) => {
+            t > 0
+                && inv.len() % t == 0
+                && g.len() == p
+                && g.iter().all(|&i| (i as usize) < inv.len() / t)
         }
-        Some(_) => None,
-        None => (inv.len() == p * t).then_some(p),
+        None => inv.len() == p * t,
     };
-    if d == 0 || y.len() != b * d * p || mean.len() != p * d || matrices.is_none() {
+    if d == 0 || y.len() != b * d * p || mean.len() != p * d || !inv_fits {
         return Err(Error::Config(format!(
             "padim: mahalanobis on inconsistent sizes (y {}, mean {}, inv {}, b {b}, d {d})",
             y.len(),
