@@ -588,13 +588,15 @@ pub(crate) struct FitArgs {
     /// calibrate on training images, without a guarantee).
     #[arg(long, default_value_t = 0.2, value_parser = float_in(0.0, 0.9, false))]
     pub(crate) calibration_fraction: f64,
-    /// The seed that draws the held-out calibration images (default: --seed).
+    /// The seed that draws the held-out calibration images (default 0, whatever --seed: the
+    /// seed varies the method's random choices, not which images it is fitted on).
     #[arg(long, value_name = "SEED")]
     pub(crate) split_seed: Option<u64>,
     /// The false-alarm rate the image threshold must keep on normal parts.
     #[arg(long, default_value_t = 0.05, value_parser = float_in(0.0, 0.5, true))]
     pub(crate) target_fpr: f64,
-    /// PaDiM: dimensions kept (default 100 for ResNet-18/34, 550 for wider backbones).
+    /// PaDiM: dimensions kept (default: every channel for ResNet-18/34, 448, so no random
+    /// choice; 550 for wider backbones; the paper's ResNet-18 setting is 100).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub(crate) padim_dims: Option<u64>,
     /// PaDiM: how channels are reduced. orthogonal: a seeded semi-orthogonal projection of all
@@ -609,9 +611,9 @@ pub(crate) struct FitArgs {
     pub(crate) padim_cov_dtype: CovDtype,
     /// PaDiM: one covariance per N × N block of neighbouring positions (each keeps its own
     /// mean): N² times fewer inverse covariances, so every channel's full covariance fits
-    /// (e.g. --padim-dims 448 --padim-tie 4 for ResNet-18: no random projection at all).
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
-    pub(crate) padim_tie: u64,
+    /// (default: 4 when every channel is kept, else 1, the paper's per-position covariance).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) padim_tie: Option<u64>,
     /// PatchCore: fraction of training patches kept in the memory bank (0 < r <= 1).
     #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     pub(crate) coreset_ratio: f64,
@@ -684,7 +686,7 @@ impl FitArgs {
                 dims: self.padim_dims.map(|d| d as usize),
                 reduction: self.padim_reduction,
                 inv_cov_dtype: self.padim_cov_dtype,
-                tie: self.padim_tie as usize,
+                tie: self.padim_tie.map(|t| t as usize),
                 ..Default::default()
             }),
             ScorerKind::Patchcore => ScorerConfig::Patchcore(PatchcoreConfig {

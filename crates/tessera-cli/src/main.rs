@@ -35,6 +35,11 @@ fn run(cli: Cli) -> Result<()> {
                     Some(g) => format!("\n  method gate: {}", g.reason),
                     None => String::new(),
                 };
+                // What the scorer chose, when it says (PaDiM: dimensions, covariances).
+                let gate = match s.scorer_report.get("summary").and_then(|v| v.as_str()) {
+                    Some(line) => format!("{gate}\n  {line}"),
+                    None => gate,
+                };
                 format!(
                     "wrote {} (method {}, {} images fitted, {} held out for calibration, {:.1} \
                      s); image threshold {:.4}{guarantee}, pixel threshold {:.4}{gate}",

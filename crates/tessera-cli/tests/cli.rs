@@ -83,6 +83,18 @@ fn fit_test_predict_round_trip() {
         (Some(8), Some(2))
     );
     assert!(model.is_file());
+    // The default PaDiM on ResNet-18 features: every channel, shared covariances, and says so.
+    let r = &fit["scorer_report"];
+    assert_eq!(
+        (
+            r["channels"].as_u64(),
+            r["dims"].as_u64(),
+            r["tie"].as_u64()
+        ),
+        (Some(448), Some(448), Some(4))
+    );
+    assert_eq!(r["random_choice"], false);
+    assert!(r["summary"].as_str().unwrap().contains("nothing random"));
 
     let report = tmp.path().join("r/report.json");
     let heat = tmp.path().join("heat");
@@ -536,9 +548,10 @@ fn cfa_trains_and_scores_through_the_model_file() {
     assert_eq!(r["scorer"], "cfa");
 }
 
-/// `--split-seed` draws the calibration hold-out on its own: with a reduction that has no
-/// random choice (`pca`), two fit seeds then hold out the same images and calibrate on the
-/// same scores, where without it they draw different hold-outs.
+/// The calibration hold-out is drawn by `--split-seed` (default 0), not by `--seed`; and the
+/// default PaDiM (every channel, shared covariances) has no random choice: two fit seeds
+/// then give the same model and calibrate on the same scores, and only another split seed
+/// holds out other images.
 #[test]
 fn split_seed_fixes_the_calibration_images() {
     let tmp = tempfile::tempdir().unwrap();
@@ -557,8 +570,6 @@ fn split_seed_fixes_the_calibration_images() {
             "1".into(),
             "--seed".into(),
             seed.into(),
-            "--padim-reduction".into(),
-            "pca".into(),
             "--out".into(),
             s(&model),
         ];
@@ -569,13 +580,15 @@ fn split_seed_fixes_the_calibration_images() {
         ok(&tessera(&args));
         tessera_core::model::ModelFile::read_meta(&model).unwrap()["calibration"].clone()
     };
-    let (a, b) = (fit("5", Some("2")), fit("6", Some("2")));
+    let (a, b) = (fit("5", None), fit("6", None));
     assert_eq!(a["scores"], b["scores"]);
     assert_eq!(
         (a["seed"].as_u64(), a["split_seed"].as_u64()),
-        (Some(5), Some(2))
+        (Some(5), Some(0))
     );
-    let (c, d) = (fit("5", None), fit("6", None));
-    assert_ne!(c["scores"], d["scores"]);
-    assert!(c["split_seed"].is_null());
+    let c = fit("5", Some("2"));
+    assert_ne!(a["scores"], c["scores"]);
+    assert_eq!(c["split_seed"].as_u64(), Some(2));
+    // Recorded only when it differs from the fit's seed.
+    assert!(fit("0", None)["split_seed"].is_null());
 }

@@ -10,7 +10,9 @@
 //! where the window starts in the previous row's tail, those lanes are masked to zero, so no
 //! position's matrix is copied. Each segment updates a 4-image × 16-column tile of accumulators
 //! held in registers (8 fused multiply-adds per 2 loads and 4 broadcasts), where a dot product
-//! per row and image with a horizontal sum each was latency-bound.
+//! per row and image with a horizontal sum each was latency-bound. Positions that share a
+//! triangle ([`mahalanobis_shared`]) are scored together, all their rows against it in 6-row
+//! passes: the triangle is read once per batch and the kernel is bound by arithmetic.
 
 use rayon::prelude::*;
 use tessera_core::{Error, Result};
@@ -24,6 +26,10 @@ const LANES: usize = 8;
 const WIDE: usize = 2;
 /// Images per pass of the main kernel.
 const ROWS: usize = 4;
+/// Rows per pass when positions share a triangle: their rows (every member position's images)
+/// are one block of work, and 6 × 16 accumulators keep both FMA units busy where 4 × 16 left
+/// half of them waiting on loads.
+const ROWS_SHARED: usize = 6;
 /// Rows of a column block whose window is prefetched ahead of its use.
 const AHEAD: usize = 8;
 /// Triangles above this size are prefetched ([`AHEAD`]).
@@ -174,16 +180,28 @@ fn run(
         shared,
         dims: (b, d, p),
     };
-    let blocks: Vec<Vec<f32>> = (0..p.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|blk| block(job, blk))
+    // Per position: blocks of consecutive positions. Shared: each triangle with the positions
+    // that use it, so it is read once for all of their rows.
+    let units: Vec<Vec<usize>> = match shared {
+        None => (0..p.div_ceil(BLOCK))
+            .map(|blk| (blk * BLOCK..((blk + 1) * BLOCK).min(p)).collect())
+            .collect(),
+        Some(g) => super::block_members(g)
+            .into_iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.into_iter().map(|i| i as usize).collect())
+            .collect(),
+    };
+    let outs: Vec<Vec<f32>> = units
+        .par_iter()
+        .map(|positions| block(job, positions))
         .collect();
-    // (P, B) blocks → (B, P).
+    // (positions, B) per unit → (B, P).
     let mut dist = vec![0f32; b * p];
-    for (blk, out) in blocks.iter().enumerate() {
+    for (positions, out) in units.iter().zip(&outs) {
         for (j, v) in out.iter().enumerate() {
             let (k, bi) = (j / b, j % b);
-            dist[bi * p + blk * BLOCK + k] = v.max(0.0).sqrt();
+            dist[bi * p + positions[k]] = v.max(0.0).sqrt();
         }
     }
     Ok(dist)
@@ -200,8 +218,9 @@ struct Job<'a> {
     dims: (usize, usize, usize),
 }
 
-/// One task of [`mahalanobis`] on the widest vector unit the CPU has.
-fn block(job: Job<'_>, blk: usize) -> Vec<f32> {
+/// One task of [`mahalanobis`] on the widest vector unit the CPU has: the squared distances of
+/// `positions` (a block of consecutive ones, or the positions sharing one triangle), `(n, B)`.
+fn block(job: Job<'_>, positions: &[usize]) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -209,16 +228,16 @@ fn block(job: Job<'_>, blk: usize) -> Vec<f32> {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-            return unsafe { block_avx2(job, blk) };
+            return unsafe { block_avx2(job, positions) };
         }
     }
-    block_generic::<false>(job, blk)
+    block_generic::<false>(job, positions)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2(job: Job<'_>, blk: usize) -> Vec<f32> {
-    block_generic::<true>(job, blk)
+unsafe fn block_avx2(job: Job<'_>, positions: &[usize]) -> Vec<f32> {
+    block_generic::<true>(job, positions)
 }
 
 /// The column blocks of a `d`-wide row (`d ≥ 8`): `(start, vectors, first counted column)`,
@@ -278,13 +297,13 @@ impl Stored for half::f16 {
     }
 }
 
-/// Squared distances of positions `blk·BLOCK …`, `(n, B)`; `FMA`: the caller is compiled for
-/// AVX2 + FMA + F16C and the CPU has them.
+/// [`block`]'s squared distances; `FMA`: the caller is compiled for AVX2 + FMA + F16C and the
+/// CPU has them.
 #[inline(always)]
-fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
+fn block_generic<const FMA: bool>(job: Job<'_>, positions: &[usize]) -> Vec<f32> {
     match job.inv {
-        InvCov::F32(v) => block_typed::<f32, FMA>(job, v, blk),
-        InvCov::F16(v) => block_typed::<half::f16, FMA>(job, v, blk),
+        InvCov::F32(v) => block_typed::<f32, FMA>(job, v, positions),
+        InvCov::F16(v) => block_typed::<half::f16, FMA>(job, v, positions),
     }
 }
 
@@ -295,7 +314,11 @@ fn block_generic<const FMA: bool>(job: Job<'_>, blk: usize) -> Vec<f32> {
 /// `k` inside the block the window starts in the previous row's tail, and those lanes (and the
 /// diagonal) are masked to zero, so nothing is copied per position.
 #[inline(always)]
-fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) -> Vec<f32> {
+fn block_typed<T: Stored, const FMA: bool>(
+    job: Job<'_>,
+    inv: &[T],
+    positions: &[usize],
+) -> Vec<f32> {
     let Job {
         y,
         mean,
@@ -303,90 +326,119 @@ fn block_typed<T: Stored, const FMA: bool>(job: Job<'_>, inv: &[T], blk: usize) 
         dims: (b, d, p),
         ..
     } = job;
-    let p0 = blk * BLOCK;
-    let n = BLOCK.min(p - p0);
+    let n = positions.len();
     let dp = d.div_ceil(LANES) * LANES;
-    // x[(k·b + bi)·dp + i] = y[bi, p0 + k, i] − μ[p0 + k, i]; the padding columns stay 0.
+    // x[(k·b + bi)·dp + i] = y[bi, positions[k], i] − μ[positions[k], i]; padding stays 0.
     let mut x = vec![0f32; n * b * dp];
-    for k in 0..n {
-        let mu = &mean[(p0 + k) * d..][..d];
+    for (k, &pos) in positions.iter().enumerate() {
+        let mu = &mean[pos * d..][..d];
         for bi in 0..b {
             let dst = &mut x[(k * b + bi) * dp..][..d];
-            let src = &y[(bi * p + p0 + k) * d..][..d];
+            let src = &y[(bi * p + pos) * d..][..d];
             for ((o, v), m) in dst.iter_mut().zip(src).zip(mu) {
                 *o = v - m;
             }
         }
     }
     let t = packed_len(d);
-    // Position p0 + k's triangle.
-    let source = |k: usize| {
-        let m = shared.map_or(p0 + k, |g| g[p0 + k] as usize);
-        &inv[m * t..][..t]
+    // Rows that read one triangle: each position's images, or (shared) all of them at once.
+    let parts: Vec<(usize, std::ops::Range<usize>)> = match shared {
+        None => positions
+            .iter()
+            .enumerate()
+            .map(|(k, &pos)| (pos, k * b..(k + 1) * b))
+            .collect(),
+        Some(g) => vec![(g[positions[0]] as usize, 0..n * b)],
     };
-    // Below one vector, the triangles are widened to d = 8 with zero rows and columns (x's
-    // padding is zero too), so every window is a whole vector inside its row.
-    let (small, d) = (d < LANES, d.max(LANES));
-    let padded: Vec<T> = if small {
-        let tp = packed_len(LANES);
-        let mut v = vec![T::ZERO; n * tp];
-        for (k, dst) in v.chunks_exact_mut(tp).enumerate() {
-            let (src, d0) = (source(k), job.dims.1);
-            for i in 0..d0 {
-                dst[row_start(i, LANES)..][..d0 - i]
-                    .copy_from_slice(&src[row_start(i, d0)..row_start(i + 1, d0)]);
-            }
-        }
-        v
-    } else {
-        Vec::new()
-    };
-    let t = packed_len(d);
-    let blocks = column_blocks(d);
-    let groups = b.div_ceil(ROWS);
+    let rows_max = if shared.is_some() { ROWS_SHARED } else { ROWS };
+    let (small, dw) = (d < LANES, d.max(LANES));
+    let blocks = column_blocks(dw);
     let mut out = vec![0f32; n * b];
-    let mut diag = vec![0f32; dp];
-    for k in 0..n {
+    for (m, rows) in parts {
+        let src = &inv[m * t..][..t];
+        let padded;
+        // Below one vector, the triangle is widened to d = 8 with zero rows and columns (x's
+        // padding is zero too), so every window is a whole vector inside its row.
         let tri = if small {
-            &padded[k * t..][..t]
+            padded = widened(src, d);
+            &padded[..]
         } else {
-            source(k)
+            src
         };
-        for (i, o) in diag[..d].iter_mut().enumerate() {
-            *o = tri[row_start(i, d)].widen();
-        }
-        let q = &mut out[k * b..][..b];
-        for (bi, qr) in q.iter_mut().enumerate() {
-            *qr = diagonal::<FMA>(&diag, &x[(k * b + bi) * dp..][..dp]);
-        }
-        for &(j0, vecs, lo) in &blocks {
-            for g in 0..groups {
-                let (rlo, rhi) = (g * ROWS, ((g + 1) * ROWS).min(b));
-                let t = Tile {
-                    tri,
-                    x: &x[(k * b + rlo) * dp..(k * b + rhi) * dp],
-                    j0,
-                    lo,
-                    d,
-                    dp,
-                };
-                let part: &[f32] = match (rhi - rlo, vecs == WIDE) {
-                    (4, true) => &tile::<T, 4, WIDE, FMA>(t),
-                    (3, true) => &tile::<T, 3, WIDE, FMA>(t),
-                    (2, true) => &tile::<T, 2, WIDE, FMA>(t),
-                    (1, true) => &tile::<T, 1, WIDE, FMA>(t),
-                    (4, false) => &tile::<T, 4, 1, FMA>(t),
-                    (3, false) => &tile::<T, 3, 1, FMA>(t),
-                    (2, false) => &tile::<T, 2, 1, FMA>(t),
-                    _ => &tile::<T, 1, 1, FMA>(t),
-                };
-                for (qr, v) in q[rlo..rhi].iter_mut().zip(part) {
-                    *qr += v;
-                }
+        rows_typed::<T, FMA>(
+            tri,
+            &x[rows.start * dp..rows.end * dp],
+            (dw, dp),
+            &blocks,
+            rows_max,
+            &mut out[rows],
+        );
+    }
+    out
+}
+
+/// A packed triangle of dimension `d < 8` widened to 8 with zero rows and columns.
+fn widened<T: Stored>(src: &[T], d: usize) -> Vec<T> {
+    let mut dst = vec![T::ZERO; packed_len(LANES)];
+    for i in 0..d {
+        dst[row_start(i, LANES)..][..d - i]
+            .copy_from_slice(&src[row_start(i, d)..row_start(i + 1, d)]);
+    }
+    dst
+}
+
+/// `q` of every row of `x` (rows of `dp`) against one packed triangle `tri` of dimension `d ≥
+/// 8`, in passes of up to `rows_max` rows per column block; a triangle larger than
+/// [`FAR_BYTES`] is prefetched by the first pass of each block (later ones find it in L1).
+#[inline(always)]
+fn rows_typed<T: Stored, const FMA: bool>(
+    tri: &[T],
+    x: &[f32],
+    (d, dp): (usize, usize),
+    blocks: &[(usize, usize, usize)],
+    rows_max: usize,
+    q: &mut [f32],
+) {
+    let rows = q.len();
+    let mut diag = vec![0f32; dp];
+    for (i, o) in diag[..d].iter_mut().enumerate() {
+        *o = tri[row_start(i, d)].widen();
+    }
+    for (r, qr) in q.iter_mut().enumerate() {
+        *qr = diagonal::<FMA>(&diag, &x[r * dp..][..dp]);
+    }
+    let far = std::mem::size_of_val(tri) > FAR_BYTES;
+    for &(j0, vecs, lo) in blocks {
+        for g in 0..rows.div_ceil(rows_max) {
+            let (rlo, rhi) = (g * rows_max, ((g + 1) * rows_max).min(rows));
+            let t = Tile {
+                tri,
+                x: &x[rlo * dp..rhi * dp],
+                j0,
+                lo,
+                d,
+                dp,
+                prefetch: far && g == 0,
+            };
+            let part: &[f32] = match (rhi - rlo, vecs == WIDE) {
+                (6, true) => &tile::<T, 6, WIDE, FMA>(t),
+                (5, true) => &tile::<T, 5, WIDE, FMA>(t),
+                (4, true) => &tile::<T, 4, WIDE, FMA>(t),
+                (3, true) => &tile::<T, 3, WIDE, FMA>(t),
+                (2, true) => &tile::<T, 2, WIDE, FMA>(t),
+                (1, true) => &tile::<T, 1, WIDE, FMA>(t),
+                (6, false) => &tile::<T, 6, 1, FMA>(t),
+                (5, false) => &tile::<T, 5, 1, FMA>(t),
+                (4, false) => &tile::<T, 4, 1, FMA>(t),
+                (3, false) => &tile::<T, 3, 1, FMA>(t),
+                (2, false) => &tile::<T, 2, 1, FMA>(t),
+                _ => &tile::<T, 1, 1, FMA>(t),
+            };
+            for (qr, v) in q[rlo..rhi].iter_mut().zip(part) {
+                *qr += v;
             }
         }
     }
-    out
 }
 
 /// `Σ_i S_ii x_i²` over the padded row (lane `l` sums `i ≡ l mod 8` in order).
@@ -430,6 +482,8 @@ struct Tile<'a, T> {
     lo: usize,
     d: usize,
     dp: usize,
+    /// Request the block's windows [`AHEAD`] rows early (the triangle is not in cache).
+    prefetch: bool,
 }
 
 /// One column block `J = j0 … j0 + 8V` for the `R` images of `x`: `⟨2 Σ_k x_k U[k, J],
@@ -444,6 +498,7 @@ fn tile<T: Stored, const R: usize, const V: usize, const FMA: bool>(t: Tile<'_, 
         lo,
         d,
         dp,
+        ..
     } = t;
     let end = j0 + V * LANES;
     // Every read below stays inside these bounds: row k's window ends at
@@ -516,6 +571,7 @@ unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) ->
         lo,
         d,
         dp,
+        prefetch,
     } = t;
     let end = j0 + V * LANES;
     let (tp, xp) = (tri.as_ptr(), x.as_ptr());
@@ -536,7 +592,7 @@ unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) ->
     }
     let last = std::mem::size_of::<T>() * (V * LANES - 1);
     // A triangle that fits in half of L1 is there after its first block: hints would only cost.
-    let far = std::mem::size_of_val(tri) > FAR_BYTES;
+    let far = prefetch;
     // Rows above the block: every lane is strictly upper.
     for k in 0..j0 {
         if far {
@@ -698,17 +754,30 @@ mod tests {
             let mean: Vec<f32> = (0..p * d).map(|_| rnd()).collect();
             let inv: Vec<f32> = (0..p * packed_len(d)).map(|_| rnd()).collect();
             let inv16: Vec<half::f16> = inv.iter().map(|&v| half::f16::from_f32(v)).collect();
+            // Shared: position i uses triangle i % 3 (units of up to 24 positions, so passes
+            // of 6, 5, … rows).
+            let shared: Vec<u32> = (0..p).map(|i| (i % 3) as u32).collect();
+            let members: Vec<Vec<usize>> = (0..3)
+                .map(|m| (0..p).filter(|i| i % 3 == m).collect())
+                .collect();
+            let blocks: Vec<Vec<usize>> = (0..p.div_ceil(BLOCK))
+                .map(|blk| (blk * BLOCK..((blk + 1) * BLOCK).min(p)).collect())
+                .collect();
+            let units = [(None, &blocks), (Some(&shared[..]), &members)];
             for s in [InvCov::F32(&inv), InvCov::F16(&inv16)] {
-                for blk in 0..p.div_ceil(BLOCK) {
+                for (positions, sh) in units
+                    .iter()
+                    .flat_map(|(sh, u)| u.iter().map(move |x| (x, *sh)))
+                {
                     let job = Job {
                         y: &y,
                         mean: &mean,
                         inv: s,
-                        shared: None,
+                        shared: sh,
                         dims: (b, d, p),
                     };
-                    let fast = block(job, blk);
-                    let portable = block_generic::<false>(job, blk);
+                    let fast = block(job, positions);
+                    let portable = block_generic::<false>(job, positions);
                     assert_eq!(fast.len(), portable.len());
                     for (f, q) in fast.iter().zip(&portable) {
                         assert_eq!(

@@ -19,6 +19,8 @@ fn mahalanobis_matches_numpy() {
         dims: None,
         levels: vec![1, 2],
         reduction: Reduction::Subset,
+        // The reference's covariance per position (every channel kept would share them).
+        tie: Some(1),
         ..Default::default()
     };
     // Two training batches (6 + 6 images) to exercise streaming.
@@ -56,6 +58,18 @@ fn subset_is_seeded_and_default_dims_follow_backbone() {
     assert_ne!(a, tessera_padim::channel_subset(448, 100, 4));
     assert_eq!(a.len(), 100);
     assert!(a.windows(2).all(|w| w[0] < w[1]));
+    // ResNet-18/34 (448 channels): every channel, covariances shared by 4 × 4 blocks; wider
+    // backbones: the reference's 550 per position; an explicit reduction: per position.
+    let cfg = PadimConfig::default();
+    assert_eq!((cfg.dims_for(448), cfg.tie_for(448)), (448, 4));
+    assert_eq!((cfg.dims_for(1792), cfg.tie_for(1792)), (550, 1));
+    let paper = PadimConfig {
+        dims: Some(100),
+        ..Default::default()
+    };
+    assert_eq!((paper.dims_for(448), paper.tie_for(448)), (100, 1));
+    assert_eq!(cfg.covariances((56, 56), 448), 196);
+    assert_eq!(paper.covariances((56, 56), 448), 3136);
 }
 
 #[test]
@@ -135,6 +149,8 @@ fn projected_model_matches_the_full_reference_and_round_trips() {
             levels: vec![1, 2],
             reduction: Reduction::Orthogonal,
             seed,
+            // The reference's covariance per position.
+            tie: Some(1),
             ..Default::default()
         }
         .fit(&mut batches().into_iter())

@@ -1,6 +1,8 @@
 //! ms/image of the inference path (ResNet-18 layer1..3 features + PaDiM Mahalanobis +
-//! upsample/blur) at 224 px, batch 1 and 8, and of the part after the features alone. Uses `../shared` weights when present (the speed
-//! is the same with random weights, which are used otherwise).
+//! upsample/blur) at 224 px, batch 1 and 8, and of the part after the features alone — for
+//! the paper's PaDiM (d = 100 per position, `padim_after_features`) and for the default (every
+//! channel, covariances shared by 4 × 4 blocks, `padim_all_after_features`). Uses `../shared`
+//! weights when present (the speed is the same with random weights, which are used otherwise).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -13,7 +15,7 @@ use tessera_core::FeatureMaps;
 use tessera_padim::PadimConfig;
 use tessera_pipeline::{BackboneMeta, Detector, FitMeta, Method, ModelMeta, ScorerConfig};
 
-fn detector() -> Detector {
+fn detector(config: PadimConfig) -> Detector {
     let dev = Device::Cpu;
     let w = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/weights/resnet18-imagenet1k-l3.safetensors");
@@ -27,7 +29,7 @@ fn detector() -> Detector {
         let x = Tensor::randn(0f32, 1., (8, 3, 224, 224), &dev)?.affine(1.0, i as f64 * 0.01)?;
         backbone.forward(&x)
     });
-    let scorer = PadimConfig::default().fit(&mut batches).unwrap();
+    let scorer = config.fit(&mut batches).unwrap();
     let meta = ModelMeta {
         format: FORMAT_VERSION,
         tessera_version: tessera_core::VERSION.into(),
@@ -39,7 +41,7 @@ fn detector() -> Detector {
             layers: vec![1, 2, 3],
             source: src.describe(),
         },
-        scorer: ScorerConfig::Padim(PadimConfig::default()),
+        scorer: ScorerConfig::Padim(config),
         fit: FitMeta {
             seconds: 0.0,
             images: 32,
@@ -62,7 +64,11 @@ fn detector() -> Detector {
 }
 
 fn bench(c: &mut Criterion) {
-    let det = detector();
+    let paper = PadimConfig {
+        dims: Some(100),
+        ..Default::default()
+    };
+    let det = detector(paper);
     let mut g = c.benchmark_group("r18_features_padim");
     g.sample_size(10);
     for b in [1usize, 8] {
@@ -73,9 +79,18 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
-    // Everything after the features: PaDiM's reduction + Mahalanobis, upsampling to the input
-    // and the blur (the part `Detector::score` adds to the backbone), per image.
-    let mut g = c.benchmark_group("padim_after_features");
+    after_features(c, &det, "padim_after_features");
+    after_features(
+        c,
+        &detector(PadimConfig::default()),
+        "padim_all_after_features",
+    );
+}
+
+/// Everything after the features: PaDiM's reduction + Mahalanobis, upsampling to the input and
+/// the blur (the part `Detector::score` adds to the backbone), per image.
+fn after_features(c: &mut Criterion, det: &Detector, group: &str) {
+    let mut g = c.benchmark_group(group);
     g.sample_size(10);
     for b in [1usize, 8] {
         let x = Tensor::rand(0f32, 1., (b, 3, 224, 224), &Device::Cpu).unwrap();

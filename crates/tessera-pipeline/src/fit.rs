@@ -611,7 +611,7 @@ pub fn fit(o: &FitOptions, obs: &dyn Observer) -> Result<FitSummary> {
         ..o.clone()
     };
     let o = &resolved;
-    let split_seed = o.calibration.split_seed.unwrap_or(o.seed);
+    let split_seed = o.calibration.split_seed();
     let (train, calib) = split_holdout(all, o.calibration.fraction, split_seed);
     if train.len() < 2 {
         return Err(Error::bad_input(
@@ -835,6 +835,7 @@ fn fit_detector(
         o.batch_size,
         obs,
     )?;
+    let fitted_cfg = ScorerConfig::of(&*scorer)?;
     Ok(Detector {
         backbone,
         pfam,
@@ -850,7 +851,7 @@ fn fit_detector(
                 layers: scorer_cfg.levels().to_vec(),
                 source: prepared.source.describe(),
             },
-            scorer: scorer_cfg.clone(),
+            scorer: fitted_cfg,
             fit: FitMeta {
                 seconds: 0.0,
                 images: train.len(),

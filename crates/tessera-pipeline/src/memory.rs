@@ -59,7 +59,7 @@ pub fn estimate_fit(
             let total = chans(&c.levels) as usize;
             let (gh, gw) = first_grid_hw(&c.levels);
             let g = (gh as usize, gw as usize);
-            let (p, n) = (g.0 * g.1, c.covariances(g));
+            let (p, n) = (g.0 * g.1, c.covariances(g, total));
             let d = c.dims_for(total);
             let inv = (n * tessera_padim::maha::packed_len(d) * 4) as u64;
             Estimate {
@@ -130,13 +130,23 @@ mod tests {
 
     #[test]
     fn estimates_scale_and_refuse() {
-        let padim = ScorerConfig::Padim(PadimConfig::default());
-        let e = estimate_fit(&padim, Arch::ResNet18, (224, 224), 209);
+        let paper = ScorerConfig::Padim(PadimConfig {
+            dims: Some(100),
+            ..Default::default()
+        });
+        let e = estimate_fit(&paper, Arch::ResNet18, (224, 224), 209);
         // 3136 positions × 5050 packed values × 4 B ≈ 63 MB, plus per-position state and a
         // batch (measured fit peak on bottle, process included: 333 MB).
         assert!(e.bytes > 80 << 20 && e.bytes < 160 << 20, "{}", e.bytes);
         // Streamed: a category of 5,000 images needs no more.
-        assert_eq!(estimate_fit(&padim, Arch::ResNet18, (224, 224), 5000), e);
+        assert_eq!(estimate_fit(&paper, Arch::ResNet18, (224, 224), 5000), e);
+        // The default keeps all 448 channels with one covariance per 4 × 4 block: 196 × 100,576
+        // packed values ≈ 79 MB, the per-position state and batch 4.5× the above (measured fit
+        // peak on bottle, process included: 479 MB).
+        let padim = ScorerConfig::Padim(PadimConfig::default());
+        let e = estimate_fit(&padim, Arch::ResNet18, (224, 224), 209);
+        assert!(e.bytes > 220 << 20 && e.bytes < 320 << 20, "{}", e.bytes);
+        assert!(e.what.contains("196 covariances") && e.what.contains("448 dimensions"));
         // Wide-ResNet-50-2 at d = 550: the packed Σ⁻¹ is 1.9 GB (measured fit peak 2.71 GB; the
         // estimate before the streamed, packed statistics was 16 GiB and refused 16 GB
         // machines).

@@ -50,6 +50,16 @@ impl ScorerConfig {
         }
     }
 
+    /// The configuration a fitted scorer reports: what `fit` resolved (e.g. PaDiM's default
+    /// tie for the channels it saw), so the model file restores what was fitted.
+    pub fn of(fitted: &dyn Scorer) -> Result<Self> {
+        serde_json::from_value(serde_json::json!({
+            "kind": fitted.kind(),
+            "config": fitted.config(),
+        }))
+        .map_err(|e| Error::Config(format!("{} configuration: {e}", fitted.kind())))
+    }
+
     /// The kind.
     pub fn kind(&self) -> ScorerKind {
         match self {
