@@ -18,12 +18,14 @@ use std::process::Command;
 pub const USAGE: &str = "  reproduce --data ROOT [--categories a,b] [--scorers padim,patchcore,cfa]
             [--backbone resnet18|wide_resnet50_2] [--weights FILE | --random-weights N]
             [--textures DIR] [--preprocess P] [--run NAME] [--out DIR] [--cfa-epochs N]
-            [--sbm-epochs N] [--gallery N] [--shard I/N] [--tessera BIN]
+            [--sbm-epochs N] [--padim-dims N] [--gallery N] [--shard I/N] [--tessera BIN]
   reproduce --merge DIR,DIR,... --out DIR [--tessera BIN]
         --shard I/N runs only shard I (0-based) of N: categories are dealt round-robin (cells,
         when there are fewer categories than shards), so N machines (a Kubernetes Indexed Job,
         a Slurm array) share a run; --merge gathers the shards' cells and writes the tables.
-        --tessera uses that binary instead of building one.
+        --tessera uses that binary instead of building one. --padim-dims 100 fits the paper's
+        PaDiM (100 dimensions, a covariance per position) instead of the default (every
+        channel, covariances shared by 4 × 4 blocks).
         For every category under ROOT (MVTec layout; ROOT may be one category) and every scorer,
         fit + test the baseline and '+ method' (--method ours: PFAM, plus SBM on object
         categories, per the paper), then write DIR/table1.{md,csv,json} (image/pixel AUROC, AUPRO,
@@ -46,6 +48,9 @@ struct RunRecord {
     textures: Option<String>,
     cfa_epochs: Option<String>,
     sbm_epochs: Option<String>,
+    /// PaDiM's `--padim-dims` (runs from before it existed: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    padim_dims: Option<String>,
     gallery: usize,
 }
 
@@ -61,6 +66,7 @@ struct Opts {
     out: PathBuf,
     cfa_epochs: Option<String>,
     sbm_epochs: Option<String>,
+    padim_dims: Option<String>,
     gallery: usize,
     random_weights: Option<String>,
     preprocess: Option<String>,
@@ -136,6 +142,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         out,
         cfa_epochs: crate::flag(args, "--cfa-epochs"),
         sbm_epochs: crate::flag(args, "--sbm-epochs"),
+        padim_dims: crate::flag(args, "--padim-dims"),
         gallery: crate::flag(args, "--gallery")
             .map(|g| g.parse())
             .transpose()
@@ -186,6 +193,7 @@ impl Opts {
             textures: self.textures.clone(),
             cfa_epochs: self.cfa_epochs.clone(),
             sbm_epochs: self.sbm_epochs.clone(),
+            padim_dims: self.padim_dims.clone(),
             gallery: self.gallery,
         }
     }
@@ -207,6 +215,7 @@ impl Opts {
             out,
             cfa_epochs: r.cfa_epochs,
             sbm_epochs: r.sbm_epochs,
+            padim_dims: r.padim_dims,
             gallery: r.gallery,
             random_weights: r.random_weights,
             preprocess: r.preprocess,
@@ -423,6 +432,9 @@ fn run_cell(bin: &Path, o: &Opts, cat: &str, dir: &Path, scorer: &str, method: &
     fit.args(o.source_args());
     if let (Some(e), "cfa") = (&o.cfa_epochs, scorer) {
         fit.args(["--epochs", e]);
+    }
+    if let (Some(d), "padim") = (&o.padim_dims, scorer) {
+        fit.args(["--padim-dims", d]);
     }
     if method == "method" {
         let w = sbm_weights(bin, o, cat, dir)?;
@@ -918,4 +930,34 @@ fn gallery(bin: &Path, o: &Opts, cat: &str, scorer: &str) -> Result<()> {
         .args(["--rows", &o.gallery.to_string(), "--out"])
         .arg(dir.join(format!("{cat}-{scorer}.png")));
     run_logged(&mut c, &dir.join(format!("{cat}-{scorer}.log")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--padim-dims` reaches the run record; a run from before it existed (no key) resumes
+    /// as a run with the default, and a record without it is written as before.
+    #[test]
+    fn padim_dims_is_part_of_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cat = tmp.path().join("bottle");
+        std::fs::create_dir_all(cat.join("train/good")).unwrap();
+        std::fs::create_dir_all(cat.join("test/good")).unwrap();
+        let args = |extra: &[&str]| -> Vec<String> {
+            ["--data", &cat.display().to_string(), "--scorers", "padim"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let paper = parse(&args(&["--padim-dims", "100"])).unwrap().record();
+        assert_eq!(paper.padim_dims.as_deref(), Some("100"));
+        let default = parse(&args(&[])).unwrap().record();
+        let json = serde_json::to_value(&default).unwrap();
+        assert!(json.get("padim_dims").is_none(), "{json}");
+        let back: RunRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, default);
+        assert_ne!(back, paper);
+    }
 }
