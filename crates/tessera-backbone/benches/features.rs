@@ -1,10 +1,11 @@
 //! ms/image of layer1..3 feature extraction at 224 px, batch 1 and 8, ResNet-18 and
 //! Wide-ResNet-50-2 (random weights: speed does not depend on them), Tessera's convolution
-//! against candle's stock conv2d.
+//! against candle's stock conv2d, and Tessera's bf16 products (`tessera_bf16_*`, only on CPUs
+//! with AVX512-BF16).
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tessera_backbone::{Arch, Backbone, WeightsSource};
+use tessera_backbone::{Arch, Backbone, Precision, WeightsSource};
 
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
@@ -27,6 +28,14 @@ fn bench(c: &mut Criterion) {
                     bench.iter(|| net.forward(&x).unwrap())
                 });
             }
+            net.set_stock_conv(false);
+            net.set_precision(Precision::Bf16);
+            if net.precision() == Precision::Bf16 {
+                g.bench_function(format!("tessera_bf16_batch{b}"), |bench| {
+                    bench.iter(|| net.forward(&x).unwrap())
+                });
+            }
+            net.set_precision(Precision::F32);
         }
         g.finish();
     }

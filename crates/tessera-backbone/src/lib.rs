@@ -12,6 +12,8 @@
 //!   (weights packed once per model, Winograd for 3×3 stride-1 layers, fused bias + residual +
 //!   ReLU); trainable layers run the differentiable NHWC ops. `TESSERA_CONV=stock` selects
 //!   candle's own conv2d, `TESSERA_CONV=direct` disables Winograd (A/B checks).
+//!   [`Backbone::set_precision`]`(Precision::Bf16)` runs the products in bf16 (sums in f32) on
+//!   CPUs with native bf16 dot products (AVX512-BF16), f32 elsewhere.
 //! - Weights come from a local `.safetensors` file, from the Hugging Face hub through `hf-hub`
 //!   (cache and `HF_HOME`/`HF_HUB_OFFLINE` honoured), or from a seeded random initialisation
 //!   (for demos and tests only).
@@ -33,4 +35,9 @@ mod resnet;
 
 pub use arch::{Arch, ArchSpec, BlockKind};
 pub use hub::{hub_weights, HubSpec};
-pub use resnet::{random_weights, Backbone, WeightsSource};
+pub use resnet::{random_weights, Backbone, Precision, WeightsSource};
+
+/// Whether this CPU runs [`Precision::Bf16`] natively (AVX512-BF16); f32 is used elsewhere.
+pub fn bf16_supported() -> bool {
+    tessera_conv::bf16::supported()
+}

@@ -70,6 +70,37 @@ fn resnet18_real_weights_match_torchvision() {
     }
 }
 
+/// `Precision::Bf16` on real weights: torchvision's f32 features within bf16's rounding
+/// (max |error| / max |golden| ≤ 3 % per layer; OpenVINO's bf16 measured 1.1–1.5 % against its
+/// f32), or, on a CPU without AVX512-BF16, the f32 path itself (and said so).
+#[test]
+fn bf16_features_stay_close_to_torchvision() {
+    let Some(shared) = shared() else {
+        eprintln!("SKIPPED: ../shared weights absent; bf16 features not checked");
+        return;
+    };
+    let g = golden("resnet18_real.safetensors");
+    let w = shared.join("weights/resnet18-imagenet1k-l3.safetensors");
+    let mut net = Backbone::load(Arch::ResNet18, &WeightsSource::File(w), 3, &Device::Cpu).unwrap();
+    net.set_precision(tessera_backbone::Precision::Bf16);
+    if !tessera_conv::bf16::supported() {
+        eprintln!("SKIPPED: this CPU has no AVX512-BF16; bf16 runs as f32 here");
+        assert_eq!(net.precision(), tessera_backbone::Precision::F32);
+        return;
+    }
+    assert_eq!(net.precision(), tessera_backbone::Precision::Bf16);
+    let f = net.forward(&g["input"]).unwrap();
+    for i in 0..3 {
+        let e = rel_err(&f.levels[i], &g[&format!("layer{}", i + 1)]);
+        eprintln!("resnet18 real, bf16 layer{}: rel err {e:.2e}", i + 1);
+        assert!(e <= 3e-2 && e > 1e-5, "bf16 layer{} rel err {e}", i + 1);
+    }
+    // Back to f32: the same weights give torchvision's features again.
+    net.set_precision(tessera_backbone::Precision::F32);
+    let f = net.forward(&g["input"]).unwrap();
+    assert!(rel_err(&f.levels[2], &g["layer3"]) <= 1e-4);
+}
+
 #[test]
 fn small_bottleneck_matches_torchvision() {
     let g = golden("bottleneck_small.safetensors");

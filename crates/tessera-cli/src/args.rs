@@ -12,8 +12,8 @@ use tessera_padim::{CovDtype, PadimConfig, Reduction};
 use tessera_patchcore::{BankDtype, PatchcoreConfig, Search};
 use tessera_pfam::{Branches, PfamConfig};
 use tessera_pipeline::{
-    CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, SbmMode,
-    SbmStage, ScorerConfig, ScorerKind, WeightsArgs,
+    CalibrationMode, CalibrationOptions, FitOptions, GateMode, Method, PfamTraining, Precision,
+    SbmMode, SbmStage, ScorerConfig, ScorerKind, WeightsArgs,
 };
 use tessera_sbm::{Anchor, OptimizerKind, SbmConfig, SegmentConfig};
 
@@ -100,6 +100,10 @@ pub(crate) struct ServeArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceSpec,
+    /// The backbones' products: f32, or bf16 on CPUs with native bf16 dot products
+    /// (AVX512-BF16); f32 elsewhere, with a warning.
+    #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
+    pub(crate) precision: Precision,
 }
 
 impl ServeArgs {
@@ -115,6 +119,7 @@ impl ServeArgs {
             },
             body_limit: (self.body_limit_mib as usize) << 20,
             timeout: std::time::Duration::from_secs(self.timeout_s),
+            precision: self.precision,
         }
     }
 }
@@ -765,6 +770,10 @@ pub(crate) struct TestArgs {
     /// (brute, exact or approx:P).
     #[arg(long, value_parser = patchcore_search)]
     pub(crate) patchcore_search: Option<Search>,
+    /// The backbone's products: f32, or bf16 (weights and activations rounded to bf16, sums in
+    /// f32) on CPUs with native bf16 dot products (AVX512-BF16); f32 elsewhere, with a warning.
+    #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
+    pub(crate) precision: Precision,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -793,6 +802,10 @@ pub(crate) struct PredictArgs {
     /// Threshold for the anomalous flag and the predicted mask (default: the model's).
     #[arg(long, value_parser = finite_f32)]
     pub(crate) threshold: Option<f32>,
+    /// The backbone's products: f32, or bf16 on CPUs with native bf16 dot products
+    /// (AVX512-BF16); f32 elsewhere, with a warning.
+    #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
+    pub(crate) precision: Precision,
     #[command(flatten)]
     pub(crate) common: Common,
 }

@@ -64,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
                 device: a.common.device,
                 batch_size: a.common.batch_size as usize,
                 patchcore_search: a.patchcore_search,
+                precision: a.precision,
             };
             let r = tessera_pipeline::test(&opts, &bars)?;
             summary(cli.json, &bars, &r, |r| {
@@ -107,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
                 threshold: a.threshold,
                 device: a.common.device,
                 batch_size: a.common.batch_size as usize,
+                precision: a.precision,
             };
             // --json: one JSON line per image as it is scored, then the summary line.
             let mut each = |p: &tessera_pipeline::Prediction| {
@@ -188,6 +190,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(a) => {
             let opts = a.options();
+            if opts.precision == tessera_pipeline::Precision::Bf16
+                && !tessera_pipeline::bf16_supported()
+            {
+                tessera_pipeline::Observer::warn(
+                    &bars,
+                    "--precision bf16: this CPU has no native bf16 dot products (AVX512-BF16); \
+                     serving in f32",
+                );
+            }
             bars.say(&format!(
                 "serving {} model(s) on http://{} (max batch {}, queue {}); SIGTERM or Ctrl-C \
                  drains and stops, SIGHUP reloads",

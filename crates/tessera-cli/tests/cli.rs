@@ -30,17 +30,21 @@ fn fails(out: &Output) -> String {
 
 /// `tessera --json test` on a model and dataset; the printed report.
 fn test_json(model: &Path, data: &Path, report: &Path) -> serde_json::Value {
-    let out = ok(&tessera(&[
-        "--json",
-        "test",
-        "--model",
-        &model.display().to_string(),
-        "--data",
-        &data.display().to_string(),
-        "--report",
-        &report.display().to_string(),
-    ]));
-    serde_json::from_str(&out).unwrap()
+    serde_json::from_str(&ok(&run_test(model, data, report, &[]))).unwrap()
+}
+
+/// `tessera --json test` with `extra` arguments.
+fn run_test(model: &Path, data: &Path, report: &Path, extra: &[&str]) -> Output {
+    let (m, d, r) = (
+        model.display().to_string(),
+        data.display().to_string(),
+        report.display().to_string(),
+    );
+    let mut args = vec![
+        "--json", "test", "--model", &m, "--data", &d, "--report", &r,
+    ];
+    args.extend(extra);
+    tessera(&args)
 }
 
 fn category(dir: &Path) -> PathBuf {
@@ -128,6 +132,27 @@ fn fit_test_predict_round_trip() {
     assert!(r["per_type"]["crack"]["image_auroc"].is_number());
     assert!(report.with_extension("md").is_file());
     assert!(heat.join("spot/001.png").is_file() && heat.join("good/000.png").is_file());
+    // bf16 products: on a CPU with AVX512-BF16 the report says so and the ranking stays within
+    // rounding; elsewhere the run is f32 and the user is told.
+    let r16 = tmp.path().join("r16.json");
+    let out = run_test(&model, &data, &r16, &["--precision", "bf16"]);
+    ok(&out);
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&r16).unwrap()).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if tessera_pipeline::bf16_supported() {
+        assert!(
+            b["backbone"].as_str().unwrap().contains("bf16 products"),
+            "{b}"
+        );
+        for k in ["image_auroc", "pixel_auroc"] {
+            let (x, y) = (b[k].as_f64().unwrap(), r[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 5e-3, "{k}: bf16 {x} vs f32 {y}");
+        }
+    } else {
+        assert!(stderr.contains("no native bf16"), "{stderr}");
+        assert_eq!(b["image_auroc"], r["image_auroc"]);
+    }
     // Σ⁻¹ stored in f16: a smaller file, the same ranking to within rounding.
     let m16 = tmp.path().join("m16.safetensors");
     ok(&tessera(&[

@@ -15,6 +15,9 @@
 //! - [`conv2d`] — the same differentiable op for ordinary NCHW tensors (PFAM, the CFA
 //!   descriptor), between two parallel layout changes.
 //!
+//! On CPUs with native bf16 dot products (AVX512-BF16), [`PackedConv::with_bf16`] rounds the
+//! inference path's weights and activations to bf16 for its products ([`bf16`]; sums in f32).
+//!
 //! f32 tensors on the CPU take these kernels; everything else takes candle's own `conv2d` (so
 //! CUDA keeps candle's kernels). GEMMs use the `gemm` crate with its AVX-512 kernels enabled
 //! (runtime-detected; AVX2/FMA elsewhere).
@@ -41,6 +44,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
+pub mod bf16;
 pub mod nhwc;
 pub mod nhwc_train;
 pub use nhwc::{max_pool, Nhwc, NhwcView, PackedConv};

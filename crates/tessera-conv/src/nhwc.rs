@@ -15,6 +15,7 @@
 //! Activations stay NHWC from the stem to the last layer; only the layer outputs that leave the
 //! backbone are turned back into NCHW tensors.
 
+use crate::bf16::Panels;
 use crate::ConvParams;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -186,6 +187,15 @@ pub struct PackedConv {
     /// Winograd F(2×2, 3×3) weights `U[ξ] = G·g·Gᵀ` (16 × C_in × C_out), for 3×3 stride-1
     /// convolutions after [`PackedConv::with_winograd`].
     pub(crate) wino: Option<Vec<f32>>,
+    /// bf16 products ([`PackedConv::with_bf16`]): `w` per group, and `U[ξ]` per ξ.
+    pub(crate) bf16: Option<Bf16Weights>,
+}
+
+/// The weights of a [`PackedConv`] rounded to bf16 and packed for [`crate::bf16::mm_bf16`].
+#[derive(Debug, Clone)]
+pub(crate) struct Bf16Weights {
+    groups: Vec<Panels>,
+    wino: Option<Vec<Panels>>,
 }
 
 /// A raw pointer that may cross threads (each job writes a disjoint block through it).
@@ -206,6 +216,10 @@ thread_local! {
     /// Per-thread im2col tile, reused across convolutions.
     pub(crate) static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Channels (input and output) from which bf16 convolutions keep Winograd
+/// ([`PackedConv::with_bf16`]).
+const WINO_BF16_MIN_CHANNELS: usize = 128;
 
 /// Floats of im2col tile that a job aims for (half of this machine class's 2 MiB L2).
 pub(crate) const TILE_FLOATS: usize = 256 * 1024 / 4;
@@ -307,7 +321,43 @@ impl PackedConv {
             w,
             bias: bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; cout]),
             wino: None,
+            bf16: None,
         })
+    }
+
+    /// Products in bf16 (sums in f32) where this CPU has native bf16 dot products
+    /// ([`crate::bf16::supported`]); elsewhere `self` unchanged. Call after
+    /// [`PackedConv::with_winograd`] (its `U[ξ]` are rounded too).
+    pub fn with_bf16(mut self) -> Self {
+        if !crate::bf16::supported() {
+            return self;
+        }
+        let (groups, og) = (self.p.groups, self.cout / self.p.groups);
+        let kg = self.kh * self.kw * (self.cin / groups);
+        let per_group = (0..groups)
+            .map(|g| Panels::pack(&self.w[g * kg * og..(g + 1) * kg * og], kg, og, og))
+            .collect();
+        let (cin, cout) = (self.cin, self.cout);
+        // With bf16 products Winograd's transforms (f32, two passes over every tile) cost as
+        // much as the products they save below 128 channels: im2col there.
+        if cin.min(cout) < WINO_BF16_MIN_CHANNELS {
+            self.wino = None;
+        }
+        let wino = self.wino.as_ref().map(|u| {
+            (0..16)
+                .map(|xi| Panels::pack(&u[xi * cin * cout..(xi + 1) * cin * cout], cin, cout, cout))
+                .collect()
+        });
+        self.bf16 = Some(Bf16Weights {
+            groups: per_group,
+            wino,
+        });
+        self
+    }
+
+    /// Whether the products run in bf16 ([`PackedConv::with_bf16`] on a CPU that has it).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16.is_some()
     }
 
     /// Whether [`PackedConv::with_winograd`] applies: 3×3, stride 1, dilation 1, no groups.
@@ -474,10 +524,12 @@ impl PackedConv {
             * 16;
         let row_tiles = m.div_ceil(tm);
         let mut col_split = 1;
+        // bf16 panels are 32 columns wide: a split must start on one.
+        let align = if self.bf16.is_some() { 32 } else { 16 };
         while row_tiles * groups * col_split < 2 * threads
             && og % (col_split * 2) == 0
             && og / (col_split * 2) >= 64
-            && (og / (col_split * 2)) % 16 == 0
+            && (og / (col_split * 2)) % align == 0
         {
             col_split *= 2;
         }
@@ -506,7 +558,25 @@ impl PackedConv {
                     (&cols[..rows * kg], kg)
                 };
                 // SAFETY: a is rows × kg (row stride a_rs), b is kg × oc inside the packed
-                // group block (row stride og), dst is rows × oc with row stride cout.
+                // group block (row stride og), dst is rows × oc with row stride cout; the bf16
+                // panels exist only where the CPU has bf16 (`with_bf16`), cs·oc is a multiple
+                // of 32 there (the split above).
+                #[cfg(target_arch = "x86_64")]
+                if let Some(bw) = &self.bf16 {
+                    unsafe {
+                        crate::bf16::mm_bf16(
+                            rows,
+                            a.as_ptr(),
+                            a_rs,
+                            &bw.groups[g],
+                            cs * oc,
+                            oc,
+                            dst,
+                            cout,
+                        )
+                    };
+                    return;
+                }
                 unsafe {
                     mm(
                         rows,
@@ -606,9 +676,26 @@ impl PackedConv {
             });
             // (2) the 16 GEMMs.
             let mp = SendPtr(m.as_mut_ptr());
+            let wino_bf16 = self.bf16.as_ref().and_then(|b| b.wino.as_ref());
             (0..16usize).into_par_iter().for_each(|xi| {
                 // SAFETY: plane ξ of m (nt × cout) is written by this job only; plane ξ of v is
-                // nt × cin; U[ξ] is cin × cout.
+                // nt × cin; U[ξ] is cin × cout (packed for bf16 only where the CPU has it).
+                #[cfg(target_arch = "x86_64")]
+                if let Some(u16s) = wino_bf16 {
+                    unsafe {
+                        crate::bf16::mm_bf16(
+                            nt,
+                            v.as_ptr().add(xi * tc * cin),
+                            cin,
+                            &u16s[xi],
+                            0,
+                            cout,
+                            mp.ptr().add(xi * tc * cout),
+                            cout,
+                        )
+                    };
+                    return;
+                }
                 unsafe {
                     mm(
                         nt,

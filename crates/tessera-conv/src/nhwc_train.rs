@@ -311,6 +311,7 @@ fn geometry(w_dims: (usize, usize, usize, usize), p: ConvParams) -> PackedConv {
         w: Vec::new(),
         bias: Vec::new(),
         wino: None,
+        bf16: None,
     }
 }
 

@@ -510,3 +510,69 @@ fn winograd_matches() {
         .unwrap()
         .winograd_eligible());
 }
+
+/// bf16 products (on CPUs with AVX512-BF16): random shapes and ResNet-sized layers (Winograd,
+/// strided im2col, 1×1, channel splits at batch 1, groups) against the f32 reference, within
+/// bf16 rounding (2⁻⁸ per operand): max abs error ≤ 2 % × (1 + max |reference|). A wrong
+/// index would be off by the values themselves.
+#[test]
+fn bf16_products_match_within_rounding() {
+    if !tessera_conv::bf16::supported() {
+        eprintln!("SKIPPED: this CPU has no AVX512-BF16 (with_bf16 keeps f32 here)");
+        let w = Tensor::ones((2, 2, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let p = PackedConv::from_tensors(&w, None, ConvParams::default()).unwrap();
+        assert!(!p.with_bf16().is_bf16());
+        return;
+    }
+    let dev = Device::Cpu;
+    let loose = |a: &Tensor, b: &Tensor, what: &str| assert_close(what, a, b, 2e-2);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut cases: Vec<(Tensor, Tensor, Tensor, ConvParams, bool)> = (0..30)
+        .map(|_| {
+            let (x, w, b, p, relu) = random_case(&mut rng, &dev);
+            (
+                x.as_tensor().clone(),
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                p,
+                relu,
+            )
+        })
+        .collect();
+    for (b, c, o, k, s, hw) in [
+        (2, 3, 64, 7, 2, 40),
+        (2, 64, 64, 3, 1, 28),
+        (1, 256, 256, 3, 1, 14),
+        (2, 64, 128, 3, 2, 28),
+        (1, 256, 512, 1, 1, 14),
+        (1, 100, 70, 3, 1, 9),
+    ] {
+        let p = ConvParams {
+            stride: s,
+            padding: k / 2,
+            ..Default::default()
+        };
+        cases.push((
+            Tensor::randn(0f32, 1., (b, c, hw, hw), &dev).unwrap(),
+            Tensor::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap(),
+            Tensor::randn(0f32, 1., o, &dev).unwrap(),
+            p,
+            true,
+        ));
+    }
+    for (i, (x, w, bias, p, relu)) in cases.iter().enumerate() {
+        let what = format!("case {i}: x {:?} w {:?} {p:?}", x.dims(), w.dims());
+        let theirs = reference(x, w, bias, *p, *relu);
+        let packed = PackedConv::from_tensors(w, Some(bias), *p)
+            .unwrap()
+            .with_winograd()
+            .with_bf16();
+        assert!(packed.is_bf16(), "{what}");
+        let y = packed
+            .forward(&Nhwc::from_tensor(x).unwrap(), None, *relu)
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        loose(&y, &theirs, &what);
+    }
+}

@@ -185,7 +185,7 @@ pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
     match dtype {
         DType::F32 => {
             // Fast path: an aligned slice scans vectorised.
-            if (bytes.as_ptr() as usize) % 4 == 0 {
+            if (bytes.as_ptr() as usize).is_multiple_of(4) {
                 let v: &[f32] = unsafe {
                     std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4)
                 };
@@ -438,7 +438,7 @@ impl Mapped {
         visit: &mut dyn FnMut(&[u8], usize) -> Result<()>,
     ) -> Result<Tensor> {
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(Error::Config(format!(
                 "{} bytes are not a whole number of {size}-byte values",
                 bytes.len()

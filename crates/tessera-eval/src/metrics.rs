@@ -269,7 +269,7 @@ mod tests {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let lab = (x >> 33) % 4 == 0;
+            let lab = (x >> 33).is_multiple_of(4);
             let base = (x >> 40) % 64;
             s.push((base + if lab { 20 } else { 0 }) as f32);
             l.push(lab);

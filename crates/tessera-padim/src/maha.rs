@@ -159,7 +159,7 @@ fn run(
     let inv_fits = match shared {
         Some(g) => {
             t > 0
-                && inv.len() % t == 0
+                && inv.len().is_multiple_of(t)
                 && g.len() == p
                 && g.iter().all(|&i| (i as usize) < inv.len() / t)
         }

@@ -165,7 +165,7 @@ fn gemm_nt(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, d: usize, 
 impl PartitionedBank {
     /// Partition `rows` (`K × dim`, row-major) into at most `clusters` clusters.
     pub fn build(rows: &[f32], dim: usize, clusters: usize) -> Result<Self> {
-        if dim == 0 || rows.is_empty() || rows.len() % dim != 0 {
+        if dim == 0 || rows.is_empty() || !rows.len().is_multiple_of(dim) {
             return Err(Error::Config(format!(
                 "patchcore search: a bank of {} values is not a non-empty set of {dim}-d rows",
                 rows.len()
@@ -331,7 +331,7 @@ impl PartitionedBank {
         search: Search,
     ) -> Result<(Vec<f32>, Vec<u32>, SearchStats)> {
         let d = self.dim;
-        if queries.len() % d != 0 {
+        if !queries.len().is_multiple_of(d) {
             return Err(Error::Config(format!(
                 "patchcore search: {} query values are not {d}-d rows",
                 queries.len()

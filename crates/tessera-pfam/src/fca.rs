@@ -59,7 +59,7 @@ impl Clone for FcaWeight {
 
 /// The checks FCAWeight's shape rules need, as a configuration error.
 pub(crate) fn check_fca_channels(channels: usize, what: &str) -> Result<()> {
-    if channels == 0 || channels % NUM_FREQ != 0 {
+    if channels == 0 || !channels.is_multiple_of(NUM_FREQ) {
         return Err(Error::Config(format!(
             "{what}: FCAWeight splits channels into {NUM_FREQ} frequency groups, so the attended \
              channel count must be a positive multiple of {NUM_FREQ}; got {channels}"

@@ -113,14 +113,14 @@ impl MfcsamConfig {
                 "kernel sizes must be odd (same-size output), got {k}"
             ));
         }
-        if channels == 0 || channels % s != 0 {
+        if channels == 0 || !channels.is_multiple_of(s) {
             return bad(format!(
                 "the channel count must split evenly into {s} scales"
             ));
         }
         let cs = channels / s;
         for &g in &self.groups {
-            if g == 0 || channels % g != 0 || cs % g != 0 {
+            if g == 0 || !channels.is_multiple_of(g) || !cs.is_multiple_of(g) {
                 return bad(format!(
                     "groups {g} must divide the input channels ({channels}) and the per-scale \
                      channels ({cs})"

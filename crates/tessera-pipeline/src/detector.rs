@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
-use tessera_backbone::Backbone;
+use tessera_backbone::{Backbone, Precision};
 use tessera_core::model::Tiling;
 use tessera_core::model::{ModelFile, FORMAT_VERSION};
 use tessera_core::scorer::RawMaps;
@@ -165,6 +165,19 @@ impl Detector {
     /// Write the model file atomically; returns its checksum.
     pub fn save(&self, path: &Path) -> Result<String> {
         self.to_model_file()?.save(path)
+    }
+
+    /// Run the backbone's products at `precision` from now on; bf16 where the CPU has native
+    /// bf16 dot products, else f32 with a warning (the model file does not change: a model fitted
+    /// in f32 scores in bf16 within bf16's rounding of its features).
+    pub fn set_precision(&mut self, precision: Precision, obs: &dyn crate::observer::Observer) {
+        self.backbone.set_precision(precision);
+        if precision == Precision::Bf16 && self.backbone.precision() != Precision::Bf16 {
+            obs.warn(
+                "--precision bf16: this CPU has no native bf16 dot products (AVX512-BF16) or the \
+                 model does not run on the CPU; running in f32",
+            );
+        }
     }
 
     /// Search a PatchCore model's memory bank this way from now on (a model file records the

@@ -4,6 +4,7 @@ use crate::batches::batches;
 use crate::detector::Detector;
 use crate::observer::{stage, Counter, Observer};
 use std::path::{Path, PathBuf};
+use tessera_backbone::Precision;
 use tessera_core::io::Outputs;
 use tessera_core::{DeviceSpec, Error, Result};
 use tessera_data::Dataset;
@@ -26,6 +27,8 @@ pub struct TestOptions {
     pub batch_size: usize,
     /// PatchCore models: search the memory bank this way instead of the model's own setting.
     pub patchcore_search: Option<tessera_patchcore::Search>,
+    /// The backbone's products: f32, or bf16 where the CPU has native bf16 dot products.
+    pub precision: Precision,
 }
 
 /// Score a dataset's test split with a model file and write the report (JSON, and Markdown
@@ -52,6 +55,7 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
     };
     let device = o.device.open()?;
     let mut det = Detector::load(&o.model, &device)?;
+    det.set_precision(o.precision, obs);
     if let Some(search) = o.patchcore_search {
         det.set_patchcore_search(search)
             .map_err(|e| e.in_file(&o.model))?;
@@ -98,7 +102,13 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
         model: o.model.display().to_string(),
         data: o.data.display().to_string(),
         scorer: det.meta.scorer.kind().name().into(),
-        backbone: format!("{} ({})", det.meta.backbone.arch, det.meta.backbone.source),
+        backbone: match det.backbone.precision() {
+            Precision::F32 => format!("{} ({})", det.meta.backbone.arch, det.meta.backbone.source),
+            p => format!(
+                "{} ({}; {p} products)",
+                det.meta.backbone.arch, det.meta.backbone.source
+            ),
+        },
         method: det.meta.method.name().into(),
     };
     if let Some((first, max)) = odd_masks.first() {

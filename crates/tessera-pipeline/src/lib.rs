@@ -75,4 +75,5 @@ pub use sbm::{
     SynthOptions,
 };
 pub use scorer::{ScorerConfig, ScorerKind};
+pub use tessera_backbone::{bf16_supported, Precision};
 pub use weights::{prepare_backbone, WeightsArgs};

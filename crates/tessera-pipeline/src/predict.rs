@@ -7,6 +7,7 @@ use crate::observer::{stage, Counter, Observer};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use tessera_backbone::Precision;
 use tessera_core::io::Outputs;
 use tessera_core::{DeviceSpec, Error, Result};
 use tessera_data::{is_image_path, walk_images, Sample};
@@ -28,6 +29,8 @@ pub struct PredictOptions {
     pub threshold: Option<f32>,
     pub device: DeviceSpec,
     pub batch_size: usize,
+    /// The backbone's products: f32, or bf16 where the CPU has native bf16 dot products.
+    pub precision: Precision,
 }
 
 /// One scored image.
@@ -175,7 +178,8 @@ pub fn predict(
         ));
     }
     let device = o.device.open()?;
-    let det = Detector::load(&o.model, &device)?;
+    let mut det = Detector::load(&o.model, &device)?;
+    det.set_precision(o.precision, obs);
     let thr = o.threshold.unwrap_or(det.image_threshold());
     let pixel_thr = det.pixel_threshold_at(o.threshold);
     let samples: Vec<Sample> = jobs

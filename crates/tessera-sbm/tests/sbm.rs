@@ -456,7 +456,7 @@ fn pfam_learns_to_segment_synthetic_defects_reproducibly_and_is_saved() {
     let tex = tempfile::tempdir().unwrap();
     for i in 0..4u8 {
         image::RgbImage::from_fn(32, 32, |x, y| {
-            if (x / 4 + y / 4 + i as u32) % 2 == 0 {
+            if (x / 4 + y / 4 + i as u32).is_multiple_of(2) {
                 image::Rgb([255, 0, 40 * i])
             } else {
                 image::Rgb([0, 255, 255])

@@ -323,8 +323,8 @@ pub struct Reloaded {
 pub async fn reload(app: &App, slot: &Arc<ModelSlot>) -> Result<Reloaded, ApiError> {
     let _one = slot.reloading.lock().await;
     let path = slot.path.clone();
-    let device = app.device.clone();
-    let loaded = tokio::task::spawn_blocking(move || Loaded::load(&path, &device))
+    let (device, precision) = (app.device.clone(), app.opts.precision);
+    let loaded = tokio::task::spawn_blocking(move || Loaded::load(&path, &device, precision))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     match loaded {

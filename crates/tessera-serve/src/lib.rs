@@ -63,6 +63,9 @@ pub struct ServeOptions {
     pub body_limit: usize,
     /// Longest wait for an answer.
     pub timeout: Duration,
+    /// The backbones' products: f32, or bf16 where the CPU has native bf16 dot products
+    /// (f32 elsewhere, with a warning at load).
+    pub precision: tessera_pipeline::Precision,
 }
 
 impl Default for ServeOptions {
@@ -78,6 +81,7 @@ impl Default for ServeOptions {
             },
             body_limit: 32 << 20,
             timeout: Duration::from_secs(30),
+            precision: Default::default(),
         }
     }
 }
@@ -136,7 +140,7 @@ impl Service {
             if models.contains_key(name) {
                 return Err(Error::Config(format!("model name '{name}' given twice")));
             }
-            let loaded = Loaded::load(path, &device)?;
+            let loaded = Loaded::load(path, &device, opts.precision)?;
             let (q, rx) = batcher::queue(opts.batch);
             let slot = Arc::new(ModelSlot::new(name.clone(), path.clone(), loaded));
             queues.insert(name.clone(), q);

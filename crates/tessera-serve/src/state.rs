@@ -18,9 +18,15 @@ pub struct Loaded {
 
 impl Loaded {
     /// Load and check a model file, and run it once on a blank image (warm-up: weights packed,
-    /// buffers allocated, before the first request).
-    pub fn load(path: &Path, device: &candle_core::Device) -> Result<Self> {
-        let (detector, checksum) = Detector::load_with_checksum(path, device)?;
+    /// buffers allocated, before the first request); the backbone's products at `precision`.
+    pub fn load(
+        path: &Path,
+        device: &candle_core::Device,
+        precision: tessera_pipeline::Precision,
+    ) -> Result<Self> {
+        let (mut detector, checksum) = Detector::load_with_checksum(path, device)?;
+        // Where bf16 is not supported the backbone stays f32 (`tessera serve` says so at start).
+        detector.set_precision(precision, &tessera_pipeline::Silent);
         let checksum = checksum.unwrap_or_else(|| "none (format 1)".into());
         warm_up(&detector)?;
         Ok(Self {

@@ -64,6 +64,7 @@ fn fixture() -> &'static Fixture {
                 threshold: None,
                 device: tessera_core::DeviceSpec::Cpu,
                 batch_size: 1,
+                precision: Default::default(),
             },
             &Silent,
             &mut |p| predicted.push((p.path.clone(), p.score)),
