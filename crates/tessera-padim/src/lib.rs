@@ -372,17 +372,64 @@ impl PadimConfig {
 
     /// The number of inverse covariances for a `(height, width)` grid and features of
     /// `channels` channels: one per `tie × tie` block (partial at the right and bottom edges).
-    pub fn covariances(&self, (h, w): (usize, usize), channels: usize) -> usize {
-        let t = self.tie_for(channels);
-        h.div_ceil(t) * w.div_ceil(t)
+    pub fn covariances(&self, grid: (usize, usize), channels: usize) -> usize {
+        block_count(grid, self.tie_for(channels))
     }
 
-    /// Each position's covariance block on a `(height, width)` grid when they are shared
-    /// (a tie > 1; [`shared_index`]), else `None`.
-    fn shared(&self, grid: (usize, usize), channels: usize) -> Option<Vec<u32>> {
-        let t = self.tie_for(channels);
-        (t > 1).then(|| shared_index(grid, t))
+    /// What a fit on `channels` channels chose — `d` dimensions, `g` covariances (blocks of
+    /// `tie`) for `p` positions — as the fit report, with a line for the user.
+    fn fit_summary(
+        &self,
+        channels: usize,
+        d: usize,
+        tie: usize,
+        g: usize,
+        p: usize,
+    ) -> serde_json::Value {
+        let all = d == channels;
+        let random = !all && matches!(self.reduction, Reduction::Subset | Reduction::Orthogonal);
+        let kept = if all {
+            format!("all {channels} channels (no reduction)")
+        } else if random {
+            format!(
+                "{d} of {channels} dimensions ({}, seed {})",
+                self.reduction.name(),
+                self.seed
+            )
+        } else {
+            format!("{d} of {channels} dimensions ({})", self.reduction.name())
+        };
+        let per = if tie > 1 {
+            format!("one covariance per {tie} × {tie} block of positions")
+        } else {
+            "one covariance per position".into()
+        };
+        let seed = if random {
+            "the seed chooses the dimensions"
+        } else {
+            "nothing random: the seed does not change the model"
+        };
+        serde_json::json!({
+            "channels": channels,
+            "dims": d,
+            "reduction": if all { "none" } else { self.reduction.name() },
+            "tie": tie,
+            "covariances": g,
+            "positions": p,
+            "random_choice": random,
+            "summary": format!("PaDiM: {kept}, {per} ({g} for {p} positions); {seed}"),
+        })
     }
+}
+
+/// The number of `tie × tie` blocks of a `(height, width)` grid (partial at the edges).
+fn block_count((h, w): (usize, usize), tie: usize) -> usize {
+    h.div_ceil(tie) * w.div_ceil(tie)
+}
+
+/// Each position's covariance block when `tie > 1` ([`shared_index`]), else `None`.
+fn shared_blocks(grid: (usize, usize), tie: usize) -> Option<Vec<u32>> {
+    (tie > 1).then(|| shared_index(grid, tie))
 }
 
 /// Up to this many channels the default keeps every one of them ([`PadimConfig::dims_for`]):
@@ -868,7 +915,7 @@ impl FitScorer for PadimConfig {
         let mut reduce: Option<Reduce> = None;
         let mut grid = (0, 0);
         let mut shared: Option<Vec<u32>> = None;
-        let mut channels = 0;
+        let (mut channels, mut tie) = (0, 1);
         for batch in batches {
             let batch = batch?;
             let maps = pick_levels(&batch, &self.levels)?;
@@ -895,8 +942,8 @@ impl FitScorer for PadimConfig {
                     maps[0].device(),
                 )?);
                 grid = (h, w);
-                shared = self.shared(grid, c);
-                channels = c;
+                (channels, tie) = (c, self.tie_for(c));
+                shared = shared_blocks(grid, tie);
             }
             if (h, w) != grid {
                 return Err(Error::Config(format!(
@@ -934,39 +981,7 @@ impl FitScorer for PadimConfig {
         let mean = Tensor::from_vec(mean, (p, d), &Device::Cpu)?.to_device(&dev)?;
         // All channels are kept as they are (no random choice left): say so.
         let reduction = reduce.reduction();
-        let tie = self.tie_for(channels);
-        let all = d == channels;
-        let random = !all && matches!(self.reduction, Reduction::Subset | Reduction::Orthogonal);
-        let kept = if all {
-            format!("all {channels} channels (no reduction)")
-        } else if random {
-            format!(
-                "{d} of {channels} dimensions ({}, seed {})",
-                self.reduction.name(),
-                self.seed
-            )
-        } else {
-            format!("{d} of {channels} dimensions ({})", self.reduction.name())
-        };
-        let per = if tie > 1 {
-            format!("one covariance per {tie} × {tie} block of positions")
-        } else {
-            "one covariance per position".into()
-        };
-        let report = serde_json::json!({
-            "channels": channels,
-            "dims": d,
-            "reduction": if all { "none" } else { self.reduction.name() },
-            "tie": tie,
-            "covariances": g,
-            "positions": grid.0 * grid.1,
-            "random_choice": random,
-            "summary": format!(
-                "PaDiM: {kept}, {per} ({g} for {} positions); {}",
-                grid.0 * grid.1,
-                if random { "the seed chooses the dimensions" } else { "nothing random: the seed does not change the model" }
-            ),
-        });
+        let report = self.fit_summary(channels, d, tie, g, p);
         Ok(Padim {
             config: PadimConfig {
                 reduction: if reduction == Reduction::Subset {
@@ -975,7 +990,7 @@ impl FitScorer for PadimConfig {
                     self.reduction
                 },
                 // Resolved, so the model file says what was fitted.
-                tie: Some(self.tie_for(channels)),
+                tie: Some(tie),
                 ..self.clone()
             },
             reduce,
@@ -1232,11 +1247,11 @@ impl Restore for Padim {
     ) -> Result<Self> {
         config.validate()?;
         // Fitted models record their tie; files without one predate shared covariances.
+        let tie = config.tie.unwrap_or(1);
         let config = PadimConfig {
-            tie: Some(config.tie.unwrap_or(1)),
+            tie: Some(tie),
             ..config
         };
-        let tie = config.tie_for(0);
         // The stored tensor says which reduction was fitted (files from before the projection
         // existed carry `index` and no `reduction` in their configuration).
         let projected = tensors.contains_key("projection");
@@ -1260,7 +1275,7 @@ impl Restore for Padim {
         }
         let (p, d) = mean.dims2()?;
         // Shared covariances came with the packed form: one per block.
-        let blocks = config.covariances((height, width), 0);
+        let blocks = block_count((height, width), tie);
         let want: &[usize] = if packed {
             &[blocks, packed_len(d)]
         } else {
@@ -1278,7 +1293,7 @@ impl Restore for Padim {
             InvStore::pack(&inv_cov)?
         }
         .to_dtype(config.inv_cov_dtype.dtype())?;
-        let shared = config.shared((height, width), 0);
+        let shared = shared_blocks((height, width), tie);
         let inv_cov = InvStore::on(inv_cov, d, mean.device(), shared.as_deref())?;
         if let Reduce::Index(index) = &reduce {
             let idx: Vec<u32> = index.to_vec1()?;

@@ -180,18 +180,7 @@ fn run(
         shared,
         dims: (b, d, p),
     };
-    // Per position: blocks of consecutive positions. Shared: each triangle with the positions
-    // that use it, so it is read once for all of their rows.
-    let units: Vec<Vec<usize>> = match shared {
-        None => (0..p.div_ceil(BLOCK))
-            .map(|blk| (blk * BLOCK..((blk + 1) * BLOCK).min(p)).collect())
-            .collect(),
-        Some(g) => super::block_members(g)
-            .into_iter()
-            .filter(|m| !m.is_empty())
-            .map(|m| m.into_iter().map(|i| i as usize).collect())
-            .collect(),
-    };
+    let units = units(p, shared);
     let outs: Vec<Vec<f32>> = units
         .par_iter()
         .map(|positions| block(job, positions))
@@ -205,6 +194,22 @@ fn run(
         }
     }
     Ok(dist)
+}
+
+/// The parallel tasks of [`mahalanobis`] over `p` positions: blocks of [`BLOCK`] consecutive
+/// positions, or (`shared`) each triangle with the positions that use it, so that it is read
+/// once for all of their rows.
+fn units(p: usize, shared: Option<&[u32]>) -> Vec<Vec<usize>> {
+    match shared {
+        None => (0..p.div_ceil(BLOCK))
+            .map(|blk| (blk * BLOCK..((blk + 1) * BLOCK).min(p)).collect())
+            .collect(),
+        Some(g) => super::block_members(g)
+            .into_iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.into_iter().map(|i| i as usize).collect())
+            .collect(),
+    }
 }
 
 /// The inputs of [`mahalanobis`], checked: `y` `(B, P, d)`, `mean` `(P, d)`, `inv` `(P, T)`
@@ -407,6 +412,7 @@ fn rows_typed<T: Stored, const FMA: bool>(
     for (r, qr) in q.iter_mut().enumerate() {
         *qr = diagonal::<FMA>(&diag, &x[r * dp..][..dp]);
     }
+    // A triangle that fits in half of L1 is there after its first block: hints would only cost.
     let far = std::mem::size_of_val(tri) > FAR_BYTES;
     for &(j0, vecs, lo) in blocks {
         for g in 0..rows.div_ceil(rows_max) {
@@ -591,11 +597,9 @@ unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) ->
         ahead = ahead.wrapping_add(d - k - 1);
     }
     let last = std::mem::size_of::<T>() * (V * LANES - 1);
-    // A triangle that fits in half of L1 is there after its first block: hints would only cost.
-    let far = prefetch;
     // Rows above the block: every lane is strictly upper.
     for k in 0..j0 {
-        if far {
+        if prefetch {
             _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             _mm_prefetch::<_MM_HINT_T0>((ahead as *const i8).wrapping_add(last));
         }
@@ -614,7 +618,7 @@ unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) ->
     }
     // Rows inside it: lanes at or left of the diagonal masked to zero.
     for k in j0..end {
-        if far {
+        if prefetch {
             _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             _mm_prefetch::<_MM_HINT_T0>((ahead as *const i8).wrapping_add(last));
         }
@@ -757,12 +761,7 @@ mod tests {
             // Shared: position i uses triangle i % 3 (units of up to 24 positions, so passes
             // of 6, 5, … rows).
             let shared: Vec<u32> = (0..p).map(|i| (i % 3) as u32).collect();
-            let members: Vec<Vec<usize>> = (0..3)
-                .map(|m| (0..p).filter(|i| i % 3 == m).collect())
-                .collect();
-            let blocks: Vec<Vec<usize>> = (0..p.div_ceil(BLOCK))
-                .map(|blk| (blk * BLOCK..((blk + 1) * BLOCK).min(p)).collect())
-                .collect();
+            let (blocks, members) = (units(p, None), units(p, Some(&shared)));
             let units = [(None, &blocks), (Some(&shared[..]), &members)];
             for s in [InvCov::F32(&inv), InvCov::F16(&inv16)] {
                 for (positions, sh) in units

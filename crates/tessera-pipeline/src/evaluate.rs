@@ -102,13 +102,15 @@ pub fn test(o: &TestOptions, obs: &dyn Observer) -> Result<Report> {
         model: o.model.display().to_string(),
         data: o.data.display().to_string(),
         scorer: det.meta.scorer.kind().name().into(),
-        backbone: match det.backbone.precision() {
-            Precision::F32 => format!("{} ({})", det.meta.backbone.arch, det.meta.backbone.source),
-            p => format!(
-                "{} ({}; {p} products)",
-                det.meta.backbone.arch, det.meta.backbone.source
-            ),
-        },
+        backbone: format!(
+            "{} ({}{})",
+            det.meta.backbone.arch,
+            det.meta.backbone.source,
+            match det.backbone.precision() {
+                Precision::F32 => String::new(),
+                p => format!("; {p} products"),
+            }
+        ),
         method: det.meta.method.name().into(),
     };
     if let Some((first, max)) = odd_masks.first() {
