@@ -22,7 +22,11 @@
 //! data — training runs for `epochs` epochs or stops when the mean training loss has not improved
 //! for `patience` epochs, keeping the descriptor of the epoch with the lowest training loss.
 //! Backbone features are computed once and cached (the backbone is frozen, so this changes
-//! nothing but the time). Initialisation and shuffling use our seeded ChaCha8 RNG.
+//! nothing but the time). Initialisation and shuffling use our seeded ChaCha8 RNG. On the CPU
+//! (f32) each training step is fused — search, loss and `∂L/∂φ` per block of rows
+//! ([`soft_boundary_grad`]), the descriptor's product and parameter gradients by
+//! [`descriptor_forward`] / [`descriptor_backward`] — equal to the tensor form
+//! ([`soft_boundary_loss`] + autograd) up to the order of its sums (tested).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -50,6 +54,7 @@ mod descriptor;
 pub mod kmeans;
 mod loss;
 mod model;
+mod step;
 mod train;
 
 pub use centres::{nearest_centres, nearest_centres_tensor_ops};
@@ -57,4 +62,5 @@ pub use config::CfaConfig;
 pub use descriptor::{coords, descriptor, embed, rows_with_coords};
 pub use loss::soft_boundary_loss;
 pub use model::Cfa;
+pub use step::{descriptor_backward, descriptor_forward, soft_boundary_grad, LossGrad};
 pub use train::{EpochStats, FeatureTransform, TrainProgress};

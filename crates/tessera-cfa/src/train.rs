@@ -1,12 +1,15 @@
 //! Training CFA's descriptor (optionally end to end with a feature transform such as PFAM).
 
+use crate::step::{descriptor_backward, descriptor_forward, soft_boundary_grad};
 use crate::{
     coords, descriptor, embed, kmeans, rows_with_coords, soft_boundary_loss, Cfa, CfaConfig,
 };
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 use tessera_core::scorer::FitScorer;
+use tessera_core::tensor::with_f32_slice;
 use tessera_core::{Error, FeatureMaps, Result};
 use tessera_optim::{AdamW, AdamWConfig};
 
@@ -158,6 +161,17 @@ impl CfaConfig {
             mean
         };
         let centres_sq: Vec<f32> = centres.sqr()?.sum(D::Minus1)?.to_vec1()?;
+        let bank = Bank {
+            centres: &centres,
+            centres_sq: &centres_sq,
+            host: match centres.device() {
+                Device::Cpu if centres.dtype() == DType::F32 => {
+                    Some(centres.flatten_all()?.to_vec1()?)
+                }
+                _ => None,
+            },
+            scratch: Default::default(),
+        };
 
         let extra: Vec<Var> = transform.map(|t| t.vars()).unwrap_or_default();
         let mut trained = vec![weight.clone(), bias.clone(), r.clone()];
@@ -181,10 +195,8 @@ impl CfaConfig {
             order.shuffle(&mut rng);
             let mut total = 0.0;
             for (bi, ids) in order.chunks(self.batch).enumerate() {
-                let phi = descriptor(&batch_of(ids)?, weight.as_tensor(), bias.as_tensor())?;
-                let loss = soft_boundary_loss(&phi, &centres, &centres_sq, r.as_tensor(), self)?;
-                total += loss.to_scalar::<f32>()? as f64;
-                opt.backward_step(&loss)?;
+                let rows = batch_of(ids)?;
+                total += self.step(&rows, &weight, &bias, &r, &bank, &mut opt)?;
                 progress(TrainProgress {
                     epoch,
                     epochs: self.epochs,
@@ -245,6 +257,91 @@ impl CfaConfig {
             width: w,
             history,
         })
+    }
+}
+
+/// The memory bank as the training step reads it.
+struct Bank<'a> {
+    centres: &'a Tensor,
+    centres_sq: &'a [f32],
+    /// The centres as host floats, when they are CPU f32 (the fused step's input).
+    host: Option<Vec<f32>>,
+    /// The fused step's buffers, kept across steps.
+    scratch: std::cell::RefCell<Scratch>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    phi: Vec<f32>,
+    dphi: Vec<f32>,
+}
+
+impl CfaConfig {
+    /// One optimiser step on a batch of descriptor input rows; returns the batch's loss.
+    ///
+    /// On the CPU in f32 the loss and `∂L/∂φ` come from the fused pass ([`soft_boundary_grad`]).
+    /// When the rows carry no gradient (no trainable transform before the descriptor), the
+    /// descriptor's product and its parameter gradients are computed directly as well and handed
+    /// to the optimiser; otherwise `∂L/∂φ` is pushed through candle's graph (`Σ φ ⊙ ∂L/∂φ`
+    /// has the loss's gradient in every variable upstream of `φ`). Elsewhere: the tensor form.
+    fn step(
+        &self,
+        rows: &Tensor,
+        weight: &Var,
+        bias: &Var,
+        r: &Var,
+        bank: &Bank,
+        opt: &mut AdamW,
+    ) -> Result<f64> {
+        let fused = bank
+            .host
+            .as_deref()
+            .filter(|_| rows.device().is_cpu() && rows.dtype() == DType::F32);
+        let Some(centres) = fused else {
+            let phi = descriptor(rows, weight.as_tensor(), bias.as_tensor())?;
+            let loss =
+                soft_boundary_loss(&phi, bank.centres, bank.centres_sq, r.as_tensor(), self)?;
+            opt.backward_step(&loss)?;
+            return Ok(loss.to_scalar::<f32>()? as f64);
+        };
+        let (d, cin) = weight.as_tensor().dims2()?;
+        let rv = r.as_tensor().to_vec1::<f32>()?[0];
+        let mut scratch = bank.scratch.borrow_mut();
+        let Scratch { phi: pv, dphi } = &mut *scratch;
+        if !rows.track_op() {
+            let w: Vec<f32> = weight.as_tensor().flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = bias.as_tensor().to_vec1()?;
+            let fused = with_f32_slice(&rows.contiguous()?, |xs| {
+                descriptor_forward(xs, cin, &w, &b, pv);
+                soft_boundary_grad(pv, d, centres, bank.centres_sq, rv, self, dphi).map(|lg| {
+                    let (dw, db) = descriptor_backward(dphi, d, xs, cin);
+                    (lg, dw, db)
+                })
+            })?;
+            if let Some((lg, dw, db)) = fused {
+                let dev = weight.device();
+                let mut grads = GradStore::default();
+                grads.insert(weight.as_tensor(), Tensor::from_vec(dw, (d, cin), dev)?);
+                grads.insert(bias.as_tensor(), Tensor::from_vec(db, d, dev)?);
+                grads.insert(r.as_tensor(), Tensor::from_vec(vec![lg.dr], 1, dev)?);
+                opt.step(&grads)?;
+                return Ok(lg.loss as f64);
+            }
+        }
+        let phi = descriptor(rows, weight.as_tensor(), bias.as_tensor())?;
+        let lg = with_f32_slice(&phi.contiguous()?, |ps| {
+            soft_boundary_grad(ps, d, centres, bank.centres_sq, rv, self, dphi)
+        })?;
+        let Some(lg) = lg else {
+            let loss =
+                soft_boundary_loss(&phi, bank.centres, bank.centres_sq, r.as_tensor(), self)?;
+            opt.backward_step(&loss)?;
+            return Ok(loss.to_scalar::<f32>()? as f64);
+        };
+        let g = Tensor::from_slice(dphi, phi.dims(), phi.device())?;
+        let surrogate = ((&phi * &g)?.sum_all()? + (r.as_tensor() * lg.dr as f64)?.sum_all()?)?;
+        opt.backward_step(&surrogate)?;
+        Ok(lg.loss as f64)
     }
 }
 

@@ -276,3 +276,179 @@ fn descriptor_rows_written_directly_equal_the_tensor_ops() {
         assert_eq!(a, o, "{b}×{c}×{h}×{w}");
     }
 }
+
+#[test]
+fn fused_loss_and_gradients_equal_autograd() {
+    // Rows below, across and at the fused pass's 256-row blocks; radii where only attraction,
+    // both terms, and only repulsion are active; a configuration where the terms overlap
+    // (J < K) and one with fewer centres than K + J.
+    let dev = Device::Cpu;
+    // Points and centres uniform in ±0.17 (seeded): squared distances near 0.02·D, so r²
+    // decides which terms are active (counted below: each kind must be met, and both in one
+    // case).
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut uniform = |shape: (usize, usize)| {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-0.17f32..0.17))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let overlap = CfaConfig {
+        k: 4,
+        j: 2,
+        alpha: 0.05,
+        ..Default::default()
+    };
+    let cases = [
+        (50, 30, 8, 0.2f32, CfaConfig::default()),
+        (600, 70, 33, 0.67, CfaConfig::default()),
+        (256, 40, 16, 0.3, CfaConfig::default()),
+        (300, 64, 12, 0.387, overlap),
+        (40, 5, 6, 0.5, CfaConfig::default()),
+    ];
+    let mut seen = (false, false, false);
+    let mut dphi = vec![f32::NAN; 7];
+    for (n, m, d, radius, cfg) in cases {
+        let phi = Var::from_tensor(&uniform((n, d))).unwrap();
+        let centres = uniform((m, d));
+        let sq: Vec<f32> = centres.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+        let (_, dist) =
+            tessera_cfa::nearest_centres(phi.as_tensor(), &centres, &sq, cfg.k + cfg.j).unwrap();
+        let kj = dist.len() / n;
+        let r2 = radius * radius;
+        let att = dist
+            .chunks(kj)
+            .any(|ds| ds[..cfg.k.min(kj)].iter().any(|&v| v >= r2));
+        let rep = dist.chunks(kj).any(|ds| {
+            ds[cfg.j.min(kj)..]
+                .iter()
+                .any(|&v| r2 - v - cfg.alpha as f32 >= 0.0)
+        });
+        seen = (seen.0 || att, seen.1 || rep, seen.2 || (att && rep));
+        let r = Var::new(&[radius], &dev).unwrap();
+        let loss = soft_boundary_loss(phi.as_tensor(), &centres, &sq, r.as_tensor(), &cfg).unwrap();
+        let grads = loss.backward().unwrap();
+        let want_phi: Vec<f32> = grads
+            .get(phi.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_r = grads.get(r.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+        let ps: Vec<f32> = phi.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let cs: Vec<f32> = centres.flatten_all().unwrap().to_vec1().unwrap();
+        // A reused buffer holding stale values from the previous case.
+        let got =
+            tessera_cfa::soft_boundary_grad(&ps, d, &cs, &sq, radius, &cfg, &mut dphi).unwrap();
+        let want: f32 = loss.to_scalar().unwrap();
+        let case = format!("n {n}, m {m}, d {d}, r {radius}");
+        assert!(
+            (got.loss - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{case}: loss {} vs {want}",
+            got.loss
+        );
+        let scale = want_phi.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(scale > 0.0, "{case}: no gradient to compare");
+        for (a, b) in dphi.iter().zip(&want_phi) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{case}: ∂φ {a} vs {b}");
+        }
+        assert!(
+            (got.dr - want_r).abs() <= 1e-4 * (1.0 + want_r.abs()),
+            "{case}: ∂r {} vs {want_r}",
+            got.dr
+        );
+    }
+    assert_eq!(
+        seen,
+        (true, true, true),
+        "(attraction, repulsion, both) active"
+    );
+    // Too few centres for a repulsion term: no fused result (the tensor form is NaN there).
+    let cfg = CfaConfig::default();
+    assert!(tessera_cfa::soft_boundary_grad(
+        &[0.0; 8], 4, &[0.0; 12], &[0.0; 3], 1.0, &cfg, &mut dphi
+    )
+    .is_none());
+}
+
+#[test]
+fn fused_descriptor_step_matches_reference() {
+    // The golden AMSGrad step of `loss_and_one_amsgrad_step_match_reference`, with the
+    // descriptor's product, the loss and the parameter gradients computed by the fused pass.
+    let g = golden();
+    let x = embed(&features(&g), &[1, 2, 3]).unwrap();
+    let rows = rows_with_coords(&x, &coords(8, 6, &Device::Cpu).unwrap()).unwrap();
+    let (n, cin) = rows.dims2().unwrap();
+    let xs: Vec<f32> = rows.flatten_all().unwrap().to_vec1().unwrap();
+    let w = Var::from_tensor(&g["w0"]).unwrap();
+    let b = Var::from_tensor(&g["b0"]).unwrap();
+    let r = Var::new(&[0.3f32], &Device::Cpu).unwrap();
+    let centres = &g["centres"];
+    let csq: Vec<f32> = centres
+        .sqr()
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let wv: Vec<f32> = g["w0"].flatten_all().unwrap().to_vec1().unwrap();
+    let bv: Vec<f32> = g["b0"].to_vec1().unwrap();
+    let d = bv.len();
+    let mut phi = Vec::new();
+    tessera_cfa::descriptor_forward(&xs, cin, &wv, &bv, &mut phi);
+    let want_phi: Vec<f32> = descriptor(&rows, w.as_tensor(), b.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (a, e) in phi.iter().zip(&want_phi) {
+        assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "φ {a} vs {e}");
+    }
+    let cs: Vec<f32> = centres.flatten_all().unwrap().to_vec1().unwrap();
+    let mut dphi = Vec::new();
+    let lg =
+        tessera_cfa::soft_boundary_grad(&phi, d, &cs, &csq, 0.3, &CfaConfig::default(), &mut dphi)
+            .unwrap();
+    let want: f32 = g["loss"].to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (lg.loss - want).abs() <= 1e-4 * want.abs(),
+        "loss {} vs {want}",
+        lg.loss
+    );
+    let (dw, db) = tessera_cfa::descriptor_backward(&dphi, d, &xs, cin);
+    assert_eq!((dw.len(), db.len(), n), (d * cin, d, 48 * 2));
+    let mut grads = candle_core::backprop::GradStore::default();
+    let dev = Device::Cpu;
+    grads.insert(w.as_tensor(), Tensor::from_vec(dw, (d, cin), &dev).unwrap());
+    grads.insert(b.as_tensor(), Tensor::from_vec(db, d, &dev).unwrap());
+    grads.insert(
+        r.as_tensor(),
+        Tensor::from_vec(vec![lg.dr], 1, &dev).unwrap(),
+    );
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone(), r.clone()],
+        AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            amsgrad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    opt.step(&grads).unwrap();
+    assert!(
+        max_abs(w.as_tensor(), &g["w1"]) < 1e-6,
+        "weight after one step"
+    );
+    assert!(
+        max_abs(b.as_tensor(), &g["b1"]) < 1e-6,
+        "bias after one step"
+    );
+    assert!(
+        max_abs(r.as_tensor(), &g["r1"]) < 1e-6,
+        "radius after one step"
+    );
+}
