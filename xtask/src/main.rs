@@ -379,6 +379,7 @@ fn bench(args: &[String]) -> Result<()> {
             ("tessera-pfam", "pfam"),
             ("tessera-conv", "conv"),
             ("tessera-backbone", "features"),
+            ("tessera-eval", "evaluate"),
         ] {
             let st = Command::new(&cargo)
                 .args(["bench", "-p", pkg, "--bench", bench])

@@ -73,12 +73,18 @@ pub(crate) struct PoolStats {
 /// Sort packed keys (in place) and compute AUROC and F1-max in one pass each.
 pub(crate) fn pool_stats(keys: &mut [u64], want_f1: bool) -> PoolStats {
     keys.par_sort_unstable();
+    sorted_stats(keys, 1, want_f1)
+}
+
+/// AUROC and F1-max of keys sorted by `key >> shift` (the score key), label in bit 0: packed
+/// pairs ([`pack`], shift 1) or a pixel pool (`crate::pro::Pool`, shift 32).
+pub(crate) fn sorted_stats(keys: &[u64], shift: u32, want_f1: bool) -> PoolStats {
     let positives = keys.iter().filter(|&&k| k & 1 == 1).count() as u64;
     PoolStats {
         positives,
-        auroc: auroc_sorted(keys, positives),
+        auroc: auroc_sorted(keys, shift, positives),
         f1: if want_f1 {
-            f1_sorted(keys, positives)
+            f1_sorted(keys, shift, positives)
         } else {
             None
         },
@@ -86,14 +92,15 @@ pub(crate) fn pool_stats(keys: &mut [u64], want_f1: bool) -> PoolStats {
 }
 
 /// Walk groups of equal scores in ascending order, yielding (score key, positives, negatives).
-fn groups(keys: &[u64]) -> impl DoubleEndedIterator<Item = (u32, u64, u64)> + '_ {
-    keys.chunk_by(|a, b| a >> 1 == b >> 1).map(|g| {
-        let pos = g.iter().filter(|&&k| k & 1 == 1).count() as u64;
-        ((g[0] >> 1) as u32, pos, g.len() as u64 - pos)
-    })
+fn groups(keys: &[u64], shift: u32) -> impl DoubleEndedIterator<Item = (u32, u64, u64)> + '_ {
+    keys.chunk_by(move |a, b| a >> shift == b >> shift)
+        .map(move |g| {
+            let pos = g.iter().filter(|&&k| k & 1 == 1).count() as u64;
+            ((g[0] >> shift) as u32, pos, g.len() as u64 - pos)
+        })
 }
 
-fn auroc_sorted(keys: &[u64], positives: u64) -> Option<f64> {
+fn auroc_sorted(keys: &[u64], shift: u32, positives: u64) -> Option<f64> {
     let negatives = keys.len() as u64 - positives;
     if positives == 0 || negatives == 0 {
         return None;
@@ -102,21 +109,21 @@ fn auroc_sorted(keys: &[u64], positives: u64) -> Option<f64> {
     // negative strictly below it (2 points) and ties with each negative of equal score (1 point).
     let mut neg_below: u128 = 0;
     let mut twice_u: u128 = 0;
-    for (_, p, q) in groups(keys) {
+    for (_, p, q) in groups(keys, shift) {
         twice_u += p as u128 * (2 * neg_below + q as u128);
         neg_below += q as u128;
     }
     Some(twice_u as f64 / (2.0 * positives as f64 * negatives as f64))
 }
 
-fn f1_sorted(keys: &[u64], positives: u64) -> Option<(f64, f32)> {
+fn f1_sorted(keys: &[u64], shift: u32, positives: u64) -> Option<(f64, f32)> {
     if positives == 0 {
         return None;
     }
     let (mut tp, mut fp) = (0u64, 0u64);
     let mut best: Option<(f64, f32)> = None;
     // Descending thresholds: predicting "anomalous" for score >= threshold admits whole groups.
-    for (k, p, q) in groups(keys).rev() {
+    for (k, p, q) in groups(keys, shift).rev() {
         tp += p;
         fp += q;
         // F1 = 2TP / (2TP + FP + FN) = 2TP / (TP + FP + P).

@@ -267,81 +267,155 @@ impl Sum {
     }
 }
 
-/// Pooled pixels of a set of images, sorted by score: `score_key << 32 | region`, region 0 for
-/// normal pixels and `1..` for the ground-truth regions of all images, numbered globally.
-struct Pool {
-    keys: Vec<u64>,
-    /// `sizes[r - 1]`: pixel count of region `r`.
+/// Pooled pixels of a set of images, sorted by score: `score_key << 32 | tag`, with `tag = x << 1
+/// | in_region`, where `x` is the image's index for a normal pixel and the region's index
+/// (0-based, numbered over all images in order) for a pixel of a ground-truth region.
+///
+/// The pool is sorted once; the pool of a subset of its images is a filter of it
+/// ([`Pool::subset`]), still sorted by score, so several pooled metrics (all images, each defect
+/// type) cost one sort. Bit 0 is the pixel's label, so pixel AUROC and F1 read the same keys.
+pub(crate) struct Pool {
+    pub(crate) keys: Vec<u64>,
+    /// `sizes[r]`: pixel count of region `r`.
     sizes: Vec<u64>,
+    /// `region_image[r]`: the image region `r` belongs to.
+    region_image: Vec<u32>,
     normal: u64,
+    /// Images pooled (normal pixels carry their index).
+    images: usize,
 }
 
-/// Pool, label and sort; `None` when a score is NaN.
-fn pool(images: &[ProImage]) -> Option<Pool> {
-    for (i, im) in images.iter().enumerate() {
-        im.check(i);
-    }
-    // Components per image, in parallel (only images whose mask has a positive pixel).
-    let comps: Vec<Option<Components>> = images
-        .par_iter()
-        .map(|im| match im.mask {
-            Some(m) if m.iter().any(|&b| b) => Some(connected_components(m, im.width, im.height)),
-            _ => None,
-        })
-        .collect();
-    let mut region_offset = Vec::with_capacity(images.len());
-    let mut pixel_offset = Vec::with_capacity(images.len());
-    let (mut regions, mut pixels) = (0usize, 0usize);
-    for (im, c) in images.iter().zip(&comps) {
-        region_offset.push(regions as u64);
-        pixel_offset.push(pixels);
-        regions += c.as_ref().map_or(0, Components::count);
-        pixels += im.scores.len();
-    }
-    assert!(
-        regions < u32::MAX as usize,
-        "too many ground-truth regions ({regions})"
-    );
-    let mut keys = vec![0u64; pixels];
-    // Fill each image's slice of the pool in parallel.
-    let mut slices = Vec::with_capacity(images.len());
-    let mut rest: &mut [u64] = &mut keys;
-    for im in images {
-        let (head, tail) = rest.split_at_mut(im.scores.len());
-        slices.push(head);
-        rest = tail;
-    }
-    let ok = slices
-        .into_par_iter()
-        .zip(images.par_iter())
-        .zip(comps.par_iter())
-        .zip(region_offset.par_iter())
-        .map(|(((out, im), c), &off)| {
-            for (i, (o, &s)) in out.iter_mut().zip(im.scores).enumerate() {
-                if s.is_nan() {
-                    return false;
+impl Pool {
+    /// Pool, label and sort; `None` when a score is NaN.
+    pub(crate) fn new(images: &[ProImage]) -> Option<Pool> {
+        for (i, im) in images.iter().enumerate() {
+            im.check(i);
+        }
+        // Components per image, in parallel (only images whose mask has a positive pixel).
+        let comps: Vec<Option<Components>> = images
+            .par_iter()
+            .map(|im| match im.mask {
+                Some(m) if m.iter().any(|&b| b) => {
+                    Some(connected_components(m, im.width, im.height))
                 }
-                let region = c.as_ref().map_or(0, |c| match c.labels[i] {
-                    0 => 0,
-                    l => l as u64 + off,
-                });
-                *o = ((score_key(s) as u64) << 32) | region;
+                _ => None,
+            })
+            .collect();
+        let mut region_offset = Vec::with_capacity(images.len());
+        let (mut regions, mut pixels) = (0usize, 0usize);
+        for (im, c) in images.iter().zip(&comps) {
+            region_offset.push(regions as u64);
+            regions += c.as_ref().map_or(0, Components::count);
+            pixels += im.scores.len();
+        }
+        assert!(
+            regions < (1 << 31) && images.len() < (1 << 31),
+            "too many images ({}) or ground-truth regions ({regions})",
+            images.len()
+        );
+        let mut keys = vec![0u64; pixels];
+        // Fill each image's slice of the pool in parallel.
+        let mut slices = Vec::with_capacity(images.len());
+        let mut rest: &mut [u64] = &mut keys;
+        for im in images {
+            let (head, tail) = rest.split_at_mut(im.scores.len());
+            slices.push(head);
+            rest = tail;
+        }
+        let ok = slices
+            .into_par_iter()
+            .zip(images.par_iter())
+            .zip(comps.par_iter())
+            .zip(region_offset.par_iter())
+            .enumerate()
+            .map(|(img, (((out, im), c), &off))| {
+                let normal_tag = (img as u64) << 1;
+                for (i, (o, &s)) in out.iter_mut().zip(im.scores).enumerate() {
+                    if s.is_nan() {
+                        return false;
+                    }
+                    let tag = c.as_ref().map_or(normal_tag, |c| match c.labels[i] {
+                        0 => normal_tag,
+                        l => ((l as u64 - 1 + off) << 1) | 1,
+                    });
+                    *o = ((score_key(s) as u64) << 32) | tag;
+                }
+                true
+            })
+            .reduce(|| true, |a, b| a && b);
+        if !ok {
+            return None;
+        }
+        let (mut sizes, mut region_image) = (Vec::new(), Vec::new());
+        for (img, c) in comps.into_iter().enumerate() {
+            for size in c.map(|c| c.sizes).unwrap_or_default() {
+                sizes.push(size);
+                region_image.push(img as u32);
             }
-            true
+        }
+        let positive: u64 = sizes.iter().sum();
+        let normal = pixels as u64 - positive;
+        keys.par_sort_unstable();
+        Some(Pool {
+            keys,
+            sizes,
+            region_image,
+            normal,
+            images: images.len(),
         })
-        .reduce(|| true, |a, b| a && b);
-    if !ok {
-        return None;
     }
-    let sizes: Vec<u64> = comps.into_iter().flatten().flat_map(|c| c.sizes).collect();
-    let positive: u64 = sizes.iter().sum();
-    let normal = pixels as u64 - positive;
-    keys.par_sort_unstable();
-    Some(Pool {
-        keys,
-        sizes,
-        normal,
-    })
+
+    /// The pool of the images `keep` selects (indices into the images this pool was built
+    /// from): the same pixels as pooling those images alone, regions renumbered in the same
+    /// order, so every metric of it is the same to the bit. Within a score the keys are no
+    /// longer sorted by tag, which nothing reads (runs of one tag stay together).
+    pub(crate) fn subset(&self, keep: impl Fn(usize) -> bool) -> Pool {
+        // Asked once per image, not per pixel.
+        let images = self.images;
+        let kept: Vec<bool> = (0..images).map(keep).collect();
+        let keep = |img: usize| kept[img];
+        let mut renumber = vec![u64::MAX; self.sizes.len()];
+        let (mut sizes, mut region_image) = (Vec::new(), Vec::new());
+        for (r, &img) in self.region_image.iter().enumerate() {
+            if keep(img as usize) {
+                renumber[r] = sizes.len() as u64;
+                sizes.push(self.sizes[r]);
+                region_image.push(img);
+            }
+        }
+        let pick = |&k: &u64| {
+            let x = (k & 0xffff_ffff) >> 1;
+            if k & 1 == 0 {
+                keep(x as usize).then_some(k)
+            } else {
+                let r = renumber[x as usize];
+                (r != u64::MAX).then_some((k >> 32 << 32) | (r << 1) | 1)
+            }
+        };
+        // Fixed chunks filtered in parallel, then joined in order (rayon's element-wise
+        // `filter_map().collect()` spent more time gathering than filtering).
+        let parts: Vec<Vec<u64>> = self
+            .keys
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().filter_map(pick).collect())
+            .collect();
+        let keys = parts.concat();
+        let normal = keys.len() as u64 - sizes.iter().sum::<u64>();
+        Pool {
+            keys,
+            sizes,
+            region_image,
+            normal,
+            images,
+        }
+    }
+
+    /// AUPRO of this pool ([`aupro`]).
+    pub(crate) fn aupro(&self, fpr_limit: f64) -> Option<f64> {
+        let mut t = Trapezoid::new(fpr_limit);
+        sweep(self, |_, x, y| t.push(x, y))?;
+        Some(t.normalised())
+    }
 }
 
 /// Sweep the pool with descending thresholds, calling `visit(threshold key, fpr, pro)` once
@@ -355,11 +429,14 @@ fn sweep(pool: &Pool, mut visit: impl FnMut(u32, f64, f64) -> bool) -> Option<()
     let mut fp = 0u64;
     let mut overlap = Sum::default();
     for group in pool.keys.chunk_by(|a, b| a >> 32 == b >> 32).rev() {
-        // Within a group keys are sorted by region: one run per region (normal pixels first).
+        // Within a group, one run per tag: normal pixels of an image, or a region (regions in
+        // ascending order, so the compensated sum adds them in a fixed order).
         for run in group.chunk_by(|a, b| a == b) {
-            match run[0] as u32 {
-                0 => fp += run.len() as u64,
-                reg => overlap.add(run.len() as f64 / pool.sizes[reg as usize - 1] as f64),
+            let tag = run[0] & 0xffff_ffff;
+            if tag & 1 == 0 {
+                fp += run.len() as u64;
+            } else {
+                overlap.add(run.len() as f64 / pool.sizes[(tag >> 1) as usize] as f64);
             }
         }
         let pro = (overlap.value() / r).min(1.0);
@@ -379,7 +456,7 @@ fn sweep(pool: &Pool, mut visit: impl FnMut(u32, f64, f64) -> bool) -> Option<()
 ///
 /// If an image's `scores` or `mask` is not `width * height` long.
 pub fn pro_curve(images: &[ProImage]) -> Option<ProCurve> {
-    let pool = pool(images)?;
+    let pool = Pool::new(images)?;
     let mut c = ProCurve {
         thresholds: Vec::new(),
         fpr: Vec::new(),
@@ -415,10 +492,8 @@ pub fn pro_curve(images: &[ProImage]) -> Option<ProCurve> {
 /// assert_eq!(aupro(&[im], PRO_FPR_LIMIT), Some(1.0));
 /// ```
 pub fn aupro(images: &[ProImage], fpr_limit: f64) -> Option<f64> {
-    let mut t = Trapezoid::new(fpr_limit);
-    let pool = pool(images)?;
-    sweep(&pool, |_, x, y| t.push(x, y))?;
-    Some(t.normalised())
+    Trapezoid::new(fpr_limit); // checks the limit before any work
+    Pool::new(images)?.aupro(fpr_limit)
 }
 
 #[cfg(test)]

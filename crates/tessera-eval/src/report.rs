@@ -180,17 +180,9 @@ pub struct Report {
     pub operating_point: Option<OperatingPoints>,
 }
 
-/// The pixel-level contribution of one sample.
-enum Pixels {
-    /// Anomalous image without ground truth: not part of the pixel metrics.
-    Excluded,
-    /// The map holds a NaN: pooled pixel metrics become undefined.
-    Nan,
-    /// Packed (score, label) keys.
-    Keys(Vec<u64>),
-}
-
-fn sample_pixels(s: &EvalSample) -> Pixels {
+/// Check a sample's map and mask sizes (the panics [`evaluate`] documents, naming the sample);
+/// `true` when its map holds a NaN.
+fn check_sample(s: &EvalSample) -> bool {
     let n = s.map.width * s.map.height;
     assert_eq!(
         s.map.data.len(),
@@ -201,36 +193,21 @@ fn sample_pixels(s: &EvalSample) -> Pixels {
         s.map.width,
         s.map.height
     );
-    let keys: Option<Vec<u64>> = match &s.mask {
-        Some(m) => {
-            assert_eq!(
-                m.len(),
-                n,
-                "sample {}: mask has {} pixels but the map is {}×{}",
-                s.name,
-                m.len(),
-                s.map.width,
-                s.map.height
-            );
-            s.map
-                .data
-                .iter()
-                .zip(m)
-                .map(|(&v, &l)| metrics::pack(v, l))
-                .collect()
-        }
-        None if s.is_anomalous() => return Pixels::Excluded,
-        None => s
-            .map
-            .data
-            .iter()
-            .map(|&v| metrics::pack(v, false))
-            .collect(),
-    };
-    keys.map_or(Pixels::Nan, Pixels::Keys)
+    if let Some(m) = &s.mask {
+        assert_eq!(
+            m.len(),
+            n,
+            "sample {}: mask has {} pixels but the map is {}×{}",
+            s.name,
+            m.len(),
+            s.map.width,
+            s.map.height
+        );
+    }
+    s.map.data.iter().any(|v| v.is_nan())
 }
 
-/// The PRO view of one sample (`None`: anomalous without ground truth, left out).
+/// The pixel view of one sample (`None`: anomalous without ground truth, left out).
 fn sample_pro(s: &EvalSample) -> Option<ProImage<'_>> {
     match &s.mask {
         Some(m) => Some(ProImage::new(&s.map, Some(m))),
@@ -239,47 +216,61 @@ fn sample_pro(s: &EvalSample) -> Option<ProImage<'_>> {
     }
 }
 
-/// AUPRO over the selected samples.
-fn pooled_aupro(images: &[Option<ProImage>], select: impl Fn(usize) -> bool) -> Option<f64> {
-    let chosen: Vec<ProImage> = images
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| select(*i))
-        .filter_map(|(_, p)| *p)
-        .collect();
-    pro::aupro(&chosen, PRO_FPR_LIMIT)
+/// Pixel metrics of a pooled set of samples.
+struct PixelStats {
+    stats: PoolStats,
+    aupro: Option<f64>,
 }
 
-/// Pool the pixels of the selected samples and compute their metrics (`None` if any is NaN).
-fn pooled(pixels: &[Pixels], select: impl Fn(usize) -> bool, want_f1: bool) -> (PoolStats, u64) {
-    let chosen: Vec<&Pixels> = pixels
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| select(*i))
-        .map(|(_, p)| p)
-        .collect();
-    let mut total = 0usize;
-    let mut nan = false;
-    for p in &chosen {
-        match p {
-            Pixels::Keys(k) => total += k.len(),
-            Pixels::Nan => nan = true,
-            Pixels::Excluded => {}
+/// Every pixel-level metric from one sorted pool: the pixels of every sample that takes part
+/// (a mask, or a normal image), pooled and sorted once; each subset (a defect type with the
+/// normal images) is a filter of that pool ([`pro::Pool::subset`]), so the whole evaluation
+/// costs one sort where pooling each subset anew cost one (AUROC) plus one (AUPRO) per subset.
+struct PixelPool {
+    pool: pro::Pool,
+    /// `members[j]`: the sample index of the pool's image `j`.
+    members: Vec<usize>,
+    /// Per sample: it takes part and its map holds a NaN (metrics including it are `None`).
+    nan: Vec<bool>,
+}
+
+impl PixelPool {
+    fn new(samples: &[EvalSample]) -> Self {
+        let nan: Vec<bool> = samples.par_iter().map(check_sample).collect();
+        let views: Vec<Option<ProImage>> = samples.iter().map(sample_pro).collect();
+        let members: Vec<usize> = (0..samples.len())
+            .filter(|&i| views[i].is_some() && !nan[i])
+            .collect();
+        let images: Vec<ProImage> = members.iter().filter_map(|&i| views[i]).collect();
+        let pool = pro::Pool::new(&images).expect("NaN maps are left out of the pool");
+        let nan = (0..samples.len())
+            .map(|i| nan[i] && views[i].is_some())
+            .collect();
+        Self { pool, members, nan }
+    }
+
+    /// Metrics over the samples `select` picks (`None` metrics if one of them holds a NaN).
+    fn stats(&self, select: impl Fn(usize) -> bool, want_f1: bool) -> PixelStats {
+        let all = (0..self.nan.len()).all(&select);
+        let sub;
+        let pool = if all {
+            &self.pool
+        } else {
+            sub = self.pool.subset(|j| select(self.members[j]));
+            &sub
+        };
+        let mut stats = metrics::sorted_stats(&pool.keys, 32, want_f1);
+        let mut aupro = pool.aupro(PRO_FPR_LIMIT);
+        if (0..self.nan.len()).any(|i| self.nan[i] && select(i)) {
+            (stats.auroc, stats.f1, aupro) = (None, None, None);
         }
+        PixelStats { stats, aupro }
     }
-    let mut keys = Vec::with_capacity(total);
-    for p in &chosen {
-        if let Pixels::Keys(k) = p {
-            keys.extend_from_slice(k);
-        }
+
+    /// Pixels pooled over every sample that takes part (NaN maps left out).
+    fn len(&self) -> u64 {
+        self.pool.keys.len() as u64
     }
-    let count = keys.len() as u64;
-    let mut stats = metrics::pool_stats(&mut keys, want_f1);
-    if nan {
-        stats.auroc = None;
-        stats.f1 = None;
-    }
-    (stats, count)
 }
 
 /// Evaluate a scored test set.
@@ -304,9 +295,8 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
     let image_auroc = metrics::auroc(&scores, &labels);
     let image_f1 = metrics::f1_max(&scores, &labels);
 
-    let pixels: Vec<Pixels> = samples.par_iter().map(sample_pixels).collect();
-    let (all, pixel_count) = pooled(&pixels, |_| true, true);
-    let pro_images: Vec<Option<ProImage>> = samples.iter().map(sample_pro).collect();
+    let pixels = PixelPool::new(samples);
+    let all = pixels.stats(|_| true, true);
 
     let normal = labels.iter().filter(|&&a| !a).count();
     let mut per_type = BTreeMap::new();
@@ -323,32 +313,32 @@ pub fn evaluate(samples: &[EvalSample], timings: Timings, info: RunInfo) -> Repo
             .filter(|&i| select(i))
             .map(|i| (scores[i], labels[i]))
             .unzip();
-        let (px, _) = pooled(&pixels, select, false);
+        let px = pixels.stats(select, false);
         per_type.insert(
             ty.to_string(),
             TypeReport {
                 images: samples.iter().filter(|s| s.defect_type == ty).count(),
                 image_auroc: metrics::auroc(&s, &l),
-                pixel_auroc: px.auroc,
-                pixel_aupro: pooled_aupro(&pro_images, select),
+                pixel_auroc: px.stats.auroc,
+                pixel_aupro: px.aupro,
             },
         );
     }
 
     Report {
         image_auroc,
-        pixel_auroc: all.auroc,
-        pixel_aupro: pooled_aupro(&pro_images, |_| true),
+        pixel_auroc: all.stats.auroc,
+        pixel_aupro: all.aupro,
         image_f1_max: image_f1.map(|(f, _)| f),
         image_threshold: image_f1.map(|(_, t)| t),
-        pixel_f1_max: all.f1.map(|(f, _)| f),
-        pixel_threshold: all.f1.map(|(_, t)| t),
+        pixel_f1_max: all.stats.f1.map(|(f, _)| f),
+        pixel_threshold: all.stats.f1.map(|(_, t)| t),
         counts: Counts {
             images: samples.len(),
             normal,
             anomalous: samples.len() - normal,
-            pixels: pixel_count,
-            anomalous_pixels: all.positives,
+            pixels: pixels.len(),
+            anomalous_pixels: all.stats.positives,
         },
         per_type,
         fit_seconds: timings.fit_seconds,
@@ -586,6 +576,94 @@ mod tests {
                 Some(vec![false, false, true, true]),
             ),
         ]
+    }
+
+    /// Pixel metrics of the samples `select` picks, each pooled on its own by the public
+    /// functions: what `evaluate` computed before it pooled once and filtered.
+    fn pooled_alone(
+        samples: &[EvalSample],
+        select: impl Fn(usize) -> bool,
+    ) -> (Option<f64>, Option<(f64, f32)>, Option<f64>) {
+        let chosen: Vec<&EvalSample> = (0..samples.len())
+            .filter(|&i| select(i))
+            .map(|i| &samples[i])
+            .filter(|s| s.mask.is_some() || !s.is_anomalous())
+            .collect();
+        let (mut px, mut lb) = (Vec::new(), Vec::new());
+        for s in &chosen {
+            px.extend_from_slice(&s.map.data);
+            match &s.mask {
+                Some(m) => lb.extend_from_slice(m),
+                None => lb.extend(std::iter::repeat_n(false, s.map.data.len())),
+            }
+        }
+        let images: Vec<ProImage> = chosen
+            .iter()
+            .map(|s| ProImage::new(&s.map, s.mask.as_deref()))
+            .collect();
+        (
+            metrics::auroc(&px, &lb),
+            metrics::f1_max(&px, &lb),
+            pro::aupro(&images, PRO_FPR_LIMIT),
+        )
+    }
+
+    #[test]
+    fn one_pool_filtered_equals_pooling_each_subset() {
+        // 12 × 9 maps with scores on a coarse grid (ties across images and labels), three defect
+        // types with one to three regions each, an anomalous image without a mask (left out),
+        // a normal image with an all-false mask; then a NaN in one type's image.
+        let (w, h) = (12, 9);
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut samples = Vec::new();
+        for (t, n) in [("good", 4), ("crack", 3), ("hole", 2), ("scratch", 3)] {
+            for i in 0..n {
+                let data: Vec<f32> = (0..w * h).map(|_| (next() % 16) as f32 * 0.25).collect();
+                let mask = match (t, i) {
+                    ("good", 1) => Some(vec![false; w * h]),
+                    ("good", _) | ("scratch", 2) => None,
+                    _ => Some(
+                        (0..w * h)
+                            .map(|p| {
+                                let (y, x) = (p / w, p % w);
+                                (x + i) % 5 == 0 && y > i || (x < 3 && y < 2 + i)
+                            })
+                            .collect(),
+                    ),
+                };
+                samples.push(EvalSample {
+                    name: format!("{t}/{i}"),
+                    defect_type: t.into(),
+                    map: AnomalyMap::new(w, h, data),
+                    mask,
+                });
+            }
+        }
+        for with_nan in [false, true] {
+            if with_nan {
+                samples[6].map.data[5] = f32::NAN; // crack/2
+            }
+            let r = evaluate(&samples, Timings::default(), info());
+            let (auroc, f1, aupro) = pooled_alone(&samples, |_| true);
+            assert_eq!(r.pixel_auroc, auroc);
+            assert_eq!(r.pixel_f1_max, f1.map(|(f, _)| f));
+            assert_eq!(r.pixel_threshold, f1.map(|(_, t)| t));
+            assert_eq!(r.pixel_aupro, aupro);
+            assert_eq!(r.pixel_auroc.is_none(), with_nan);
+            for ty in ["crack", "hole", "scratch"] {
+                let select = |i: usize| !samples[i].is_anomalous() || samples[i].defect_type == ty;
+                let (auroc, _, aupro) = pooled_alone(&samples, select);
+                let t = &r.per_type[ty];
+                assert_eq!((t.pixel_auroc, t.pixel_aupro), (auroc, aupro), "{ty}");
+                assert_eq!(auroc.is_none(), with_nan && ty == "crack", "{ty}");
+            }
+        }
     }
 
     #[test]
