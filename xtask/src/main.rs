@@ -380,6 +380,7 @@ fn bench(args: &[String]) -> Result<()> {
             ("tessera-conv", "conv"),
             ("tessera-backbone", "features"),
             ("tessera-eval", "evaluate"),
+            ("tessera-data", "preprocess"),
         ] {
             let st = Command::new(&cargo)
                 .args(["bench", "-p", pkg, "--bench", bench])

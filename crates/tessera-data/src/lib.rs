@@ -26,6 +26,7 @@
 pub mod kind;
 mod layout;
 mod preprocess;
+mod resize;
 pub mod synthetic;
 pub mod verify;
 

@@ -95,19 +95,23 @@ fn geometry_of(pre: &Preprocess, size: (u32, u32)) -> Geometry {
 fn fit_geometry<P: image::Pixel + 'static>(
     img: &image::ImageBuffer<P, Vec<P::Subpixel>>,
     g: Geometry,
-    filter: FilterType,
+    resize: impl Fn(
+        &image::ImageBuffer<P, Vec<P::Subpixel>>,
+        u32,
+        u32,
+    ) -> image::ImageBuffer<P, Vec<P::Subpixel>>,
 ) -> image::ImageBuffer<P, Vec<P::Subpixel>> {
     match g {
-        Geometry::Square { resize, crop } => {
-            let resized = image::imageops::resize(img, resize, resize, filter);
-            let off = center_crop_offset(resize, crop);
+        Geometry::Square { resize: side, crop } => {
+            let resized = resize(img, side, side);
+            let off = center_crop_offset(side, crop);
             image::imageops::crop_imm(&resized, off, off, crop, crop).to_image()
         }
         Geometry::Exact { width, height } => {
             if img.dimensions() == (width, height) {
                 img.clone()
             } else {
-                image::imageops::resize(img, width, height, filter)
+                resize(img, width, height)
             }
         }
         Geometry::ShortSide { .. } | Geometry::Native | Geometry::Auto => {
@@ -133,7 +137,8 @@ pub fn preprocess_image(
     }
     let rgb = img.to_rgb8();
     let g = geometry_of(pre, original_size);
-    let display = fit_geometry(&rgb, g, FilterType::Triangle);
+    // The triangle filter (`FilterType::Triangle`), by our faster copy of `image`'s resize.
+    let display = fit_geometry(&rgb, g, crate::resize::resize_triangle_rgb8);
     let chw = normalize(&display, pre);
     Ok(LoadedImage {
         chw,
@@ -195,7 +200,9 @@ pub fn load_mask_checked(
     let max_value = m.pixels().map(|p| p[0]).max().unwrap_or(0);
     let cut = if max_value > 127 { 127 } else { 0 };
     let g = geometry_of(pre, image_size);
-    let fitted = fit_geometry(&m, g, FilterType::Nearest);
+    let fitted = fit_geometry(&m, g, |m, w, h| {
+        image::imageops::resize(m, w, h, FilterType::Nearest)
+    });
     Ok(LoadedMask {
         pixels: fitted.pixels().map(|p| p[0] > cut).collect(),
         max_value,
