@@ -19,9 +19,17 @@ pub struct TestReport {
     pub feature_ms_per_image: f64,
     pub score_ms_per_image: f64,
     pub method: String,
+    #[serde(default)]
+    pub counts: Counts,
     /// Decisions at the model's stored thresholds.
     #[serde(default)]
     pub operating_point: Option<OperatingPoints>,
+}
+
+/// The image counts of a report.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Counts {
+    pub images: usize,
 }
 
 /// The decisions of a report at the model's thresholds.
@@ -121,6 +129,7 @@ mod tests {
         assert_eq!(ours.pixel_aupro, full.pixel_aupro);
         assert_eq!(ours.image_f1_max, full.image_f1_max);
         assert_eq!(ours.pixel_f1_max, full.pixel_f1_max);
+        assert_eq!(ours.counts.images, full.counts.images);
         assert_eq!(
             (
                 ours.fit_seconds,
