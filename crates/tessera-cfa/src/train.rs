@@ -299,10 +299,7 @@ impl CfaConfig {
             .filter(|_| rows.device().is_cpu() && rows.dtype() == DType::F32);
         let Some(centres) = fused else {
             let phi = descriptor(rows, weight.as_tensor(), bias.as_tensor())?;
-            let loss =
-                soft_boundary_loss(&phi, bank.centres, bank.centres_sq, r.as_tensor(), self)?;
-            opt.backward_step(&loss)?;
-            return Ok(loss.to_scalar::<f32>()? as f64);
+            return self.tensor_step(&phi, r, bank, opt);
         };
         let (d, cin) = weight.as_tensor().dims2()?;
         let rv = r.as_tensor().to_vec1::<f32>()?[0];
@@ -333,15 +330,19 @@ impl CfaConfig {
             soft_boundary_grad(ps, d, centres, bank.centres_sq, rv, self, dphi)
         })?;
         let Some(lg) = lg else {
-            let loss =
-                soft_boundary_loss(&phi, bank.centres, bank.centres_sq, r.as_tensor(), self)?;
-            opt.backward_step(&loss)?;
-            return Ok(loss.to_scalar::<f32>()? as f64);
+            return self.tensor_step(&phi, r, bank, opt);
         };
         let g = Tensor::from_slice(dphi, phi.dims(), phi.device())?;
         let surrogate = ((&phi * &g)?.sum_all()? + (r.as_tensor() * lg.dr as f64)?.sum_all()?)?;
         opt.backward_step(&surrogate)?;
         Ok(lg.loss as f64)
+    }
+
+    /// The step in tensor form: [`soft_boundary_loss`] and candle's autograd.
+    fn tensor_step(&self, phi: &Tensor, r: &Var, bank: &Bank, opt: &mut AdamW) -> Result<f64> {
+        let loss = soft_boundary_loss(phi, bank.centres, bank.centres_sq, r.as_tensor(), self)?;
+        opt.backward_step(&loss)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
     }
 }
 
