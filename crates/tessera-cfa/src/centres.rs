@@ -41,18 +41,43 @@ pub fn nearest_centres(
         return Ok((Vec::new(), Vec::new()));
     }
     let (phi, centres) = (phi.detach().contiguous()?, centres.contiguous()?);
-    let mut idx = vec![0u32; rows * n];
-    let mut dist = vec![0f32; rows * n];
-    with_f32_slice(&phi, |ps| {
-        with_f32_slice(&centres, |cs| {
-            let search = BlockSearch::new(cs, centres_sq, d);
-            idx.par_chunks_mut(ROWS * n)
-                .zip(dist.par_chunks_mut(ROWS * n))
-                .zip(ps.par_chunks(ROWS * d))
-                .for_each(|((ix, ds), block)| search.run(block, ix, ds))
-        })
+    let (idx, dist, _) = with_f32_slice(&phi, |ps| {
+        with_f32_slice(&centres, |cs| search_rows(ps, cs, centres_sq, n, None))
     })??;
     Ok((idx, dist))
+}
+
+/// The `n` nearest centres of every row of `ps` (`N × D`; `cs`: `M × D`), blocks of [`ROWS`]
+/// rows in parallel, each scanned whole or, given a partition, searched with its bounds.
+/// Returns (indices, squared distances, distances computed).
+pub(crate) fn search_rows(
+    ps: &[f32],
+    cs: &[f32],
+    centres_sq: &[f32],
+    n: usize,
+    part: Option<&crate::partition::Partition>,
+) -> (Vec<u32>, Vec<f32>, usize) {
+    let d = cs.len() / centres_sq.len().max(1);
+    let rows = ps.len() / d.max(1);
+    let mut idx = vec![0u32; rows * n];
+    let mut dist = vec![0f32; rows * n];
+    if rows == 0 || n == 0 {
+        return (idx, dist, 0);
+    }
+    let scan = BlockSearch::new(cs, centres_sq, d);
+    let pairs = idx
+        .par_chunks_mut(ROWS * n)
+        .zip(dist.par_chunks_mut(ROWS * n))
+        .zip(ps.par_chunks(ROWS * d))
+        .map(|((ix, ds), block)| match part {
+            Some(p) => p.search(block, ix, ds, &scan),
+            None => {
+                scan.run(block, ix, ds);
+                block.len() / d * centres_sq.len()
+            }
+        })
+        .sum();
+    (idx, dist, pairs)
 }
 
 thread_local! {

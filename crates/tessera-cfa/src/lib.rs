@@ -26,7 +26,9 @@
 //! (f32) each training step is fused — search, loss and `∂L/∂φ` per block of rows
 //! ([`soft_boundary_grad`]), the descriptor's product and parameter gradients by
 //! [`descriptor_forward`] / [`descriptor_backward`] — equal to the tensor form
-//! ([`soft_boundary_loss`] + autograd) up to the order of its sums (tested).
+//! ([`soft_boundary_loss`] + autograd) up to the order of its sums (tested). With one centre
+//! per position (`γ_c = 1`), the nearest-centre searches of training and scoring skip tiles of
+//! positions whose distance bound rules them out; the neighbours are a full scan's.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -54,6 +56,7 @@ mod descriptor;
 pub mod kmeans;
 mod loss;
 mod model;
+mod partition;
 mod step;
 mod train;
 

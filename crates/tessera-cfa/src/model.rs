@@ -1,9 +1,12 @@
 //! The fitted CFA model: restoring it from a model file and scoring.
 
+use crate::centres::search_rows;
+use crate::partition::Partition;
 use crate::{coords, descriptor, embed, nearest_centres, rows_with_coords, CfaConfig, EpochStats};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use std::collections::HashMap;
 use tessera_core::scorer::{grid_tensor, RawMaps, Restore, Scorer, StoredTensors};
+use tessera_core::tensor::with_f32_slice;
 use tessera_core::{Error, FeatureMaps, Result};
 
 /// A fitted CFA model.
@@ -17,6 +20,9 @@ pub struct Cfa {
     pub(crate) height: usize,
     pub(crate) width: usize,
     pub(crate) history: Vec<EpochStats>,
+    /// The bank grouped by position for the bounded search, built at the first score (shared
+    /// by clones).
+    pub(crate) partition: std::sync::Arc<std::sync::OnceLock<Option<Partition>>>,
 }
 
 impl Restore for Cfa {
@@ -51,11 +57,39 @@ impl Restore for Cfa {
             height,
             width,
             history: Vec::new(),
+            partition: Default::default(),
         })
     }
 }
 
 impl Cfa {
+    /// The `k` nearest centres of each descriptor row: on the CPU with one centre per position
+    /// (`γ_c = 1`), the bounded search over the bank grouped by position ([`Partition`]; the
+    /// same neighbours as a full scan, distances up to the rounding of the products);
+    /// otherwise [`nearest_centres`].
+    fn nearest(&self, phi: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let m = self.centres_sq.len();
+        if !(cpu(phi) && cpu(&self.centres)) || self.config.gamma_c != 1 || k == 0 {
+            return nearest_centres(phi, &self.centres, &self.centres_sq, k);
+        }
+        let d = self.centres.dims()[1];
+        if phi.dims() != [phi.dims()[0], d] {
+            return nearest_centres(phi, &self.centres, &self.centres_sq, k);
+        }
+        let (phi, centres) = (phi.detach().contiguous()?, self.centres.contiguous()?);
+        let found = with_f32_slice(&centres, |cs| {
+            let part = self.partition.get_or_init(|| {
+                Partition::by_position(cs, &self.centres_sq, d, (self.height, self.width))
+            });
+            with_f32_slice(&phi, |ps| {
+                let (i, dist, _) = search_rows(ps, cs, &self.centres_sq, k.min(m), part.as_ref());
+                (i, dist)
+            })
+        })??;
+        Ok(found)
+    }
+
     /// Per-epoch training record (empty for a model loaded from a file).
     pub fn history(&self) -> &[EpochStats] {
         &self.history
@@ -98,7 +132,7 @@ impl Scorer for Cfa {
         let rows = rows_with_coords(&x, &coords(h, w, x.device())?)?;
         let phi = descriptor(&rows, &self.weight, &self.bias)?;
         let k = self.config.k;
-        let (_, dist) = nearest_centres(&phi, &self.centres, &self.centres_sq, k)?;
+        let (_, dist) = self.nearest(&phi, k)?;
         let k = dist.len() / (b * h * w);
         // softmin(d)[0]·d[0], with d sorted ascending: 1 / Σ exp(−(dᵢ − d₀)) · d₀.
         let data = dist

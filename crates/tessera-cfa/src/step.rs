@@ -9,6 +9,7 @@
 //! `∂L/∂r = 2r · ∂L/∂r²`. Active means the ReLU's argument is ≥ 0 (candle's ReLU gradient).
 
 use crate::centres::{BlockSearch, ROWS};
+use crate::partition::Partition;
 use crate::CfaConfig;
 use rayon::prelude::*;
 
@@ -45,6 +46,21 @@ pub fn soft_boundary_grad(
     cfg: &CfaConfig,
     dphi: &mut Vec<f32>,
 ) -> Option<LossGrad> {
+    soft_boundary_grad_in(phi, d, centres, centres_sq, None, r, cfg, dphi)
+}
+
+/// [`soft_boundary_grad`], searching with the bank's partition when there is one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn soft_boundary_grad_in(
+    phi: &[f32],
+    d: usize,
+    centres: &[f32],
+    centres_sq: &[f32],
+    part: Option<&Partition>,
+    r: f32,
+    cfg: &CfaConfig,
+    dphi: &mut Vec<f32>,
+) -> Option<LossGrad> {
     let m = centres_sq.len();
     let kj = (cfg.k + cfg.j).min(m);
     let (k, rep_from) = (cfg.k.min(kj), cfg.j.min(kj));
@@ -68,7 +84,12 @@ pub fn soft_boundary_grad(
             |(ix, ds, gs), (grad, block)| {
                 let nr = block.len() / d;
                 let (ix, ds) = (&mut ix[..nr * kj], &mut ds[..nr * kj]);
-                search.run(block, ix, ds);
+                match part {
+                    Some(p) => {
+                        p.search(block, ix, ds, &search);
+                    }
+                    None => search.run(block, ix, ds),
+                }
                 let mut part = Partial::default();
                 for ((g, p), (ix, ds)) in grad
                     .chunks_mut(d)

@@ -1,6 +1,7 @@
 //! Training CFA's descriptor (optionally end to end with a feature transform such as PFAM).
 
-use crate::step::{descriptor_backward, descriptor_forward, soft_boundary_grad};
+use crate::partition::Partition;
+use crate::step::{descriptor_backward, descriptor_forward, soft_boundary_grad_in};
 use crate::{
     coords, descriptor, embed, kmeans, rows_with_coords, soft_boundary_loss, Cfa, CfaConfig,
 };
@@ -161,15 +162,20 @@ impl CfaConfig {
             mean
         };
         let centres_sq: Vec<f32> = centres.sqr()?.sum(D::Minus1)?.to_vec1()?;
+        let host: Option<Vec<f32>> = match centres.device() {
+            Device::Cpu if centres.dtype() == DType::F32 => Some(centres.flatten_all()?.to_vec1()?),
+            _ => None,
+        };
+        // One centre per position: the search skips tiles of the bank by a distance bound.
+        let partition = host
+            .as_deref()
+            .filter(|_| self.gamma_c == 1)
+            .and_then(|cs| Partition::by_position(cs, &centres_sq, d, (h, w)));
         let bank = Bank {
             centres: &centres,
             centres_sq: &centres_sq,
-            host: match centres.device() {
-                Device::Cpu if centres.dtype() == DType::F32 => {
-                    Some(centres.flatten_all()?.to_vec1()?)
-                }
-                _ => None,
-            },
+            host,
+            partition,
             scratch: Default::default(),
         };
 
@@ -256,6 +262,7 @@ impl CfaConfig {
             height: h,
             width: w,
             history,
+            partition: Default::default(),
         })
     }
 }
@@ -266,6 +273,8 @@ struct Bank<'a> {
     centres_sq: &'a [f32],
     /// The centres as host floats, when they are CPU f32 (the fused step's input).
     host: Option<Vec<f32>>,
+    /// Their grouping by position, for the bounded search.
+    partition: Option<Partition>,
     /// The fused step's buffers, kept across steps.
     scratch: std::cell::RefCell<Scratch>,
 }
@@ -279,7 +288,8 @@ struct Scratch {
 impl CfaConfig {
     /// One optimiser step on a batch of descriptor input rows; returns the batch's loss.
     ///
-    /// On the CPU in f32 the loss and `∂L/∂φ` come from the fused pass ([`soft_boundary_grad`]).
+    /// On the CPU in f32 the loss and `∂L/∂φ` come from the fused pass
+    /// ([`crate::soft_boundary_grad`], with the bank's partition when it has one).
     /// When the rows carry no gradient (no trainable transform before the descriptor), the
     /// descriptor's product and its parameter gradients are computed directly as well and handed
     /// to the optimiser; otherwise `∂L/∂φ` is pushed through candle's graph (`Σ φ ⊙ ∂L/∂φ`
@@ -310,10 +320,13 @@ impl CfaConfig {
             let b: Vec<f32> = bias.as_tensor().to_vec1()?;
             let fused = with_f32_slice(&rows.contiguous()?, |xs| {
                 descriptor_forward(xs, cin, &w, &b, pv);
-                soft_boundary_grad(pv, d, centres, bank.centres_sq, rv, self, dphi).map(|lg| {
-                    let (dw, db) = descriptor_backward(dphi, d, xs, cin);
-                    (lg, dw, db)
-                })
+                let part = bank.partition.as_ref();
+                soft_boundary_grad_in(pv, d, centres, bank.centres_sq, part, rv, self, dphi).map(
+                    |lg| {
+                        let (dw, db) = descriptor_backward(dphi, d, xs, cin);
+                        (lg, dw, db)
+                    },
+                )
             })?;
             if let Some((lg, dw, db)) = fused {
                 let dev = weight.device();
@@ -327,7 +340,8 @@ impl CfaConfig {
         }
         let phi = descriptor(rows, weight.as_tensor(), bias.as_tensor())?;
         let lg = with_f32_slice(&phi.contiguous()?, |ps| {
-            soft_boundary_grad(ps, d, centres, bank.centres_sq, rv, self, dphi)
+            let part = bank.partition.as_ref();
+            soft_boundary_grad_in(ps, d, centres, bank.centres_sq, part, rv, self, dphi)
         })?;
         let Some(lg) = lg else {
             return self.tensor_step(&phi, r, bank, opt);
