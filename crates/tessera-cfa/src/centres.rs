@@ -69,15 +69,34 @@ pub(crate) fn search_rows(
         .par_chunks_mut(ROWS * n)
         .zip(dist.par_chunks_mut(ROWS * n))
         .zip(ps.par_chunks(ROWS * d))
-        .map(|((ix, ds), block)| match part {
-            Some(p) => p.search(block, ix, ds, &scan),
-            None => {
-                scan.run(block, ix, ds);
-                block.len() / d * centres_sq.len()
-            }
-        })
+        .map(|((ix, ds), block)| search_block(part, &scan, block, ix, ds))
         .sum();
     (idx, dist, pairs)
+}
+
+/// One block's search: by the partition's bounds when there is one, else the whole scan.
+/// Returns the distances computed.
+pub(crate) fn search_block(
+    part: Option<&crate::partition::Partition>,
+    scan: &BlockSearch,
+    block: &[f32],
+    ix: &mut [u32],
+    ds: &mut [f32],
+) -> usize {
+    match part {
+        Some(p) => p.search(block, ix, ds, scan),
+        None => {
+            scan.run(block, ix, ds);
+            block.len() / scan.d * scan.centres_sq.len()
+        }
+    }
+}
+
+/// `‖p‖²` summed in order: the one norm every search uses, so that the distances of a scan and
+/// of a bounded search are formed from the same value.
+#[inline]
+pub(crate) fn sq_norm(p: &[f32]) -> f32 {
+    p.iter().map(|v| v * v).sum()
 }
 
 thread_local! {
@@ -129,8 +148,7 @@ impl<'a> BlockSearch<'a> {
             Par::Seq,
         );
         for (r, row) in dots.chunks(m).enumerate() {
-            let p = &block[r * d..(r + 1) * d];
-            let f_sq: f32 = p.iter().map(|v| v * v).sum();
+            let f_sq = sq_norm(&block[r * d..(r + 1) * d]);
             select(
                 row,
                 f_sq,

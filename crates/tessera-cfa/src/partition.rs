@@ -11,7 +11,7 @@
 //! When the bounds would keep more than half of the bank (no structure to use), the block is
 //! scanned whole instead.
 
-use crate::centres::BlockSearch;
+use crate::centres::{sq_norm, BlockSearch};
 
 /// Relative rounding margin of the f32 distance bounds: the expansion `‖q‖² + ‖c‖² − 2 q·c`
 /// loses up to about ε·(‖q‖² + ‖c‖²) per term (≈ 170 f32 ulps here).
@@ -139,10 +139,7 @@ impl Partition {
         let nr = block.len() / d;
         let n = ix.len() / nr;
         let m = self.sq.len();
-        let q_sq: Vec<f32> = block
-            .chunks(d)
-            .map(|p| p.iter().map(|v| v * v).sum())
-            .collect();
+        let q_sq: Vec<f32> = block.chunks(d).map(sq_norm).collect();
         if q_sq.iter().any(|v| !v.is_finite()) || n == 0 {
             scan.run(block, ix, ds);
             return nr * m;
@@ -288,7 +285,7 @@ mod tests {
     }
 
     fn norms(v: &[f32], d: usize) -> Vec<f32> {
-        v.chunks(d).map(|r| r.iter().map(|x| x * x).sum()).collect()
+        v.chunks(d).map(sq_norm).collect()
     }
 
     /// Both searches on the same rows: the same neighbours, distances within rounding.

@@ -8,7 +8,7 @@
 //! so `∂L/∂d_j = g_j` is a constant per active term and `∂L/∂φ = 2 (Σ_j g_j) φ − 2 Σ_j g_j c_j`,
 //! `∂L/∂r = 2r · ∂L/∂r²`. Active means the ReLU's argument is ≥ 0 (candle's ReLU gradient).
 
-use crate::centres::{BlockSearch, ROWS};
+use crate::centres::{search_block, BlockSearch, ROWS};
 use crate::partition::Partition;
 use crate::CfaConfig;
 use rayon::prelude::*;
@@ -84,12 +84,7 @@ pub(crate) fn soft_boundary_grad_in(
             |(ix, ds, gs), (grad, block)| {
                 let nr = block.len() / d;
                 let (ix, ds) = (&mut ix[..nr * kj], &mut ds[..nr * kj]);
-                match part {
-                    Some(p) => {
-                        p.search(block, ix, ds, &search);
-                    }
-                    None => search.run(block, ix, ds),
-                }
+                search_block(part, &search, block, ix, ds);
                 let mut part = Partial::default();
                 for ((g, p), (ix, ds)) in grad
                     .chunks_mut(d)

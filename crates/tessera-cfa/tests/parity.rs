@@ -21,6 +21,31 @@ fn features(g: &HashMap<String, Tensor>) -> FeatureMaps {
     FeatureMaps::new(vec![g["l1"].clone(), g["l2"].clone(), g["l3"].clone()])
 }
 
+/// One AMSGrad step (the reference's optimiser settings) on the descriptor's weight, bias and
+/// radius, taken by `step`, then the three against the golden values after the step.
+fn golden_step(vars: &[&Var; 3], g: &HashMap<String, Tensor>, step: impl FnOnce(&mut AdamW)) {
+    let mut opt = AdamW::new(
+        vars.iter().map(|&v| v.clone()).collect(),
+        AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            amsgrad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    step(&mut opt);
+    for (v, (name, what)) in vars
+        .iter()
+        .zip([("w1", "weight"), ("b1", "bias"), ("r1", "radius")])
+    {
+        assert!(
+            max_abs(v.as_tensor(), &g[name]) < 1e-6,
+            "{what} after one step"
+        );
+    }
+}
+
 #[test]
 fn loss_and_one_amsgrad_step_match_reference() {
     let g = golden();
@@ -47,29 +72,7 @@ fn loss_and_one_amsgrad_step_match_reference() {
         (got - want).abs() <= 1e-4 * want.abs(),
         "loss {got} vs {want}"
     );
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone(), r.clone()],
-        AdamWConfig {
-            lr: 1e-3,
-            weight_decay: 5e-4,
-            amsgrad: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    opt.backward_step(&loss).unwrap();
-    assert!(
-        max_abs(w.as_tensor(), &g["w1"]) < 1e-6,
-        "weight after one step"
-    );
-    assert!(
-        max_abs(b.as_tensor(), &g["b1"]) < 1e-6,
-        "bias after one step"
-    );
-    assert!(
-        max_abs(r.as_tensor(), &g["r1"]) < 1e-6,
-        "radius after one step"
-    );
+    golden_step(&[&w, &b, &r], &g, |opt| opt.backward_step(&loss).unwrap());
 }
 
 #[test]
@@ -428,27 +431,5 @@ fn fused_descriptor_step_matches_reference() {
         r.as_tensor(),
         Tensor::from_vec(vec![lg.dr], 1, &dev).unwrap(),
     );
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone(), r.clone()],
-        AdamWConfig {
-            lr: 1e-3,
-            weight_decay: 5e-4,
-            amsgrad: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    opt.step(&grads).unwrap();
-    assert!(
-        max_abs(w.as_tensor(), &g["w1"]) < 1e-6,
-        "weight after one step"
-    );
-    assert!(
-        max_abs(b.as_tensor(), &g["b1"]) < 1e-6,
-        "bias after one step"
-    );
-    assert!(
-        max_abs(r.as_tensor(), &g["r1"]) < 1e-6,
-        "radius after one step"
-    );
+    golden_step(&[&w, &b, &r], &g, |opt| opt.step(&grads).unwrap());
 }
