@@ -278,9 +278,15 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// PFAM's inference time.
 fn exp_shifted_row(r: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        return unsafe { exp_shifted_row_avx2(r) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above).
+            return unsafe { exp_shifted_row_avx512(r) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { exp_shifted_row_avx2(r) };
+        }
     }
     exp_shifted_row_portable(r)
 }
@@ -368,6 +374,59 @@ unsafe fn exp_shifted_row_avx2(r: &mut [f32]) -> f32 {
     }
     tail.iter_mut().for_each(|v| *v = exp_nonpositive(*v - m));
     _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+    1.0 / (tail.iter().sum::<f32>() + lanes.iter().sum::<f32>())
+}
+
+/// [`exp_shifted_row_portable`] sixteen lanes wide with fused multiply-adds (AVX-512F, which
+/// includes them): the same scheme — clamp, `n = round(x·log₂e)`, `x − n·ln 2` in two parts,
+/// the degree-6 polynomial, `2^n` in the exponent bits — with each multiply-add rounded once,
+/// so about a third fewer operations (the exponential was a third of the attention's time). Not
+/// the portable loop's bits: within 2 ulp of it per element (tested), the sum in 16 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_row_avx512(r: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let full = r.len() / 16 * 16;
+    let (body, tail) = r.split_at_mut(full);
+    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in body.chunks_exact(16) {
+        // max_ps(v, l) is `v > l ? v : l`, the portable comparison (a NaN is passed over).
+        vmax = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), vmax);
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), vmax);
+    let m = tail
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    let set = |v: f32| _mm512_set1_ps(v);
+    let (vm, lo, rnd) = (set(m), set(EXP_MIN), set(EXP_ROUND));
+    let (log2e, hi, lo2) = (set(std::f32::consts::LOG2_E), set(-LN2_HI), set(-LN2_LO));
+    let mut sums = _mm512_setzero_ps();
+    for c in body.chunks_exact_mut(16) {
+        let x = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vm);
+        // `x < −87 ? −87 : x` (NaN stays NaN).
+        let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo);
+        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, log2e, rnd), rnd);
+        let rr = _mm512_fmadd_ps(n, lo2, _mm512_fmadd_ps(n, hi, x));
+        let mut p = set(EXP_POLY[0]);
+        for &k in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, rr, set(k));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, rr), rr, rr), set(1.0));
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvttps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let y = _mm512_mul_ps(e, _mm512_castsi512_ps(pow2));
+        _mm512_storeu_ps(c.as_mut_ptr(), y);
+        sums = _mm512_add_ps(sums, y);
+    }
+    tail.iter_mut().for_each(|v| *v = exp_nonpositive(*v - m));
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
     1.0 / (tail.iter().sum::<f32>() + lanes.iter().sum::<f32>())
 }
 
@@ -536,10 +595,10 @@ mod tests {
         assert!(exp_nonpositive(f32::NEG_INFINITY) < 2e-38);
     }
 
-    #[test]
-    fn the_vector_exponential_equals_the_portable_one_to_the_bit() {
-        // Lengths around the 8-lane boundary and the 56 × 56 row; values from −200 to 40
-        // (clamped, ordinary), ±0, infinities and a NaN in some rows.
+    /// Rows for the vector exponentials: lengths around the 8- and 16-lane boundaries and the
+    /// 56 × 56 row; values from −200 to 40 (clamped, ordinary), ±0, infinities and a NaN in
+    /// some rows, and a row of small values.
+    fn exp_rows() -> Vec<(String, Vec<f32>)> {
         let mut state = 0x9e37_79b9_u32;
         let mut next = move || {
             state ^= state << 13;
@@ -547,6 +606,7 @@ mod tests {
             state ^= state << 5;
             state as f32 / u32::MAX as f32
         };
+        let mut rows = Vec::new();
         for n in (0..=41).chain([3136]) {
             for case in 0..4 {
                 let mut r: Vec<f32> = (0..n).map(|_| next() * 240.0 - 200.0).collect();
@@ -561,17 +621,49 @@ mod tests {
                 if case == 3 {
                     r.iter_mut().for_each(|v| *v *= 1e-3);
                 }
-                let mut a = r.clone();
-                let mut b = r.clone();
-                let sa = exp_shifted_row(&mut a);
+                rows.push((format!("n {n} case {case}"), r));
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn the_avx2_exponential_equals_the_portable_one_to_the_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            for (what, r) in exp_rows() {
+                let (mut a, mut b) = (r.clone(), r);
+                // SAFETY: AVX2 is present (checked above).
+                let sa = unsafe { exp_shifted_row_avx2(&mut a) };
                 let sb = exp_shifted_row_portable(&mut b);
-                assert_eq!(sa.to_bits(), sb.to_bits(), "n {n} case {case}: 1/sum");
+                assert_eq!(sa.to_bits(), sb.to_bits(), "{what}: 1/sum");
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                    assert_eq!(
-                        x.to_bits(),
-                        y.to_bits(),
-                        "n {n} case {case} at {i}: {x} vs {y}"
-                    );
+                    assert_eq!(x.to_bits(), y.to_bits(), "{what} at {i}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx512_exponential_is_within_two_ulp_of_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let ulps = |x: f32, y: f32| (x.to_bits() as i64 - y.to_bits() as i64).abs();
+            for (what, r) in exp_rows() {
+                let (mut a, mut b) = (r.clone(), r);
+                // SAFETY: AVX-512F is present (checked above).
+                let sa = unsafe { exp_shifted_row_avx512(&mut a) };
+                let sb = exp_shifted_row_portable(&mut b);
+                assert_eq!(sa.is_nan(), sb.is_nan(), "{what}: 1/sum {sa} vs {sb}");
+                if !sb.is_nan() && sa != sb {
+                    // The sums run in 16 lanes instead of 8.
+                    assert!((sa - sb).abs() <= 1e-6 * sb.abs(), "{what}: {sa} vs {sb}");
+                }
+                for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(x.is_nan(), y.is_nan(), "{what} at {i}: {x} vs {y}");
+                    if !y.is_nan() {
+                        assert!(ulps(x, y) <= 2, "{what} at {i}: {x} vs {y}");
+                    }
                 }
             }
         }
