@@ -691,6 +691,37 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
     }
+    // bf16 products against OpenVINO's default precision (bf16 on a CPU with AVX512-BF16).
+    for (what, ours, theirs) in [
+        (
+            "ResNet-18, batch 1",
+            "features_r18/tessera_bf16_batch1",
+            "resnet18/1",
+        ),
+        (
+            "ResNet-18, batch 8",
+            "features_r18/tessera_bf16_batch8",
+            "resnet18/8",
+        ),
+        (
+            "Wide-ResNet-50-2, batch 1",
+            "features_wrn50/tessera_bf16_batch1",
+            "wide_resnet50_2/1",
+        ),
+        (
+            "Wide-ResNet-50-2, batch 8",
+            "features_wrn50/tessera_bf16_batch8",
+            "wide_resnet50_2/8",
+        ),
+    ] {
+        let key = format!("openvino/{theirs}/default");
+        if let (Some(a), Some(b)) = (measured_ms.get(ours), measured_ms.get(&key)) {
+            lines.push(format!(
+                "| Tessera bf16 / OpenVINO default precision, {what} | {a:.1} / {b:.1} ms = {:.2}× |",
+                a / b
+            ));
+        }
+    }
     println!("\n| measurement | value |\n|---|---|");
     for l in lines.0 {
         println!("{l}");
