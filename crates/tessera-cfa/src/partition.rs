@@ -271,17 +271,11 @@ fn insert(top: &mut [(f32, u32)], c: (f32, u32)) {
 mod tests {
     use super::*;
     use crate::centres::search_rows;
+    use tessera_core::test_util::Lcg;
 
     fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
+        let mut rng = Lcg(seed);
+        (0..n).map(|_| rng.signed() * scale).collect()
     }
 
     fn norms(v: &[f32], d: usize) -> Vec<f32> {

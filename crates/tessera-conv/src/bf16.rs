@@ -197,6 +197,7 @@ unsafe fn kernel(a: *const u16, kp: usize, b: *const u16, pairs: usize) -> [[f32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     #[test]
     fn rounds_to_nearest_even() {
@@ -227,13 +228,8 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX512-BF16 (the bf16 path is not used here)");
             return;
         }
-        let mut s = 7u64;
-        let mut rnd = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = Lcg(7);
+        let mut rnd = move || rng.signed();
         for (m, k, n, col0) in [
             (13usize, 37usize, 70usize, 32usize),
             (200, 64, 64, 0),

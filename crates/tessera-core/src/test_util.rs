@@ -69,3 +69,30 @@ mod tests {
         assert_close("same", &a, &a, 0.0);
     }
 }
+
+/// A seeded 64-bit linear congruential generator (Knuth's MMIX constants) for reproducible
+/// test and bench data: cheap, the same stream on every machine, and easy to restate in a
+/// Python golden script. Not for anything that needs statistical quality.
+#[derive(Debug, Clone)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next state (the state itself is the output).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0
+    }
+
+    /// Uniform in `[0, 1)`, from the state's top 24 bits.
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in `[-1, 1)`: `2 · unit − 1`.
+    pub fn signed(&mut self) -> f32 {
+        self.unit() * 2.0 - 1.0
+    }
+}

@@ -4,16 +4,14 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use image::{DynamicImage, RgbImage};
 use tessera_core::model::Preprocess;
+use tessera_core::test_util::Lcg;
 use tessera_data::preprocess_image;
 
 /// A smooth gradient with noise, `w × h` (the resize does the same work whatever the values).
 fn picture(w: u32, h: u32) -> DynamicImage {
-    let mut s = 1u64;
+    let mut rng = Lcg(1);
     DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let n = (s >> 59) as u32;
+        let n = (rng.next_u64() >> 59) as u32;
         image::Rgb([
             ((x * 255 / w + n) % 256) as u8,
             ((y * 255 / h + n) % 256) as u8,

@@ -108,16 +108,14 @@ pub(crate) fn resize_triangle_rgb8(img: &RgbImage, width: u32, height: u32) -> R
 mod tests {
     use super::*;
     use image::imageops::{resize, FilterType};
+    use tessera_core::test_util::Lcg;
 
     fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
-        let mut s = seed;
+        let mut rng = Lcg(seed);
         RgbImage::from_fn(w, h, |_, _| {
             let mut px = [0u8; 3];
             for v in px.iter_mut() {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *v = (s >> 56) as u8;
+                *v = (rng.next_u64() >> 56) as u8;
             }
             image::Rgb(px)
         })

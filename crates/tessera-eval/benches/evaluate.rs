@@ -2,19 +2,15 @@
 //! test set: `cargo bench -p tessera-eval --bench evaluate`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use tessera_core::test_util::Lcg;
 use tessera_core::AnomalyMap;
 use tessera_eval::{evaluate, EvalSample, RunInfo, Timings};
 
 /// A test split in shape: `types` of (name, images), `w × h` maps, one rectangular region per
 /// defective image.
 fn test_set(types: &[(&str, usize)], w: usize, h: usize) -> Vec<EvalSample> {
-    let mut state = 12345u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut rng = Lcg(12345);
+    let mut next = move || rng.unit();
     let mut samples = Vec::new();
     for &(t, n) in types {
         for i in 0..n {

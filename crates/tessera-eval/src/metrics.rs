@@ -183,6 +183,7 @@ pub fn f1_max(scores: &[f32], labels: &[bool]) -> Option<(f64, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
@@ -270,12 +271,10 @@ mod tests {
 
     /// The data set of `matches_sklearn`, generated identically in Python.
     fn lcg_data() -> (Vec<f32>, Vec<bool>) {
-        let mut x: u64 = 42;
+        let mut rng = Lcg(42);
         let (mut s, mut l) = (Vec::new(), Vec::new());
         for _ in 0..1000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            let x = rng.next_u64();
             let lab = (x >> 33).is_multiple_of(4);
             let base = (x >> 40) % 64;
             s.push((base + if lab { 20 } else { 0 }) as f32);

@@ -499,6 +499,7 @@ pub fn aupro(images: &[ProImage], fpr_limit: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     fn im<'a>(s: &'a [f32], m: Option<&'a [bool]>, w: usize, h: usize) -> ProImage<'a> {
         ProImage {
@@ -706,13 +707,8 @@ mod tests {
     #[test]
     fn matches_brute_force() {
         // Pseudo-random maps with many ties and blob masks over 3 images of different sizes.
-        let mut x: u64 = 7;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as u32
-        };
+        let mut rng = Lcg(7);
+        let mut next = || (rng.next_u64() >> 33) as u32;
         let dims = [(9usize, 7usize), (5, 5), (12, 3)];
         let mut data = Vec::new();
         for &(w, h) in &dims {

@@ -534,6 +534,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     fn sample(name: &str, ty: &str, data: Vec<f32>, mask: Option<Vec<bool>>) -> EvalSample {
         EvalSample {
@@ -614,13 +615,8 @@ mod tests {
         // types with one to three regions each, an anomalous image without a mask (left out),
         // a normal image with an all-false mask; then a NaN in one type's image.
         let (w, h) = (12, 9);
-        let mut state = 7u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut rng = Lcg(7);
+        let mut next = move || (rng.next_u64() >> 33) as u32;
         let mut samples = Vec::new();
         for (t, n) in [("good", 4), ("crack", 3), ("hole", 2), ("scratch", 3)] {
             for i in 0..n {

@@ -2,20 +2,14 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
+use tessera_core::test_util::Lcg;
 use tessera_padim::maha::{mahalanobis, mahalanobis_shared, packed_len, InvCov};
 use tessera_padim::shared_index;
 
 /// Deterministic values in [-1, 1) (the kernel's speed does not depend on them).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = Lcg(seed);
+    (0..n).map(|_| rng.signed()).collect()
 }
 
 fn bench(c: &mut Criterion) {

@@ -1412,6 +1412,7 @@ impl Scorer for Padim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     /// Random features of `b` images, one map per `(channels, (height, width), scale)`, shifted
     /// by `0.01·s`; `Tensor::rand` draws anew on every call.
@@ -1715,13 +1716,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(cfg.covariances((h, w), d), 6);
-        let mut s = 17u64;
-        let mut rnd = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut rng = Lcg(17);
+        let mut rnd = move || rng.unit();
         // (P, B, d) per image, n images; position p's values offset by p (distinct means).
         let x: Vec<Vec<f32>> = (0..n)
             .map(|_| (0..p * d).map(|i| rnd() + (i / d) as f32).collect())

@@ -656,6 +656,7 @@ unsafe fn tile_fma<T: Stored, const R: usize, const V: usize>(t: Tile<'_, T>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::test_util::Lcg;
 
     /// Reference: the full product in f64 per position and image.
     fn reference(y: &[f32], mean: &[f32], inv: &[f32], b: usize, d: usize) -> Vec<f64> {
@@ -680,13 +681,8 @@ mod tests {
     }
 
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
+        let mut rng = Lcg(seed);
+        move || rng.signed()
     }
 
     /// Every image-group remainder (b = 1…9), dimensions below, at and across the vector and
