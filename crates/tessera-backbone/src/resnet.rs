@@ -119,6 +119,8 @@ impl ConvBn {
         } else {
             p.with_winograd()
         };
+        // Packed once, run on every image: the weights go into the micro-kernel's panels.
+        let p = p.with_panels();
         Ok(if bf16 { p.with_bf16() } else { p })
     }
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {

@@ -8,11 +8,9 @@
 
 use std::cell::RefCell;
 
-/// Columns per panel: two vectors of 16 f32 accumulators.
-const NR: usize = 32;
-/// Rows per micro-kernel call.
-const MR: usize = 8;
-/// Rows converted and multiplied per pass (their bf16 copy stays in L2 across the panels).
+use crate::panel::{MR, NR};
+
+/// Rows converted to bf16 per pass (their bf16 copy stays in L2 across the panels).
 const ROW_CHUNK: usize = 128;
 
 /// Whether this CPU has native bf16 dot products (AVX512-BF16, with AVX512F/BW).
@@ -44,7 +42,7 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// A `k × n` matrix rounded to bf16 and laid out for the micro-kernel: panels of [`NR`]
+/// A `k × n` matrix rounded to bf16 and laid out for the micro-kernel: panels of 32
 /// columns (zero-padded), each `k/2` (rounded up) pairs of rows, each pair interleaved per
 /// column: `data[((panel · pairs + p) · NR + c) · 2 + t] = b[2p + t][panel · NR + c]`.
 #[derive(Debug, Clone)]
@@ -88,6 +86,13 @@ thread_local! {
     static ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
+impl Panels {
+    /// bf16 values per row that [`mm_bf16_rounded`] reads of its `a`: `k` rounded up to even.
+    pub fn padded_k(&self) -> usize {
+        2 * self.pairs
+    }
+}
+
 /// `dst[r, j] = Σ_i a[r, i] · b[i, col0 + j]` for `r < m`, `j < ncols`, in bf16 with f32 sums;
 /// single-threaded. `col0` must be a multiple of 32.
 ///
@@ -107,51 +112,79 @@ pub unsafe fn mm_bf16(
     dst: *mut f32,
     dst_rs: usize,
 ) {
-    assert!(
-        col0.is_multiple_of(NR) && col0 + ncols <= b.n,
-        "bf16 product: columns out of range"
-    );
-    let (k, pairs) = (b.k, b.pairs);
-    let kp = 2 * pairs;
+    let (k, kp) = (b.k, b.padded_k());
     ROWS.with(|rows| {
         let mut rows = rows.borrow_mut();
-        let need = ROW_CHUNK.min(m.div_ceil(MR) * MR) * kp;
+        let need = ROW_CHUNK.min(m) * kp;
         if rows.len() < need {
             rows.resize(need, 0);
         }
         for r0 in (0..m).step_by(ROW_CHUNK) {
             let n_rows = ROW_CHUNK.min(m - r0);
-            let padded = n_rows.div_ceil(MR) * MR;
-            let buf = &mut rows[..padded * kp];
+            let buf = &mut rows[..n_rows * kp];
             for (r, out) in buf.chunks_exact_mut(kp).enumerate() {
-                if r < n_rows {
-                    let src = std::slice::from_raw_parts(a.add((r0 + r) * a_rs), k);
-                    round_row(src, &mut out[..k]);
-                    out[k..].fill(0);
-                } else {
-                    out.fill(0);
-                }
+                let src = std::slice::from_raw_parts(a.add((r0 + r) * a_rs), k);
+                round_row(src, &mut out[..k]);
+                out[k..].fill(0);
             }
-            for panel in col0 / NR..(col0 + ncols).div_ceil(NR) {
-                let bp = b.data.as_ptr().add(panel * pairs * NR * 2);
-                let c0 = panel * NR - col0;
-                let valid = NR.min(col0 + ncols - panel * NR);
-                for i0 in (0..n_rows).step_by(MR) {
-                    let tile = kernel(buf.as_ptr().add(i0 * kp), kp, bp, pairs);
-                    for (r, row) in tile.iter().enumerate().take(MR.min(n_rows - i0)) {
-                        let out = dst.add((r0 + i0 + r) * dst_rs + c0);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), out, valid);
-                    }
-                }
-            }
+            mm_bf16_rounded(
+                n_rows,
+                buf.as_ptr(),
+                kp,
+                b,
+                col0,
+                ncols,
+                dst.add(r0 * dst_rs),
+                dst_rs,
+            );
         }
     });
 }
 
-/// A row rounded to bf16 (round to nearest even), 32 values per instruction.
+/// [`mm_bf16`] on rows of `a` already rounded to bf16 ([`round_row`]): `m` rows of
+/// [`Panels::padded_k`] values (the last one 0 when `k` is odd), row stride `a_rs` values.
+/// The same sums in the same order: the result is [`mm_bf16`]'s on the unrounded rows, to the
+/// bit.
+///
+/// # Safety
+/// As [`mm_bf16`], with `a` addressing `m` rows of `b.padded_k()` bf16 values.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm_bf16_rounded(
+    m: usize,
+    a: *const u16,
+    a_rs: usize,
+    b: &Panels,
+    col0: usize,
+    ncols: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+) {
+    assert!(col0 + ncols <= b.n, "bf16 product: columns out of range");
+    crate::panel::drive(
+        m,
+        a,
+        a_rs,
+        b.padded_k(),
+        b.data.as_ptr(),
+        b.pairs * NR * 2,
+        b.pairs,
+        col0,
+        ncols,
+        dst,
+        dst_rs,
+        kernel,
+    );
+}
+
+/// `src` rounded to bf16 (round to nearest even; NaN stays NaN; subnormals flush to zero, as
+/// the instruction does), 32 values per instruction, the tail through a masked load.
+///
+/// # Safety
+/// [`supported`] must be true.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+pub unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = src.len().min(dst.len());
     let mut i = 0;
@@ -162,16 +195,36 @@ unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
         _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut _, h);
         i += 32;
     }
-    for j in i..n {
-        dst[j] = to_bf16(src[j]);
+    if i < n {
+        let left = n - i;
+        let (m_lo, m_hi) = (
+            crate::panel::lane_mask(left),
+            crate::panel::lane_mask(left.saturating_sub(16)),
+        );
+        let lo = _mm512_maskz_loadu_ps(m_lo, src.as_ptr().add(i));
+        let hi = _mm512_maskz_loadu_ps(m_hi, src.as_ptr().add(i + 16));
+        let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let mask: __mmask32 = if left >= 32 { !0 } else { (1u32 << left) - 1 };
+        _mm512_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut _, mask, h);
     }
 }
 
-/// [`MR`] rows of bf16 pairs (`a`, row stride `kp`) times one panel (`pairs` pairs of 32
-/// columns): the 8 × 32 f32 tile, 16 accumulators in registers.
+/// [`MR`] rows of bf16 pairs (`a`, row stride `a_rs`) times one panel (`pairs` pairs of 32
+/// columns): the 8 × 32 f32 tile in 16 accumulators, stored straight to `dst` (row stride
+/// `dst_rs`): its first `rows` rows and `valid` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn kernel(a: *const u16, kp: usize, b: *const u16, pairs: usize) -> [[f32; NR]; MR] {
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    a: *const u16,
+    a_rs: usize,
+    b: *const u16,
+    pairs: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    rows: usize,
+    valid: usize,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let mut bp = b;
@@ -179,19 +232,14 @@ unsafe fn kernel(a: *const u16, kp: usize, b: *const u16, pairs: usize) -> [[f32
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(NR) as *const _));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let pair = (a.add(r * kp + 2 * p) as *const i32).read_unaligned();
+            let pair = (a.add(r * a_rs + 2 * p) as *const i32).read_unaligned();
             let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
             acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
             acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
         }
         bp = bp.add(2 * NR);
     }
-    let mut out = [[0f32; NR]; MR];
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        _mm512_storeu_ps(o.as_mut_ptr(), acc[0]);
-        _mm512_storeu_ps(o.as_mut_ptr().add(16), acc[1]);
-    }
-    out
+    crate::panel::store_tile(&acc, dst, dst_rs, rows, valid);
 }
 
 #[cfg(test)]

@@ -17,6 +17,9 @@
 //!
 //! On CPUs with native bf16 dot products (AVX512-BF16), [`PackedConv::with_bf16`] rounds the
 //! inference path's weights and activations to bf16 for its products ([`bf16`]; sums in f32).
+//! On AVX-512 CPUs, [`PackedConv::with_panels`] packs the f32 weights once into the panels of
+//! an 8 × 32 micro-kernel ([`panel`]), which the bf16 products share; small Winograd layers run
+//! fused, one block of tiles per job from input transform to output, in a per-thread buffer.
 //!
 //! f32 tensors on the CPU take these kernels; everything else takes candle's own `conv2d` (so
 //! CUDA keeps candle's kernels). GEMMs use the `gemm` crate with its AVX-512 kernels enabled
@@ -47,6 +50,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 pub mod bf16;
 pub mod nhwc;
 pub mod nhwc_train;
+pub mod panel;
 pub use nhwc::{max_pool, Nhwc, NhwcView, PackedConv};
 pub use nhwc_train::{add_relu, conv2d_nhwc, to_nchw, to_nhwc};
 

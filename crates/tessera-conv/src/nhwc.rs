@@ -16,6 +16,7 @@
 //! backbone are turned back into NCHW tensors.
 
 use crate::bf16::Panels;
+use crate::panel::PanelsF32;
 use crate::ConvParams;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -189,6 +190,16 @@ pub struct PackedConv {
     pub(crate) wino: Option<Vec<f32>>,
     /// bf16 products ([`PackedConv::with_bf16`]): `w` per group, and `U[ξ]` per ξ.
     pub(crate) bf16: Option<Bf16Weights>,
+    /// f32 products on packed panels ([`PackedConv::with_panels`]): `w` per group, `U[ξ]`
+    /// per ξ.
+    pub(crate) f32p: Option<F32Weights>,
+}
+
+/// The weights of a [`PackedConv`] packed once for [`crate::panel::mm_f32`].
+#[derive(Debug, Clone)]
+pub(crate) struct F32Weights {
+    groups: Vec<PanelsF32>,
+    wino: Option<Vec<PanelsF32>>,
 }
 
 /// The weights of a [`PackedConv`] rounded to bf16 and packed for [`crate::bf16::mm_bf16`].
@@ -215,6 +226,10 @@ unsafe impl Sync for SendPtr {}
 thread_local! {
     /// Per-thread im2col tile, reused across convolutions.
     pub(crate) static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread im2col tile rounded to bf16 (bf16 products).
+    static COLS_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread V and M of a fused Winograd job.
+    static WINO_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Channels (input and output) from which bf16 convolutions keep Winograd
@@ -322,7 +337,41 @@ impl PackedConv {
             bias: bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; cout]),
             wino: None,
             bf16: None,
+            f32p: None,
         })
+    }
+
+    /// f32 products on weights packed once into panels for an AVX-512 micro-kernel
+    /// ([`crate::panel::mm_f32`]) instead of a general GEMM that packs them on every call:
+    /// for convolutions packed once and run many times (inference). Call after
+    /// [`PackedConv::with_winograd`]; on CPUs without AVX-512F `self` is unchanged.
+    pub fn with_panels(mut self) -> Self {
+        if !crate::panel::f32_supported() {
+            return self;
+        }
+        let (groups, wino) = self.pack_panels(PanelsF32::pack);
+        self.f32p = Some(F32Weights { groups, wino });
+        self
+    }
+
+    /// The weights packed by `pack` (`b`, `k`, `n`, row stride): one matrix per group and,
+    /// when Winograd applies, one per `U[ξ]`.
+    fn pack_panels<P>(
+        &self,
+        pack: impl Fn(&[f32], usize, usize, usize) -> P,
+    ) -> (Vec<P>, Option<Vec<P>>) {
+        let (groups, og) = (self.p.groups, self.cout / self.p.groups);
+        let kg = self.kh * self.kw * (self.cin / groups);
+        let per_group = (0..groups)
+            .map(|g| pack(&self.w[g * kg * og..(g + 1) * kg * og], kg, og, og))
+            .collect();
+        let (cin, cout) = (self.cin, self.cout);
+        let wino = self.wino.as_ref().map(|u| {
+            (0..16)
+                .map(|xi| pack(&u[xi * cin * cout..(xi + 1) * cin * cout], cin, cout, cout))
+                .collect()
+        });
+        (per_group, wino)
     }
 
     /// Products in bf16 (sums in f32) where this CPU has native bf16 dot products
@@ -332,26 +381,13 @@ impl PackedConv {
         if !crate::bf16::supported() {
             return self;
         }
-        let (groups, og) = (self.p.groups, self.cout / self.p.groups);
-        let kg = self.kh * self.kw * (self.cin / groups);
-        let per_group = (0..groups)
-            .map(|g| Panels::pack(&self.w[g * kg * og..(g + 1) * kg * og], kg, og, og))
-            .collect();
-        let (cin, cout) = (self.cin, self.cout);
         // With bf16 products Winograd's transforms (f32, two passes over every tile) cost as
         // much as the products they save below 128 channels: im2col there.
-        if cin.min(cout) < WINO_BF16_MIN_CHANNELS {
+        if self.cin.min(self.cout) < WINO_BF16_MIN_CHANNELS {
             self.wino = None;
         }
-        let wino = self.wino.as_ref().map(|u| {
-            (0..16)
-                .map(|xi| Panels::pack(&u[xi * cin * cout..(xi + 1) * cin * cout], cin, cout, cout))
-                .collect()
-        });
-        self.bf16 = Some(Bf16Weights {
-            groups: per_group,
-            wino,
-        });
+        let (groups, wino) = self.pack_panels(Panels::pack);
+        self.bf16 = Some(Bf16Weights { groups, wino });
         self
     }
 
@@ -524,8 +560,12 @@ impl PackedConv {
             * 16;
         let row_tiles = m.div_ceil(tm);
         let mut col_split = 1;
-        // bf16 panels are 32 columns wide: a split must start on one.
-        let align = if self.bf16.is_some() { 32 } else { 16 };
+        // Packed panels are 32 columns wide: a split must start on one.
+        let align = if self.bf16.is_some() || self.f32p.is_some() {
+            32
+        } else {
+            16
+        };
         while row_tiles * groups * col_split < 2 * threads
             && og % (col_split * 2) == 0
             && og / (col_split * 2) >= 64
@@ -546,6 +586,44 @@ impl PackedConv {
             // these blocks are disjoint across jobs and lie inside y (m × cout).
             let dst = unsafe { yp.ptr().add(r0 * cout + n0) };
             let b = &self.w[g * kg * og + cs * oc..];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(bw) = &self.bf16 {
+                let panels = &bw.groups[g];
+                // SAFETY: as the f32 product below; the bf16 panels exist only where the CPU
+                // has bf16 (`with_bf16`), and cs·oc is a multiple of 32 there (the split above).
+                // im2col rows are rounded to bf16 as they are gathered (no f32 copy).
+                if pointwise {
+                    let a = &x.data[r0 * cg..];
+                    unsafe {
+                        crate::bf16::mm_bf16(rows, a.as_ptr(), cg, panels, cs * oc, oc, dst, cout)
+                    };
+                } else {
+                    let kp = panels.padded_k();
+                    COLS_BF16.with(|cols| {
+                        let mut cols = cols.borrow_mut();
+                        if cols.len() < rows * kp {
+                            cols.resize(rows * kp, 0);
+                        }
+                        let a = &mut cols[..rows * kp];
+                        unsafe {
+                            self.gather_bf16(&x, ho, wo, r0, rows, g, a, kp);
+                            crate::bf16::mm_bf16_rounded(
+                                rows,
+                                a.as_ptr(),
+                                kp,
+                                panels,
+                                cs * oc,
+                                oc,
+                                dst,
+                                cout,
+                            );
+                        }
+                    });
+                }
+                // SAFETY: the block this job wrote (above).
+                unsafe { self.epilogue_rows(dst, r0, rows, n0, oc, residual, relu) };
+                return;
+            }
             COLS.with(|cols| {
                 let mut cols = cols.borrow_mut();
                 let (a, a_rs): (&[f32], usize) = if pointwise {
@@ -558,17 +636,17 @@ impl PackedConv {
                     (&cols[..rows * kg], kg)
                 };
                 // SAFETY: a is rows × kg (row stride a_rs), b is kg × oc inside the packed
-                // group block (row stride og), dst is rows × oc with row stride cout; the bf16
-                // panels exist only where the CPU has bf16 (`with_bf16`), cs·oc is a multiple
-                // of 32 there (the split above).
+                // group block (row stride og), dst is rows × oc with row stride cout; the f32
+                // panels exist only where the CPU has AVX-512F, cs·oc is a multiple of 32
+                // there (the split above).
                 #[cfg(target_arch = "x86_64")]
-                if let Some(bw) = &self.bf16 {
+                if let Some(fp) = &self.f32p {
                     unsafe {
-                        crate::bf16::mm_bf16(
+                        crate::panel::mm_f32(
                             rows,
                             a.as_ptr(),
                             a_rs,
-                            &bw.groups[g],
+                            &fp.groups[g],
                             cs * oc,
                             oc,
                             dst,
@@ -595,13 +673,8 @@ impl PackedConv {
                     )
                 };
             });
-            let bias = &self.bias[n0..n0 + oc];
-            for r in 0..rows {
-                // SAFETY: the same block as above, one row at a time.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * cout), oc) };
-                let res = residual.map(|res| &res[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc]);
-                epilogue(out, bias, res, relu);
-            }
+            // SAFETY: the block this job wrote (above).
+            unsafe { self.epilogue_rows(dst, r0, rows, n0, oc, residual, relu) };
         });
         Ok(Nhwc {
             n: x.n,
@@ -612,10 +685,41 @@ impl PackedConv {
         })
     }
 
-    /// Winograd F(2×2, 3×3): per chunk of 2×2 output tiles, (1) the input transform
-    /// `V[ξ] = Bᵀ·d·B` of every tile's 4×4 patch, in parallel over tiles; (2) 16 independent
-    /// GEMMs `M[ξ] = V[ξ] · U[ξ]` (tiles × C_in · C_in × C_out), in parallel over ξ; (3) the
-    /// output transform `Aᵀ·M·A` plus bias, residual and ReLU, in parallel over tiles.
+    /// Bias, residual and ReLU on an im2col job's block: `rows` output rows from `r0`,
+    /// columns `n0..n0 + oc`, at `dst` (row stride C_out).
+    ///
+    /// # Safety
+    /// `dst` must address that block of the output, owned by the caller.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn epilogue_rows(
+        &self,
+        dst: *mut f32,
+        r0: usize,
+        rows: usize,
+        n0: usize,
+        oc: usize,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) {
+        let cout = self.cout;
+        let bias = &self.bias[n0..n0 + oc];
+        for r in 0..rows {
+            let out = std::slice::from_raw_parts_mut(dst.add(r * cout), oc);
+            let res = residual.map(|res| &res[(r0 + r) * cout + n0..(r0 + r) * cout + n0 + oc]);
+            epilogue(out, bias, res, relu);
+        }
+    }
+
+    /// Winograd F(2×2, 3×3), in blocks of 2×2 output tiles: (1) the input transform
+    /// `V[ξ] = Bᵀ·d·B` of every tile's 4×4 patch; (2) 16 independent GEMMs
+    /// `M[ξ] = V[ξ] · U[ξ]` (tiles × C_in · C_in × C_out); (3) the output transform `Aᵀ·M·A`
+    /// plus bias, residual and ReLU.
+    ///
+    /// When `U` is small (C_in · C_out ≤ [`WINO_FUSED_MAX`]) each job runs all three steps on
+    /// its own block of tiles (and, when blocks are few, its share of the output channels) in a
+    /// per-thread buffer that stays in L2: one parallel pass, V and M never leave the core.
+    /// Otherwise each step runs over a chunk of tiles in parallel (the GEMMs over ξ, so that a
+    /// thread reads only its planes of the large `U`).
     #[allow(clippy::too_many_arguments)]
     fn winograd(
         &self,
@@ -628,130 +732,241 @@ impl PackedConv {
         y: &mut [f32],
     ) {
         let (cin, cout) = (self.cin, self.cout);
-        let pad = self.p.padding as isize;
-        let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
-        let tiles = x.n * th * tw;
-        // Tiles per chunk: ≥ 128 rows per GEMM (the pack of U[ξ] is amortised over them),
-        // V and M chunks of at most ~8 MiB each.
+        let bf16 = self.bf16.as_ref().is_some_and(|b| b.wino.is_some());
+        let g = WinoGeom {
+            th: ho.div_ceil(2),
+            tw: wo.div_ceil(2),
+            ho,
+            wo,
+            kv: if bf16 { cin.next_multiple_of(2) } else { cin },
+            bf16,
+        };
+        let tiles = x.n * g.th * g.tw;
+        let zeros = vec![0f32; cin];
+        let yp = SendPtr(y.as_mut_ptr());
+        if cin * cout <= WINO_FUSED_MAX {
+            let threads = rayon::current_num_threads().max(1);
+            // Tiles per job: V and M (16 × tiles × (C_in + C_out) floats) within ~512 KiB,
+            // and at least four jobs per thread when there are tiles for them.
+            let tb = (WINO_JOB_FLOATS / (16 * (cin + cout)))
+                .min(tiles.div_ceil(4 * threads))
+                .max(8);
+            let blocks = tiles.div_ceil(tb);
+            let mut col_split = 1;
+            while blocks * col_split < 2 * threads
+                && cout.is_multiple_of(col_split * 2)
+                && (cout / (col_split * 2)).is_multiple_of(32)
+            {
+                col_split *= 2;
+            }
+            let oc = cout / col_split;
+            (0..blocks * col_split).into_par_iter().for_each(|job| {
+                let (b, cs) = (job / col_split, job % col_split);
+                let (t0, n0) = (b * tb, cs * oc);
+                let nt = tb.min(tiles - t0);
+                WINO_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    let (vl, ml) = (16 * nt * cin, 16 * nt * oc);
+                    if buf.len() < vl + ml {
+                        buf.resize(vl + ml, 0.0);
+                    }
+                    let (v, m) = buf.split_at_mut(vl);
+                    // SAFETY: v holds 16 planes of nt rows (kv u16s or cin floats each), m 16
+                    // planes of nt × oc floats; the job's tiles and columns of y are its own.
+                    unsafe {
+                        self.wino_in(&x, &g, &zeros, t0, nt, v.as_mut_ptr(), nt);
+                        for xi in 0..16 {
+                            self.wino_mm(&g, u, xi, nt, v.as_ptr(), nt, m.as_mut_ptr(), nt, n0, oc);
+                        }
+                        self.wino_out(&g, t0, nt, m, nt, n0, oc, residual, relu, yp);
+                    }
+                });
+            });
+            return;
+        }
+        // Tiles per chunk: ≥ 128 rows per GEMM, V and M chunks of at most ~8 MiB each.
         let tc = (WINO_CHUNK_FLOATS / (16 * cin.max(cout)))
             .clamp(128, 4096)
             .min(tiles);
         let mut v = scratch::take(16 * tc * cin);
         let mut m = scratch::take(16 * tc * cout);
-        let zeros = vec![0f32; cin];
-        let yp = SendPtr(y.as_mut_ptr());
+        let blk = 16;
         for t0 in (0..tiles).step_by(tc) {
             let nt = tc.min(tiles - t0);
-            // (1) input transform. V layout: [ξ][tile][ci], written through a raw pointer by
-            // tile blocks (each job owns its tiles' rows in all 16 planes).
             let vp = SendPtr(v.as_mut_ptr());
-            let blk = 16;
+            // SAFETY (all three steps): each job writes only its own tiles' rows of V (all 16
+            // planes), its own plane of M, or its own tiles' output pixels; V (16 × tc rows of
+            // kv u16s or cin floats) and M (16 × tc × cout) hold every row addressed.
             (0..nt.div_ceil(blk)).into_par_iter().for_each(|b| {
-                for t in b * blk..((b + 1) * blk).min(nt) {
-                    let tile = t0 + t;
-                    let (img, rem) = (tile / (th * tw), tile % (th * tw));
-                    let (y0, x0) = ((rem / tw) as isize * 2 - pad, (rem % tw) as isize * 2 - pad);
-                    let mut d: [&[f32]; 16] = [&zeros; 16];
-                    for i in 0..4 {
-                        let yy = y0 + i as isize;
-                        if yy < 0 || yy >= x.h as isize {
-                            continue;
-                        }
-                        for j in 0..4 {
-                            let xx = x0 + j as isize;
-                            if xx < 0 || xx >= x.w as isize {
-                                continue;
-                            }
-                            let a = ((img * x.h + yy as usize) * x.w + xx as usize) * cin;
-                            d[i * 4 + j] = &x.data[a..a + cin];
-                        }
-                    }
-                    // SAFETY: plane ξ's row t (cin floats) lies inside v (16 × tc × cin) and
-                    // belongs to this job only.
-                    let out: [&mut [f32]; 16] = std::array::from_fn(|xi| unsafe {
-                        std::slice::from_raw_parts_mut(vp.ptr().add((xi * tc + t) * cin), cin)
-                    });
-                    input_transform(&d, out, cin);
-                }
-            });
-            // (2) the 16 GEMMs.
-            let mp = SendPtr(m.as_mut_ptr());
-            let wino_bf16 = self.bf16.as_ref().and_then(|b| b.wino.as_ref());
-            (0..16usize).into_par_iter().for_each(|xi| {
-                // SAFETY: plane ξ of m (nt × cout) is written by this job only; plane ξ of v is
-                // nt × cin; U[ξ] is cin × cout (packed for bf16 only where the CPU has it).
-                #[cfg(target_arch = "x86_64")]
-                if let Some(u16s) = wino_bf16 {
-                    unsafe {
-                        crate::bf16::mm_bf16(
-                            nt,
-                            v.as_ptr().add(xi * tc * cin),
-                            cin,
-                            &u16s[xi],
-                            0,
-                            cout,
-                            mp.ptr().add(xi * tc * cout),
-                            cout,
-                        )
-                    };
-                    return;
-                }
-                unsafe {
-                    mm(
-                        nt,
-                        cout,
-                        cin,
-                        mp.ptr().add(xi * tc * cout),
-                        cout,
-                        1,
-                        false,
-                        v.as_ptr().add(xi * tc * cin),
-                        cin,
-                        1,
-                        u.as_ptr().add(xi * cin * cout),
-                        cout,
-                        1,
-                    )
+                let (r0, rows) = (b * blk, blk.min(nt - b * blk));
+                let vrow = if g.bf16 {
+                    unsafe { (vp.ptr() as *mut u16).add(r0 * g.kv) as *mut f32 }
+                } else {
+                    unsafe { vp.ptr().add(r0 * cin) }
                 };
+                unsafe { self.wino_in(&x, &g, &zeros, t0 + r0, rows, vrow, tc) };
             });
-            // (3) output transform + epilogue.
+            let mp = SendPtr(m.as_mut_ptr());
+            (0..16usize).into_par_iter().for_each(|xi| unsafe {
+                self.wino_mm(&g, u, xi, nt, v.as_ptr(), tc, mp.ptr(), tc, 0, cout)
+            });
             let m = &m;
             (0..nt.div_ceil(blk)).into_par_iter().for_each(|b| {
-                let mut acc = vec![0f32; 4 * cout];
-                for t in b * blk..((b + 1) * blk).min(nt) {
-                    let tile = t0 + t;
-                    let (img, rem) = (tile / (th * tw), tile % (th * tw));
-                    let (oy, ox) = ((rem / tw) * 2, (rem % tw) * 2);
-                    let planes: [&[f32]; 16] = std::array::from_fn(|xi| {
-                        &m[(xi * tc + t) * cout..(xi * tc + t + 1) * cout]
-                    });
-                    output_transform(&planes, &mut acc, cout);
-                    for dy in 0..2 {
-                        for dx in 0..2 {
-                            let (yy, xx) = (oy + dy, ox + dx);
-                            if yy >= ho || xx >= wo {
-                                continue;
-                            }
-                            let row = (img * ho + yy) * wo + xx;
-                            // SAFETY: output pixel `row` belongs to this tile only.
-                            let out = unsafe {
-                                std::slice::from_raw_parts_mut(yp.ptr().add(row * cout), cout)
-                            };
-                            let a = &acc[(dy * 2 + dx) * cout..(dy * 2 + dx + 1) * cout];
-                            out.copy_from_slice(a);
-                            epilogue(
-                                out,
-                                &self.bias,
-                                residual.map(|r| &r[row * cout..(row + 1) * cout]),
-                                relu,
-                            );
-                        }
-                    }
-                }
+                let (r0, rows) = (b * blk, blk.min(nt - b * blk));
+                unsafe {
+                    self.wino_out(
+                        &g,
+                        t0 + r0,
+                        rows,
+                        &m[r0 * cout..],
+                        tc,
+                        0,
+                        cout,
+                        residual,
+                        relu,
+                        yp,
+                    )
+                };
             });
         }
         scratch::give(v);
         scratch::give(m);
+    }
+
+    /// Input transform of tiles `t0..t0 + nt` into rows `0..nt` of the 16 planes of `v`
+    /// (plane ξ starts `ξ · ps` rows in; a row is `kv` u16s with bf16 products, `cin` floats
+    /// otherwise).
+    ///
+    /// # Safety
+    /// `v` must hold those rows, not shared with another thread.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wino_in(
+        &self,
+        x: &NhwcView<'_>,
+        g: &WinoGeom,
+        zeros: &[f32],
+        t0: usize,
+        nt: usize,
+        v: *mut f32,
+        ps: usize,
+    ) {
+        let cin = self.cin;
+        let pad = self.p.padding as isize;
+        for t in 0..nt {
+            let tile = t0 + t;
+            let (img, rem) = (tile / (g.th * g.tw), tile % (g.th * g.tw));
+            let (y0, x0) = (
+                (rem / g.tw) as isize * 2 - pad,
+                (rem % g.tw) as isize * 2 - pad,
+            );
+            let mut d: [&[f32]; 16] = [zeros; 16];
+            for i in 0..4 {
+                let yy = y0 + i as isize;
+                if yy < 0 || yy >= x.h as isize {
+                    continue;
+                }
+                for j in 0..4 {
+                    let xx = x0 + j as isize;
+                    if xx < 0 || xx >= x.w as isize {
+                        continue;
+                    }
+                    let a = ((img * x.h + yy as usize) * x.w + xx as usize) * cin;
+                    d[i * 4 + j] = &x.data[a..a + cin];
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if g.bf16 {
+                // bf16 V (the weights exist only where the CPU has bf16).
+                let v16 = v as *mut u16;
+                let out: [&mut [u16]; 16] = std::array::from_fn(|xi| {
+                    std::slice::from_raw_parts_mut(v16.add((xi * ps + t) * g.kv), g.kv)
+                });
+                input_transform_bf16(&d, out, cin);
+                continue;
+            }
+            let out: [&mut [f32]; 16] = std::array::from_fn(|xi| {
+                std::slice::from_raw_parts_mut(v.add((xi * ps + t) * cin), cin)
+            });
+            input_transform(&d, out, cin);
+        }
+    }
+
+    /// `M[ξ] (nt × oc, row stride oc or C_out) = V[ξ] · U[ξ][:, n0..n0 + oc]` for plane ξ:
+    /// planes `ps` rows apart in `v` and `pm` rows apart in `m`.
+    ///
+    /// # Safety
+    /// `v` and `m` must hold those planes; plane ξ of `m` must not be shared with another
+    /// thread; `n0` must be a multiple of 32 when `oc < C_out`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wino_mm(
+        &self,
+        g: &WinoGeom,
+        u: &[f32],
+        xi: usize,
+        nt: usize,
+        v: *const f32,
+        ps: usize,
+        m: *mut f32,
+        pm: usize,
+        n0: usize,
+        oc: usize,
+    ) {
+        let (cin, cout) = (self.cin, self.cout);
+        let dst = m.add(xi * pm * oc);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(w) = self.bf16.as_ref().and_then(|b| b.wino.as_ref()) {
+            let a = (v as *const u16).add(xi * ps * g.kv);
+            crate::bf16::mm_bf16_rounded(nt, a, g.kv, &w[xi], n0, oc, dst, oc);
+            return;
+        }
+        let a = v.add(xi * ps * cin);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(w) = self.f32p.as_ref().and_then(|f| f.wino.as_ref()) {
+            crate::panel::mm_f32(nt, a, cin, &w[xi], n0, oc, dst, oc);
+            return;
+        }
+        let b = u.as_ptr().add(xi * cin * cout + n0);
+        mm(nt, oc, cin, dst, oc, 1, false, a, cin, 1, b, cout, 1);
+    }
+
+    /// Output transform of tiles `t0..t0 + nt` from rows `0..nt` of the 16 planes of `m`
+    /// (`oc` floats a row, planes `pm` rows apart) into output channels `n0..n0 + oc`, with
+    /// bias, residual and ReLU.
+    ///
+    /// # Safety
+    /// The tiles' output pixels (those channels) must not be written by another thread.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wino_out(
+        &self,
+        g: &WinoGeom,
+        t0: usize,
+        nt: usize,
+        m: &[f32],
+        pm: usize,
+        n0: usize,
+        oc: usize,
+        residual: Option<&[f32]>,
+        relu: bool,
+        y: SendPtr,
+    ) {
+        let cout = self.cout;
+        for t in 0..nt {
+            let tile = t0 + t;
+            let (img, rem) = (tile / (g.th * g.tw), tile % (g.th * g.tw));
+            let (oy, ox) = ((rem / g.tw) * 2, (rem % g.tw) * 2);
+            let planes: [&[f32]; 16] =
+                std::array::from_fn(|xi| &m[(xi * pm + t) * oc..(xi * pm + t + 1) * oc]);
+            let outs: [Option<Out<'_>>; 4] = std::array::from_fn(|q| {
+                let (yy, xx) = (oy + q / 2, ox + q % 2);
+                if yy >= g.ho || xx >= g.wo {
+                    return None;
+                }
+                let at = ((img * g.ho + yy) * g.wo + xx) * cout + n0;
+                let out = std::slice::from_raw_parts_mut(y.ptr().add(at), oc);
+                Some((out, residual.map(|r| &r[at..at + oc])))
+            });
+            output_transform(&planes, outs, &self.bias[n0..n0 + oc], relu, oc);
+        }
     }
 
     /// im2col of output rows `r0..r0+rows` (flattened over n·H_out·W_out), group `g`, into
@@ -767,6 +982,55 @@ impl PackedConv {
         g: usize,
         cols: &mut [f32],
     ) {
+        let kg = self.kh * self.kw * (self.cin / self.p.groups);
+        self.gather_with(x, ho, wo, r0, rows, g, cols, kg, 0.0, |s, d| {
+            d.copy_from_slice(s)
+        });
+    }
+
+    /// [`PackedConv::gather`] rounding to bf16 on the way ([`crate::bf16::round_row`]): rows
+    /// of `row_len` ≥ k_h·k_w·C_in/g values, zero past the taps. The same values as rounding
+    /// the f32 rows.
+    ///
+    /// # Safety
+    /// [`crate::bf16::supported`] must be true.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gather_bf16(
+        &self,
+        x: &NhwcView<'_>,
+        ho: usize,
+        wo: usize,
+        r0: usize,
+        rows: usize,
+        g: usize,
+        cols: &mut [u16],
+        row_len: usize,
+    ) {
+        // SAFETY: the caller checked that the CPU has AVX512-BF16.
+        self.gather_with(x, ho, wo, r0, rows, g, cols, row_len, 0, |s, d| unsafe {
+            crate::bf16::round_row(s, d)
+        });
+    }
+
+    /// The im2col walk of [`PackedConv::gather`], each run of input values stored by `put`
+    /// (which may convert them), rows `row_len` apart, `zero` for padding taps and past them.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn gather_with<T: Copy>(
+        &self,
+        x: &NhwcView<'_>,
+        ho: usize,
+        wo: usize,
+        r0: usize,
+        rows: usize,
+        g: usize,
+        cols: &mut [T],
+        row_len: usize,
+        zero: T,
+        put: impl Fn(&[f32], &mut [T]),
+    ) {
         let (cin, groups) = (self.cin, self.p.groups);
         let cg = cin / groups;
         let kg = self.kh * self.kw * cg;
@@ -778,7 +1042,8 @@ impl PackedConv {
         let (h, w) = (x.h as isize, x.w as isize);
         // At dilation 1 without groups the kw taps of a kernel row are one contiguous run.
         let runs = d == 1 && groups == 1;
-        for (rr, dst) in cols.chunks_mut(kg).take(rows).enumerate() {
+        for (rr, dst) in cols.chunks_mut(row_len).take(rows).enumerate() {
+            dst[kg..].fill(zero);
             let r = r0 + rr;
             let (img, rem) = (r / (ho * wo), r % (ho * wo));
             let (oh, ow) = ((rem / wo) as isize, (rem % wo) as isize);
@@ -787,23 +1052,23 @@ impl PackedConv {
                 let ih = oh * s - pad + ki as isize * d;
                 let drow = &mut dst[ki * self.kw * cg..(ki + 1) * self.kw * cg];
                 if ih < 0 || ih >= h {
-                    drow.fill(0.0);
+                    drow.fill(zero);
                     continue;
                 }
                 let line = (img * x.h + ih as usize) * x.w;
                 if runs && iw0 >= 0 && iw0 + self.kw as isize <= w {
                     let a = (line + iw0 as usize) * cin;
-                    drow.copy_from_slice(&x.data[a..a + self.kw * cin]);
+                    put(&x.data[a..a + self.kw * cin], drow);
                     continue;
                 }
                 for kj in 0..self.kw {
                     let iw = iw0 + kj as isize * d;
                     let tap = &mut drow[kj * cg..(kj + 1) * cg];
                     if iw < 0 || iw >= w {
-                        tap.fill(0.0);
+                        tap.fill(zero);
                     } else {
                         let a = (line + iw as usize) * cin + g * cg;
-                        tap.copy_from_slice(&x.data[a..a + cg]);
+                        put(&x.data[a..a + cg], tap);
                     }
                 }
             }
@@ -813,6 +1078,25 @@ impl PackedConv {
 
 /// Below this many 2×2 output tiles a convolution stays on im2col-GEMM.
 const WINO_MIN_TILES: usize = 32;
+
+/// Largest `C_in · C_out` whose Winograd convolution runs fused per block of tiles (its `U`,
+/// 16 · C_in · C_out floats, is read by every job).
+const WINO_FUSED_MAX: usize = 256 * 256;
+
+/// Floats of V and M per fused Winograd job (512 KiB: they stay in a 1–2 MiB L2).
+const WINO_JOB_FLOATS: usize = 128 * 1024;
+
+/// Tile geometry of a Winograd convolution: tiles per column and row, the output size, the
+/// values per row of V (`C_in`, or rounded up to even for bf16).
+struct WinoGeom {
+    th: usize,
+    tw: usize,
+    ho: usize,
+    wo: usize,
+    kv: usize,
+    /// V in bf16 (the products are).
+    bf16: bool,
+}
 
 /// Floats per Winograd chunk buffer (V or M).
 const WINO_CHUNK_FLOATS: usize = 2 << 20;
@@ -881,48 +1165,120 @@ fn at_m_a(m: &[[f32; LANES]; 16]) -> [[f32; LANES]; 4] {
 /// The input transform of one 4×4 patch `d` (row-major taps, `cin` floats each) into the 16
 /// planes `out`.
 fn input_transform(d: &[&[f32]; 16], mut out: [&mut [f32]; 16], cin: usize) {
-    let mut v = [[0f32; LANES]; 16];
+    input_transform_with(d, cin, |k, c0, r, n| {
+        if n == LANES {
+            out[k][c0..c0 + LANES].copy_from_slice(r);
+        } else {
+            copy_partial(&r[..n], &mut out[k][c0..c0 + n]);
+        }
+    });
+}
+
+/// [`input_transform`] into planes of bf16 values (rounded as [`crate::bf16::round_row`]
+/// does, so the product sees the same operands), each zero past `cin`.
+///
+/// # Safety
+/// [`crate::bf16::supported`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn input_transform_bf16(d: &[&[f32]; 16], mut out: [&mut [u16]; 16], cin: usize) {
+    use std::arch::x86_64::*;
+    for o in out.iter_mut() {
+        o[cin..].fill(0);
+    }
+    input_transform_with(d, cin, |k, c0, r, n| {
+        // SAFETY: AVX512-BF16 is present (the caller's contract); `r` holds LANES floats.
+        let h: __m256i =
+            unsafe { std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r.as_ptr()))) };
+        if n == LANES {
+            // SAFETY: out[k][c0..c0 + LANES] is in bounds (n == LANES values remain).
+            unsafe { _mm256_storeu_si256(out[k].as_mut_ptr().add(c0) as *mut __m256i, h) };
+        } else {
+            let mut t = [0u16; LANES];
+            // SAFETY: t holds LANES u16 values (32 bytes).
+            unsafe { _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, h) };
+            out[k][c0..c0 + n].copy_from_slice(&t[..n]);
+        }
+    });
+}
+
+/// `s[c0..c0 + n]` as `LANES` lanes (zero past `n`). The full block is one fixed-size load;
+/// the partial one is out of line ([`copy_partial`]).
+#[inline(always)]
+fn load_lanes(s: &[f32], c0: usize, n: usize) -> [f32; LANES] {
+    if n == LANES {
+        s[c0..c0 + LANES].try_into().expect("LANES values")
+    } else {
+        let mut v = [0f32; LANES];
+        copy_partial(&s[c0..c0 + n], &mut v[..n]);
+        v
+    }
+}
+
+/// A copy of a partial block of lanes, kept out of line: inlined, the compiler merged it with
+/// the full block's fixed-size copy into one variable-length `memcpy` call per block (12 % of
+/// a batch-1 forward).
+#[cold]
+#[inline(never)]
+fn copy_partial(s: &[f32], d: &mut [f32]) {
+    d.copy_from_slice(s);
+}
+
+/// `Bᵀ·d·B` of one 4×4 patch, `LANES` channels at a time: `put(ξ, c0, values, n)` stores
+/// plane ξ's channels `c0..c0 + n` (the first `n` of `values`).
+#[inline(always)]
+fn input_transform_with(
+    d: &[&[f32]; 16],
+    cin: usize,
+    mut put: impl FnMut(usize, usize, &[f32; LANES], usize),
+) {
     for c0 in (0..cin).step_by(LANES) {
         let n = LANES.min(cin - c0);
-        // Fixed-length copies for full blocks (inlined; a variable length calls memmove).
-        if n == LANES {
-            for (k, vk) in v.iter_mut().enumerate() {
-                vk.copy_from_slice(&d[k][c0..c0 + LANES]);
-            }
-            let r = bt_d_b(&v);
-            for (k, ok) in out.iter_mut().enumerate() {
-                ok[c0..c0 + LANES].copy_from_slice(&r[k]);
-            }
-            continue;
-        }
-        for (k, vk) in v.iter_mut().enumerate() {
-            vk[..n].copy_from_slice(&d[k][c0..c0 + n]);
-        }
+        let v: [[f32; LANES]; 16] = std::array::from_fn(|k| load_lanes(d[k], c0, n));
         let r = bt_d_b(&v);
-        for (k, ok) in out.iter_mut().enumerate() {
-            ok[c0..c0 + n].copy_from_slice(&r[k][..n]);
+        for (k, rk) in r.iter().enumerate() {
+            put(k, c0, rk, n);
         }
     }
 }
 
-/// The output transform of one tile's 16 planes `m` (`cout` floats each) into its 2×2 outputs,
-/// written `[dy·2 + dx][c]` into `acc`.
-fn output_transform(m: &[&[f32]; 16], acc: &mut [f32], cout: usize) {
-    let mut v = [[0f32; LANES]; 16];
+/// One output pixel of a Winograd tile: its `C_out` floats and, when there is one, the
+/// residual's.
+type Out<'a> = (&'a mut [f32], Option<&'a [f32]>);
+
+/// The output transform of one tile's 16 planes `m` (`cout` floats each) into its 2×2 outputs
+/// (`outs[dy·2 + dx]`, `None` past the image's edge), with the [`epilogue`] applied on the way
+/// (the same operations in the same order).
+fn output_transform(
+    m: &[&[f32]; 16],
+    mut outs: [Option<Out<'_>>; 4],
+    bias: &[f32],
+    relu: bool,
+    cout: usize,
+) {
     for c0 in (0..cout).step_by(LANES) {
         let n = LANES.min(cout - c0);
-        if n == LANES {
-            for (k, vk) in v.iter_mut().enumerate() {
-                vk.copy_from_slice(&m[k][c0..c0 + LANES]);
-            }
-        } else {
-            for (k, vk) in v.iter_mut().enumerate() {
-                vk[..n].copy_from_slice(&m[k][c0..c0 + n]);
-            }
-        }
+        let v: [[f32; LANES]; 16] = std::array::from_fn(|k| load_lanes(m[k], c0, n));
         let y = at_m_a(&v);
-        for (q, yq) in y.iter().enumerate() {
-            acc[q * cout + c0..q * cout + c0 + n].copy_from_slice(&yq[..n]);
+        let b = &bias[c0..c0 + n];
+        for (yq, out) in y.iter().zip(outs.iter_mut()) {
+            let Some((out, res)) = out else { continue };
+            let o = &mut out[c0..c0 + n];
+            match res {
+                Some(r) => {
+                    let r = &r[c0..c0 + n];
+                    for l in 0..n {
+                        let x = yq[l] + b[l] + r[l];
+                        o[l] = if relu { x.max(0.0) } else { x };
+                    }
+                }
+                None => {
+                    for l in 0..n {
+                        let x = yq[l] + b[l];
+                        o[l] = if relu { x.max(0.0) } else { x };
+                    }
+                }
+            }
         }
     }
 }

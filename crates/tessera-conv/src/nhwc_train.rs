@@ -312,6 +312,7 @@ fn geometry(w_dims: (usize, usize, usize, usize), p: ConvParams) -> PackedConv {
         bias: Vec::new(),
         wino: None,
         bf16: None,
+        f32p: None,
     }
 }
 

@@ -300,25 +300,28 @@ fn channels_last_matches_on_random_shapes() {
         );
         let theirs = reference(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, relu);
 
-        // Inference kernel, plain and with a residual added before the ReLU.
+        // Inference kernel, plain and with a residual added before the ReLU; general GEMM and
+        // packed panels (with_panels, where the CPU has AVX-512F).
         let packed = PackedConv::from_tensors(w.as_tensor(), Some(bias.as_tensor()), p).unwrap();
         let xn = Nhwc::from_tensor(x.as_tensor()).unwrap();
-        let y = packed
-            .forward(&xn, None, relu)
-            .unwrap()
-            .to_tensor(&dev)
-            .unwrap();
-        close(&y, &theirs, &format!("{what} packed"));
         let res = Tensor::randn(0f32, 1., theirs.dims(), &dev).unwrap();
-        let y = packed
-            .forward(&xn, Some(&Nhwc::from_tensor(&res).unwrap()), relu)
-            .unwrap()
-            .to_tensor(&dev)
-            .unwrap();
         let lin = reference(x.as_tensor(), w.as_tensor(), bias.as_tensor(), p, false);
         let want = (lin + &res).unwrap();
         let want = if relu { want.relu().unwrap() } else { want };
-        close(&y, &want, &format!("{what} packed + residual"));
+        for (packed, kind) in [(packed.clone(), "gemm"), (packed.with_panels(), "panels")] {
+            let y = packed
+                .forward(&xn, None, relu)
+                .unwrap()
+                .to_tensor(&dev)
+                .unwrap();
+            close(&y, &theirs, &format!("{what} packed ({kind})"));
+            let y = packed
+                .forward(&xn, Some(&Nhwc::from_tensor(&res).unwrap()), relu)
+                .unwrap()
+                .to_tensor(&dev)
+                .unwrap();
+            close(&y, &want, &format!("{what} packed ({kind}) + residual"));
+        }
 
         // Trainable op: forward and the three gradients.
         let ours = to_nchw(
@@ -469,9 +472,23 @@ fn add_relu_and_relayout_gradients() {
 }
 
 /// Winograd F(2×2, 3×3) against candle: odd and even sizes, paddings 0–2, batch 1–2, residual
-/// and ReLU, and ResNet-sized channel counts.
+/// and ReLU, ResNet-sized channel counts, a `U` too large for the fused per-block path; general
+/// GEMM and packed panels; on 1 and 8 threads (8 split the output channels of small layers).
 #[test]
 fn winograd_matches() {
+    for threads in [1, 8] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            winograd_cases(false);
+            winograd_cases(true);
+        });
+    }
+}
+
+fn winograd_cases(panels: bool) {
     let dev = Device::Cpu;
     for (b, c, o, hw, pad, relu) in [
         (1, 3, 5, 5, 1, false),
@@ -480,6 +497,8 @@ fn winograd_matches() {
         (2, 16, 32, 9, 1, true),
         (1, 64, 64, 14, 1, true),
         (2, 128, 64, 11, 1, false),
+        (1, 128, 128, 12, 1, true),
+        (1, 512, 256, 12, 1, true),
     ] {
         let x = Tensor::randn(0f32, 1., (b, c, hw, hw + 1), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.2, (o, c, 3, 3), &dev).unwrap();
@@ -491,6 +510,7 @@ fn winograd_matches() {
         let packed = PackedConv::from_tensors(&w, Some(&bias), p).unwrap();
         assert!(packed.winograd_eligible());
         let packed = packed.with_winograd();
+        let packed = if panels { packed.with_panels() } else { packed };
         let lin = reference(&x, &w, &bias, p, false);
         let res = Tensor::randn(0f32, 1., lin.dims(), &dev).unwrap();
         let want = (&lin + &res).unwrap();
@@ -504,7 +524,7 @@ fn winograd_matches() {
         close(
             &got,
             &want,
-            &format!("winograd b{b} {c}->{o} {hw}px pad {pad}"),
+            &format!("winograd b{b} {c}->{o} {hw}px pad {pad} panels={panels}"),
         );
         let plain = packed
             .forward(&xn, None, false)
@@ -514,7 +534,7 @@ fn winograd_matches() {
         close(
             &plain,
             &lin,
-            &format!("winograd b{b} {c}->{o} {hw}px pad {pad}, plain"),
+            &format!("winograd b{b} {c}->{o} {hw}px pad {pad} panels={panels}, plain"),
         );
     }
     // Not eligible: stride 2 stays on im2col (and is still right).
@@ -567,6 +587,8 @@ fn bf16_products_match_within_rounding() {
         (2, 64, 128, 3, 2, 28),
         (1, 256, 512, 1, 1, 14),
         (1, 100, 70, 3, 1, 9),
+        (1, 128, 128, 3, 1, 12),
+        (1, 512, 256, 3, 1, 12),
     ] {
         let p = ConvParams {
             stride: s,
@@ -581,42 +603,51 @@ fn bf16_products_match_within_rounding() {
             true,
         ));
     }
-    for (i, (x, w, bias, p, relu)) in cases.iter().enumerate() {
-        let what = format!("case {i}: x {:?} w {:?} {p:?}", x.dims(), w.dims());
-        let theirs = reference(x, w, bias, *p, *relu);
-        let packed = PackedConv::from_tensors(w, Some(bias), *p)
-            .unwrap()
-            .with_winograd()
-            .with_bf16();
-        assert!(packed.is_bf16(), "{what}");
-        let y = packed
-            .forward(&Nhwc::from_tensor(x).unwrap(), None, *relu)
-            .unwrap()
-            .to_tensor(&dev)
+    // On 8 threads as well: small Winograd layers then split their output channels.
+    for threads in [2, 8] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
             .unwrap();
-        let magnitude = reference(
-            &x.abs().unwrap(),
-            &w.abs().unwrap(),
-            &bias.zeros_like().unwrap(),
-            *p,
-            false,
-        );
-        let scale = magnitude.max_all().unwrap().to_scalar::<f32>().unwrap();
-        let err = (&y - &theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        eprintln!(
-            "{what}: error {err:.3e} = {:.2e} of max Σ|x||w| {scale:.3}",
-            err / scale
-        );
-        assert!(
-            err <= 2e-2 * scale,
-            "{what}: max abs error {err} > 2 % of {scale}"
-        );
+        pool.install(|| {
+            for (i, (x, w, bias, p, relu)) in cases.iter().enumerate() {
+                let what = format!("case {i}: x {:?} w {:?} {p:?}", x.dims(), w.dims());
+                let theirs = reference(x, w, bias, *p, *relu);
+                let packed = PackedConv::from_tensors(w, Some(bias), *p)
+                    .unwrap()
+                    .with_winograd()
+                    .with_bf16();
+                assert!(packed.is_bf16(), "{what}");
+                let y = packed
+                    .forward(&Nhwc::from_tensor(x).unwrap(), None, *relu)
+                    .unwrap()
+                    .to_tensor(&dev)
+                    .unwrap();
+                let magnitude = reference(
+                    &x.abs().unwrap(),
+                    &w.abs().unwrap(),
+                    &bias.zeros_like().unwrap(),
+                    *p,
+                    false,
+                );
+                let scale = magnitude.max_all().unwrap().to_scalar::<f32>().unwrap();
+                let err = (&y - &theirs)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                eprintln!(
+                    "{what}: error {err:.3e} = {:.2e} of max Σ|x||w| {scale:.3}",
+                    err / scale
+                );
+                assert!(
+                    err <= 2e-2 * scale,
+                    "{what}: max abs error {err} > 2 % of {scale}"
+                );
+            }
+        });
     }
 }
