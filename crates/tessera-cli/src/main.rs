@@ -16,12 +16,16 @@ fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet || cli.json;
     let bars = Bars::new(quiet);
     // Before any work starts a thread. Environment settings of glibc's allocator (MALLOC_*_,
-    // GLIBC_TUNABLES) win over the flag.
-    if cli.retain_freed_memory && !tessera_core::alloc::retain_freed_memory() {
-        bars.note(
-            "--retain-freed-memory not applied (not Linux/glibc, or allocator settings in \
-             the environment)",
-        );
+    // GLIBC_TUNABLES) win over the flag and the default.
+    if cli.retain_freed_memory {
+        if !tessera_core::alloc::retain_freed_memory() {
+            bars.note(
+                "--retain-freed-memory not applied (not Linux/glibc, or allocator settings in \
+                 the environment)",
+            );
+        }
+    } else {
+        tessera_core::alloc::reuse_batch_buffers();
     }
     match cli.cmd {
         Cmd::Fit(a) => {

@@ -38,6 +38,35 @@ pub fn user_tuned() -> bool {
     USER_SETTINGS.iter().any(|v| std::env::var_os(v).is_some())
 }
 
+/// The `tessera` binary's default (Linux with glibc): blocks under 32 MiB come from the heap —
+/// glibc's mmap threshold fixed there instead of sliding with what was freed last — and up to
+/// 64 MiB of freed memory stays at the heap's top, so the per-batch buffers of the feature and
+/// PFAM stages (hundreds of KB to MBs, allocated and freed on every image) are reused instead
+/// of mapped, faulted in and returned again; blocks of 32 MiB and more (model matrices,
+/// whole-batch embeddings) are still mapped and given back. PFAM's forward pass faulted ~1,400
+/// pages per image without it and none with it (docs/performance.md). Returns whether the
+/// policy was applied (false on other platforms, or when [`user_tuned`]).
+pub fn reuse_batch_buffers() -> bool {
+    if user_tuned() {
+        return false;
+    }
+    apply_batch()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn apply_batch() -> bool {
+    // SAFETY: as in `apply`.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) == 1
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn apply_batch() -> bool {
+    false
+}
+
 /// On Linux with glibc: no `mmap` for large blocks and a 2 GiB trim threshold, so freed memory
 /// is reused instead of being returned and faulted in again. Returns whether the policy was
 /// applied (false on other platforms, or when [`user_tuned`]).

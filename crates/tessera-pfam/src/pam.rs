@@ -201,6 +201,12 @@ pub fn position_attention_chunked(
 /// cache between the product with `K`, the softmax and the product with `V`.
 const FUSED_ROWS: usize = 64;
 
+thread_local! {
+    /// Per-thread logits of a fused-attention block (`FUSED_ROWS × N`): allocated once per
+    /// thread, not per rayon job (a fresh 800 KiB buffer per job was page faults and zeroing).
+    static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// [`position_attention`] for inference on the CPU (nothing tracked by autograd): per block of
 /// query rows, logits `Q_rows · K`, the row softmax in place, then `S · Vᵀ` scaled by each row's
 /// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, `q`, `k` and
@@ -223,9 +229,12 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                     let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
                     let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
                         .into_par_iter()
-                        .map_init(
-                            || vec![0f32; FUSED_ROWS * n],
-                            |logits, bi| {
+                        .map(|bi| {
+                            LOGITS.with(|logits| {
+                                let mut logits = logits.borrow_mut();
+                                if logits.len() < FUSED_ROWS * n {
+                                    logits.resize(FUSED_ROWS * n, 0.0);
+                                }
                                 let r0 = bi * FUSED_ROWS;
                                 let m = FUSED_ROWS.min(n - r0);
                                 let l = &mut logits[..m * n];
@@ -252,8 +261,8 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                                     .zip(&inv)
                                     .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
                                 (r0, o)
-                            },
-                        )
+                            })
+                        })
                         .collect();
                     let dst = &mut out[i * c * n..(i + 1) * c * n];
                     for (r0, o) in rows {
