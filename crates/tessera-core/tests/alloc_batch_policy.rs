@@ -2,27 +2,19 @@
 //! 64 MiB trim threshold) for the next allocation: touching it again faults almost no pages.
 //! Without the libtest harness, so that it runs on the main thread.
 
+mod common;
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn main() {
-    use tessera_core::alloc::{reuse_batch_buffers, user_tuned};
-    /// Minor page faults of this thread so far.
-    fn faults() -> i64 {
-        // SAFETY: getrusage only writes into the struct passed to it.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
-        u.ru_minflt
-    }
+    use common::faults;
+    use tessera_core::alloc::reuse_batch_buffers;
     /// Allocate and touch 16 MB, then free it; the faults it took.
     fn round() -> i64 {
         let before = faults();
         drop(std::hint::black_box(vec![1u8; 16 << 20]));
         faults() - before
     }
-    if user_tuned() {
-        println!(
-            "alloc_batch_policy: allocator settings in the environment, policy not applied: \
-             SKIPPED"
-        );
+    if common::skipped_for_user_settings("alloc_batch_policy") {
         return;
     }
     assert!(reuse_batch_buffers(), "mallopt refused the policy");

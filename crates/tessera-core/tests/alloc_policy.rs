@@ -1,16 +1,12 @@
 //! `retain_freed_memory` makes a freed 64 MB block reusable without faulting its pages in again.
 //! Without the libtest harness, so that it runs on the main thread (the arena the policy covers).
 
+mod common;
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn main() {
-    use tessera_core::alloc::{retain_freed_memory, user_tuned};
-    /// Minor page faults of this thread so far.
-    fn faults() -> i64 {
-        // SAFETY: getrusage only writes into the struct passed to it.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
-        u.ru_minflt
-    }
+    use common::faults;
+    use tessera_core::alloc::retain_freed_memory;
     /// Allocate and touch 64 MB, free it, do it again: the faults of the second round.
     fn refault() -> i64 {
         let touch = || drop(std::hint::black_box(vec![1u8; 64 << 20]));
@@ -19,10 +15,7 @@ fn main() {
         touch();
         faults() - before
     }
-    if user_tuned() {
-        println!(
-            "alloc_policy: allocator settings in the environment, policy not applied: SKIPPED"
-        );
+    if common::skipped_for_user_settings("alloc_policy") {
         return;
     }
     // 64 MB is above glibc's largest mmap threshold: by default each round maps fresh pages.
