@@ -102,8 +102,8 @@ pub(crate) struct ServeArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceSpec,
-    /// The backbones' products: f32, or bf16 on CPUs with native bf16 dot products
-    /// (AVX512-BF16); f32 elsewhere, with a warning.
+    /// The backbones' products (and PFAM's attention's): f32, or bf16 on CPUs with native
+    /// bf16 dot products (AVX512-BF16); f32 elsewhere, with a warning.
     #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
     pub(crate) precision: Precision,
 }
@@ -772,8 +772,9 @@ pub(crate) struct TestArgs {
     /// (brute, exact or approx:P).
     #[arg(long, value_parser = patchcore_search)]
     pub(crate) patchcore_search: Option<Search>,
-    /// The backbone's products: f32, or bf16 (weights and activations rounded to bf16, sums in
-    /// f32) on CPUs with native bf16 dot products (AVX512-BF16); f32 elsewhere, with a warning.
+    /// The backbone's products (and PFAM's attention's): f32, or bf16 (weights and activations
+    /// rounded to bf16, sums in f32) on CPUs with native bf16 dot products (AVX512-BF16); f32
+    /// elsewhere, with a warning.
     #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
     pub(crate) precision: Precision,
     #[command(flatten)]
@@ -804,8 +805,8 @@ pub(crate) struct PredictArgs {
     /// Threshold for the anomalous flag and the predicted mask (default: the model's).
     #[arg(long, value_parser = finite_f32)]
     pub(crate) threshold: Option<f32>,
-    /// The backbone's products: f32, or bf16 on CPUs with native bf16 dot products
-    /// (AVX512-BF16); f32 elsewhere, with a warning.
+    /// The backbone's products (and PFAM's attention's): f32, or bf16 on CPUs with native bf16
+    /// dot products (AVX512-BF16); f32 elsewhere, with a warning.
     #[arg(long, default_value = "f32", value_parser = named::<Precision>(Precision::NAMES))]
     pub(crate) precision: Precision,
     #[command(flatten)]

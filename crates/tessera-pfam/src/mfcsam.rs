@@ -271,6 +271,13 @@ impl Mfcsam {
         Ok(())
     }
 
+    /// The position attentions' products in bf16 ([`PositionAttention::set_bf16_products`]).
+    pub fn set_bf16_products(&mut self, on: bool) {
+        for p in &mut self.pam {
+            p.set_bf16_products(on);
+        }
+    }
+
     /// The position attention blocks (one when shared), e.g. to read α.
     pub fn position_attention(&self) -> &[PositionAttention] {
         &self.pam

@@ -134,12 +134,24 @@ pub fn position_attention(
     v: &Tensor,
     chunk: Option<usize>,
 ) -> Result<Tensor> {
+    attention_at(q, k, v, chunk, false)
+}
+
+/// [`position_attention`], the fused kernel's two products in bf16 (sums in f32) when `bf16`
+/// and the CPU has native bf16 dot products ([`tessera_conv::bf16::supported`]).
+fn attention_at(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: Option<usize>,
+    bf16: bool,
+) -> Result<Tensor> {
     check_qkv(q, k, v, chunk)?;
     let fused = [q, k, v]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
     if fused {
-        return attention_fused(q, k, v);
+        return attention_fused(q, k, v, bf16 && tessera_conv::bf16::supported());
     }
     position_attention_chunked(q, k, v, chunk)
 }
@@ -212,7 +224,7 @@ thread_local! {
 /// 1/Σ — the `N × N` attention is never materialised, blocks run in parallel, `q`, `k` and
 /// `v` are read where they are stored. Same arithmetic as the chunked path (the same
 /// exponential), in a different order.
-fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
     let (b, cq, n) = q.dims3()?;
     let c = v.dims()[1];
@@ -227,6 +239,11 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                     let qi = MatRef::from_row_major_slice(&qs[i * cq * n..(i + 1) * cq * n], cq, n);
                     let ki = MatRef::from_row_major_slice(&ks[i * cq * n..(i + 1) * cq * n], cq, n);
                     let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
+                    let products = if bf16 {
+                        Products::Bf16(Bf16Operands::new(qi, ki, vi))
+                    } else {
+                        Products::F32 { qi, ki, vi }
+                    };
                     let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
                         .into_par_iter()
                         .map(|bi| {
@@ -238,25 +255,33 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                                 let r0 = bi * FUSED_ROWS;
                                 let m = FUSED_ROWS.min(n - r0);
                                 let l = &mut logits[..m * n];
-                                let qt = qi.transpose().subrows(r0, m); // m × C_qk
-                                matmul(
-                                    MatMut::from_row_major_slice_mut(l, m, n),
-                                    Accum::Replace,
-                                    qt,
-                                    ki,
-                                    1.0f32,
-                                    Par::Seq,
-                                );
-                                let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
                                 let mut o = vec![0f32; m * c];
-                                matmul(
-                                    MatMut::from_row_major_slice_mut(&mut o, m, c),
-                                    Accum::Replace,
-                                    MatRef::from_row_major_slice(l, m, n),
-                                    vi.transpose(),
-                                    1.0f32,
-                                    Par::Seq,
-                                );
+                                match &products {
+                                    Products::F32 { qi, ki, .. } => {
+                                        let qt = qi.transpose().subrows(r0, m); // m × C_qk
+                                        matmul(
+                                            MatMut::from_row_major_slice_mut(l, m, n),
+                                            Accum::Replace,
+                                            qt,
+                                            ki,
+                                            1.0f32,
+                                            Par::Seq,
+                                        );
+                                    }
+                                    Products::Bf16(ops) => ops.logits(r0, m, l),
+                                }
+                                let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
+                                match &products {
+                                    Products::F32 { vi, .. } => matmul(
+                                        MatMut::from_row_major_slice_mut(&mut o, m, c),
+                                        Accum::Replace,
+                                        MatRef::from_row_major_slice(l, m, n),
+                                        vi.transpose(),
+                                        1.0f32,
+                                        Par::Seq,
+                                    ),
+                                    Products::Bf16(ops) => ops.attend(m, l, &mut o),
+                                }
                                 o.chunks_mut(c)
                                     .zip(&inv)
                                     .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
@@ -278,6 +303,95 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         })
     })???;
     Ok(Tensor::from_vec(out, (b, c, n), q.device())?)
+}
+
+/// One image's operands of the fused attention's two products.
+enum Products<'a> {
+    /// Read in place by faer's f32 GEMM.
+    F32 {
+        qi: faer::MatRef<'a, f32>,
+        ki: faer::MatRef<'a, f32>,
+        vi: faer::MatRef<'a, f32>,
+    },
+    /// Rounded to bf16 and packed once per image ([`Bf16Operands`]).
+    Bf16(Bf16Operands),
+}
+
+/// The fused attention's operands for bf16 products (only built where the CPU has them):
+/// `Qᵀ` as `N × C_qk` rows, `K` (`C_qk × N`) and `Vᵀ` (`N × C`) packed for
+/// [`tessera_conv::bf16::mm_bf16`]; the logits and the softmax numerators are rounded as the
+/// products read them. Sums stay f32, and so do the exponentials and the normalisation.
+struct Bf16Operands {
+    qt: Vec<f32>,
+    cq: usize,
+    k: tessera_conv::bf16::Panels,
+    vt: tessera_conv::bf16::Panels,
+}
+
+impl Bf16Operands {
+    fn new(
+        qi: faer::MatRef<'_, f32>,
+        ki: faer::MatRef<'_, f32>,
+        vi: faer::MatRef<'_, f32>,
+    ) -> Self {
+        let (cq, n, c) = (qi.nrows(), qi.ncols(), vi.nrows());
+        let mut qt = vec![0f32; n * cq];
+        for (p, row) in qt.chunks_exact_mut(cq).enumerate() {
+            for (ch, x) in row.iter_mut().enumerate() {
+                *x = qi[(ch, p)];
+            }
+        }
+        let mut kd = vec![0f32; cq * n];
+        for (ch, row) in kd.chunks_exact_mut(n).enumerate() {
+            for (p, x) in row.iter_mut().enumerate() {
+                *x = ki[(ch, p)];
+            }
+        }
+        let mut vt = vec![0f32; n * c];
+        for (p, row) in vt.chunks_exact_mut(c).enumerate() {
+            for (ch, x) in row.iter_mut().enumerate() {
+                *x = vi[(ch, p)];
+            }
+        }
+        Self {
+            k: tessera_conv::bf16::Panels::pack(&kd, cq, n, n),
+            vt: tessera_conv::bf16::Panels::pack(&vt, n, c, c),
+            qt,
+            cq,
+        }
+    }
+
+    /// `logits (m × N) = Qᵀ[r0..r0 + m] · K`.
+    fn logits(&self, r0: usize, m: usize, logits: &mut [f32]) {
+        let n = self.k.n();
+        assert!(logits.len() >= m * n && (r0 + m) * self.cq <= self.qt.len());
+        // SAFETY: built only where the CPU has bf16 products (`attention_at`); the rows of
+        // Qᵀ and of the logits are in bounds (asserted).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tessera_conv::bf16::mm_bf16(
+                m,
+                self.qt[r0 * self.cq..].as_ptr(),
+                self.cq,
+                &self.k,
+                0,
+                n,
+                logits.as_mut_ptr(),
+                n,
+            )
+        };
+    }
+
+    /// `o (m × C) = s (m × N) · Vᵀ`.
+    fn attend(&self, m: usize, s: &[f32], o: &mut [f32]) {
+        let (n, c) = (self.vt.k(), self.vt.n());
+        assert!(s.len() >= m * n && o.len() >= m * c);
+        // SAFETY: as in `logits`; s is m × N and o m × C (asserted).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tessera_conv::bf16::mm_bf16(m, s.as_ptr(), n, &self.vt, 0, c, o.as_mut_ptr(), c)
+        };
+    }
 }
 
 /// `e^(x − max)` of a row in place; returns `1 / Σ` (the softmax's normalisation, applied by
@@ -452,6 +566,8 @@ pub struct PositionAttention {
     key: (Tensor, Tensor),
     value: (Tensor, Tensor),
     alpha: Tensor,
+    /// Inference setting: the fused attention's products in bf16 where the CPU has them.
+    bf16: bool,
 }
 
 impl PositionAttention {
@@ -489,6 +605,7 @@ impl PositionAttention {
             key,
             value,
             alpha,
+            bf16: false,
         })
     }
 
@@ -509,7 +626,7 @@ impl PositionAttention {
             Ok(y.reshape((b, co, n))?)
         };
         let (q, k, v) = (proj(&self.query)?, proj(&self.key)?, proj(&self.value)?);
-        let out = position_attention(&q, &k, &v, self.cfg.chunk)?.reshape((b, c, h, w))?;
+        let out = attention_at(&q, &k, &v, self.cfg.chunk, self.bf16)?.reshape((b, c, h, w))?;
         Ok(match self.cfg.leaky_slope {
             Some(s) => candle_nn::ops::leaky_relu(&out, s)?,
             None => out,
@@ -547,6 +664,12 @@ impl PositionAttention {
         Ok(())
     }
 
+    /// Run the inference attention's two products in bf16 (sums in f32) on CPUs with native
+    /// bf16 dot products, f32 elsewhere (an inference setting, like the backbone's precision).
+    pub fn set_bf16_products(&mut self, on: bool) {
+        self.bf16 = on;
+    }
+
     /// The learned scale α.
     pub fn alpha(&self) -> &Tensor {
         &self.alpha
@@ -577,6 +700,7 @@ impl PositionAttention {
             key: d(&self.key),
             value: d(&self.value),
             alpha: self.alpha.detach(),
+            bf16: self.bf16,
         }
     }
 }
@@ -584,6 +708,31 @@ impl PositionAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused attention with bf16 products (where the CPU has them) against f32: the
+    /// logits (up to ±10 here) are off by ~2⁻⁸ of Σ|q||k|, so the weights by a few percent, and
+    /// every output, a weighted mean of V, by a small fraction of max |V|. Not equal either:
+    /// the bf16 path ran.
+    #[test]
+    fn bf16_attention_is_close_to_f32() {
+        if !tessera_conv::bf16::supported() {
+            eprintln!("SKIPPED: this CPU has no AVX512-BF16 (the attention stays f32 here)");
+            return;
+        }
+        let mut rng = tessera_core::test_util::Lcg(3);
+        let dev = candle_core::Device::Cpu;
+        let mut t = |c: usize, n: usize, scale: f32| {
+            let d: Vec<f32> = (0..2 * c * n).map(|_| rng.signed() * scale).collect();
+            Tensor::from_vec(d, (2, c, n), &dev).unwrap()
+        };
+        let (q, k, v) = (t(8, 300, 1.0), t(8, 300, 1.0), t(16, 300, 1.0));
+        let f = attention_at(&q, &k, &v, None, false).unwrap();
+        let b = attention_at(&q, &k, &v, None, true).unwrap();
+        let err = tessera_core::test_util::max_abs_diff(&f, &b);
+        eprintln!("bf16 attention: max abs difference {err:.2e} from f32");
+        assert!(err > 0.0, "the bf16 products did not run");
+        assert!(err < 2e-2, "bf16 attention off by {err} (V within ±1)");
+    }
 
     #[test]
     fn fast_exp_is_accurate() {

@@ -223,6 +223,14 @@ impl Pfam {
         Ok(())
     }
 
+    /// Every position attention's products in bf16 (sums in f32) where the CPU has native
+    /// bf16 dot products ([`crate::PositionAttention::set_bf16_products`]); an inference
+    /// setting, saved nowhere.
+    pub fn set_bf16_products(&mut self, on: bool) {
+        self.mfcsam1.set_bf16_products(on);
+        self.mfcsam3.set_bf16_products(on);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &PfamConfig {
         &self.cfg

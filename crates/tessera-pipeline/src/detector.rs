@@ -172,6 +172,11 @@ impl Detector {
     /// in f32 scores in bf16 within bf16's rounding of its features).
     pub fn set_precision(&mut self, precision: Precision, obs: &dyn crate::observer::Observer) {
         self.backbone.set_precision(precision);
+        // PFAM's attention follows the backbone (its products in bf16 only where it runs so).
+        let bf16 = self.backbone.precision() == Precision::Bf16;
+        if let Some(p) = &mut self.pfam {
+            p.set_bf16_products(bf16);
+        }
         if precision == Precision::Bf16 && self.backbone.precision() != Precision::Bf16 {
             obs.warn(
                 "--precision bf16: this CPU has no native bf16 dot products (AVX512-BF16) or the \
