@@ -1,8 +1,9 @@
 //! ms/image of PFAM's forward pass on ResNet-18 feature shapes at 224 px (X1 64×56×56,
 //! X2 128×28×28, X3 256×14×14), inference (detached parameters: the fused attention), batch 1
-//! and 8; MFCSAM on X1 alone; and one X1-sized position attention (32 channels, 3,136
-//! positions) by the fused kernel and by the chunked candle-op path (chunk 512, the inference
-//! path before the fused kernel).
+//! and 8, and batch 1 with the attention's products in bf16 (CPUs with AVX512-BF16 only);
+//! MFCSAM on X1 alone; and one X1-sized position attention (32 channels, 3,136 positions) by
+//! the fused kernel and by the chunked candle-op path (chunk 512, the inference path before
+//! the fused kernel).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -26,6 +27,14 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(1));
     g.bench_function("forward_batch1", |b| b.iter(|| pfam.forward(&x).unwrap()));
+    if tessera_conv::bf16::supported() {
+        // `--precision bf16`: the attention's products in bf16.
+        let mut pb = pfam.clone();
+        pb.set_bf16_products(true);
+        g.bench_function("forward_batch1_bf16", |b| {
+            b.iter(|| pb.forward(&x).unwrap())
+        });
+    }
     let x8 = FeatureMaps::new(
         x.levels
             .iter()
