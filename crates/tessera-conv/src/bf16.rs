@@ -8,10 +8,7 @@
 
 use std::cell::RefCell;
 
-use crate::panel::{MR, NR};
-
-/// Rows converted to bf16 per pass (their bf16 copy stays in L2 across the panels).
-const ROW_CHUNK: usize = 128;
+use crate::panel::{MR, NR, ROW_CHUNK};
 
 /// Whether this CPU has native bf16 dot products (AVX512-BF16, with AVX512F/BW).
 pub fn supported() -> bool {
@@ -204,7 +201,7 @@ pub unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
         let lo = _mm512_maskz_loadu_ps(m_lo, src.as_ptr().add(i));
         let hi = _mm512_maskz_loadu_ps(m_hi, src.as_ptr().add(i + 16));
         let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-        let mask: __mmask32 = if left >= 32 { !0 } else { (1u32 << left) - 1 };
+        let mask: __mmask32 = (1u32 << left) - 1; // left < 32: the loop took every full 32
         _mm512_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut _, mask, h);
     }
 }
@@ -245,7 +242,6 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_core::test_util::Lcg;
 
     #[test]
     fn rounds_to_nearest_even() {
@@ -276,47 +272,32 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX512-BF16 (the bf16 path is not used here)");
             return;
         }
-        let mut rng = Lcg(7);
-        let mut rnd = move || rng.signed();
-        for (m, k, n, col0) in [
-            (13usize, 37usize, 70usize, 32usize),
-            (200, 64, 64, 0),
-            (9, 1, 33, 0),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
-            let packed = Panels::pack(&b, k, n, n);
-            let ncols = n - col0;
-            let mut dst = vec![f32::NAN; m * ncols];
-            // SAFETY: supported (checked above); the shapes match the buffers.
-            unsafe {
-                mm_bf16(
-                    m,
-                    a.as_ptr(),
-                    k,
-                    &packed,
-                    col0,
-                    ncols,
-                    dst.as_mut_ptr(),
-                    ncols,
-                )
-            };
-            let q = |v: f32| from_bf16(to_bf16(v)) as f64;
-            for r in 0..m {
-                for j in 0..ncols {
-                    let (mut want, mut mag) = (0f64, 0f64);
-                    for i in 0..k {
-                        let p = q(a[r * k + i]) * q(b[i * n + col0 + j]);
-                        want += p;
-                        mag += p.abs();
-                    }
-                    let got = dst[r * ncols + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * mag.max(1e-3),
-                        "({r}, {j}): {got} vs {want}"
-                    );
-                }
-            }
-        }
+        let shapes = [(13, 37, 70, 32), (200, 64, 64, 0), (9, 1, 33, 0)];
+        let q = |v: f32| from_bf16(to_bf16(v)) as f64;
+        crate::panel::check::product_matches_reference(
+            7,
+            &shapes,
+            q,
+            1e-5,
+            |a, b, m, k, n, col0| {
+                let packed = Panels::pack(b, k, n, n);
+                let ncols = n - col0;
+                let mut dst = vec![f32::NAN; m * ncols];
+                // SAFETY: supported (checked above); the shapes match the buffers.
+                unsafe {
+                    mm_bf16(
+                        m,
+                        a.as_ptr(),
+                        k,
+                        &packed,
+                        col0,
+                        ncols,
+                        dst.as_mut_ptr(),
+                        ncols,
+                    )
+                };
+                dst
+            },
+        );
     }
 }

@@ -8,8 +8,9 @@
 pub(crate) const NR: usize = 32;
 /// Rows per micro-kernel call.
 pub(crate) const MR: usize = 8;
-/// Rows multiplied per pass across the panels (they stay in L2 meanwhile).
-const ROW_CHUNK: usize = 128;
+/// Rows multiplied per pass across the panels (they stay in L2 meanwhile; `mm_bf16` rounds
+/// this many at a time too).
+pub(crate) const ROW_CHUNK: usize = 128;
 
 /// A micro-kernel: [`MR`] rows of `a` (row stride `a_rs`) times one panel of `steps` steps,
 /// stored to `dst` (row stride `dst_rs`): its first `rows` rows and `valid` columns.
@@ -224,10 +225,50 @@ unsafe fn kernel_f32(
     store_tile(&acc, dst, dst_rs, rows, valid);
 }
 
+/// A check shared by the products' tests.
+#[cfg(test)]
+pub(crate) mod check {
+    use tessera_core::test_util::Lcg;
+
+    /// For each `(m, k, n, col0)`: seeded random `a` (`m × k`) and `b` (`k × n`) in [-1, 1),
+    /// `product(a, b, m, k, n, col0)` (the `m × (n − col0)` columns from `col0`) against the f64
+    /// sum of `q(a) · q(b)` (`q`: the operands' rounding), within `tol` × Σ |terms| (at least
+    /// `tol` × 1e-3).
+    pub(crate) fn product_matches_reference(
+        seed: u64,
+        shapes: &[(usize, usize, usize, usize)],
+        q: impl Fn(f32) -> f64,
+        tol: f64,
+        product: impl Fn(&[f32], &[f32], usize, usize, usize, usize) -> Vec<f32>,
+    ) {
+        let mut rng = Lcg(seed);
+        for &(m, k, n, col0) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.signed()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.signed()).collect();
+            let ncols = n - col0;
+            let dst = product(&a, &b, m, k, n, col0);
+            for r in 0..m {
+                for j in 0..ncols {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for i in 0..k {
+                        let p = q(a[r * k + i]) * q(b[i * n + col0 + j]);
+                        want += p;
+                        mag += p.abs();
+                    }
+                    let got = dst[r * ncols + j] as f64;
+                    assert!(
+                        (got - want).abs() <= tol * mag.max(1e-3),
+                        "({m}, {k}, {n}) at ({r}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_core::test_util::Lcg;
 
     /// The packed f32 product equals the f64 product to f32 summation error, for shapes with
     /// partial panels and row blocks, k = 1, and a column window from a later panel.
@@ -238,48 +279,37 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX-512F (the f32 panels are not used here)");
             return;
         }
-        let mut rng = Lcg(5);
-        let mut rnd = move || rng.signed();
-        for (m, k, n, col0) in [
-            (13usize, 37usize, 70usize, 32usize),
+        let shapes = [
+            (13, 37, 70, 32),
             (200, 64, 64, 0),
             (9, 1, 33, 0),
             (130, 147, 64, 0),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
-            let packed = PanelsF32::pack(&b, k, n, n);
-            assert_eq!((packed.k(), packed.n()), (k, n));
-            let ncols = n - col0;
-            let mut dst = vec![f32::NAN; m * ncols];
-            // SAFETY: supported (checked above); the shapes match the buffers.
-            unsafe {
-                mm_f32(
-                    m,
-                    a.as_ptr(),
-                    k,
-                    &packed,
-                    col0,
-                    ncols,
-                    dst.as_mut_ptr(),
-                    ncols,
-                )
-            };
-            for r in 0..m {
-                for j in 0..ncols {
-                    let (mut want, mut mag) = (0f64, 0f64);
-                    for i in 0..k {
-                        let p = a[r * k + i] as f64 * b[i * n + col0 + j] as f64;
-                        want += p;
-                        mag += p.abs();
-                    }
-                    let got = dst[r * ncols + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * mag.max(1e-3),
-                        "({r}, {j}): {got} vs {want}"
-                    );
-                }
-            }
-        }
+        ];
+        check::product_matches_reference(
+            5,
+            &shapes,
+            |v| v as f64,
+            1e-6,
+            |a, b, m, k, n, col0| {
+                let packed = PanelsF32::pack(b, k, n, n);
+                assert_eq!((packed.k(), packed.n()), (k, n));
+                let ncols = n - col0;
+                let mut dst = vec![f32::NAN; m * ncols];
+                // SAFETY: supported (checked above); the shapes match the buffers.
+                unsafe {
+                    mm_f32(
+                        m,
+                        a.as_ptr(),
+                        k,
+                        &packed,
+                        col0,
+                        ncols,
+                        dst.as_mut_ptr(),
+                        ncols,
+                    )
+                };
+                dst
+            },
+        );
     }
 }

@@ -214,8 +214,9 @@ pub fn position_attention_chunked(
 const FUSED_ROWS: usize = 64;
 
 thread_local! {
-    /// Per-thread logits of a fused-attention block (`FUSED_ROWS × N`): allocated once per
-    /// thread, not per rayon job (a fresh 800 KiB buffer per job was page faults and zeroing).
+    /// Per-thread logits of a fused-attention block (`FUSED_ROWS × N`), kept across calls
+    /// (it was allocated and zeroed per rayon split; page faults per image measured the same
+    /// either way, so this only saves the allocation).
     static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -236,13 +237,19 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Ten
                 let blocks = n.div_ceil(FUSED_ROWS);
                 let mut out = vec![0f32; b * c * n];
                 for i in 0..b {
-                    let qi = MatRef::from_row_major_slice(&qs[i * cq * n..(i + 1) * cq * n], cq, n);
-                    let ki = MatRef::from_row_major_slice(&ks[i * cq * n..(i + 1) * cq * n], cq, n);
-                    let vi = MatRef::from_row_major_slice(&vs[i * c * n..(i + 1) * c * n], c, n);
+                    let (qs, ks) = (
+                        &qs[i * cq * n..(i + 1) * cq * n],
+                        &ks[i * cq * n..(i + 1) * cq * n],
+                    );
+                    let vs = &vs[i * c * n..(i + 1) * c * n];
                     let products = if bf16 {
-                        Products::Bf16(Bf16Operands::new(qi, ki, vi))
+                        Products::Bf16(Bf16Operands::new(qs, ks, vs, cq, c, n))
                     } else {
-                        Products::F32 { qi, ki, vi }
+                        Products::F32 {
+                            qi: MatRef::from_row_major_slice(qs, cq, n),
+                            ki: MatRef::from_row_major_slice(ks, cq, n),
+                            vi: MatRef::from_row_major_slice(vs, c, n),
+                        }
                     };
                     let rows: Vec<(usize, Vec<f32>)> = (0..blocks)
                         .into_par_iter()
@@ -329,33 +336,16 @@ struct Bf16Operands {
 }
 
 impl Bf16Operands {
-    fn new(
-        qi: faer::MatRef<'_, f32>,
-        ki: faer::MatRef<'_, f32>,
-        vi: faer::MatRef<'_, f32>,
-    ) -> Self {
-        let (cq, n, c) = (qi.nrows(), qi.ncols(), vi.nrows());
+    /// From one image's `q` (`C_qk × N`), `k` (`C_qk × N`) and `v` (`C × N`), row-major.
+    fn new(q: &[f32], k: &[f32], v: &[f32], cq: usize, c: usize, n: usize) -> Self {
+        use tessera_conv::{bf16::Panels, nhwc::transpose_batch};
         let mut qt = vec![0f32; n * cq];
-        for (p, row) in qt.chunks_exact_mut(cq).enumerate() {
-            for (ch, x) in row.iter_mut().enumerate() {
-                *x = qi[(ch, p)];
-            }
-        }
-        let mut kd = vec![0f32; cq * n];
-        for (ch, row) in kd.chunks_exact_mut(n).enumerate() {
-            for (p, x) in row.iter_mut().enumerate() {
-                *x = ki[(ch, p)];
-            }
-        }
+        transpose_batch(q, cq, n, &mut qt);
         let mut vt = vec![0f32; n * c];
-        for (p, row) in vt.chunks_exact_mut(c).enumerate() {
-            for (ch, x) in row.iter_mut().enumerate() {
-                *x = vi[(ch, p)];
-            }
-        }
+        transpose_batch(v, c, n, &mut vt);
         Self {
-            k: tessera_conv::bf16::Panels::pack(&kd, cq, n, n),
-            vt: tessera_conv::bf16::Panels::pack(&vt, n, c, c),
+            k: Panels::pack(k, cq, n, n),
+            vt: Panels::pack(&vt, n, c, c),
             qt,
             cq,
         }
