@@ -277,18 +277,22 @@ fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Ten
                                     }
                                     Products::Bf16(ops) => ops.logits(r0, m, l),
                                 }
-                                let inv: Vec<f32> = l.chunks_mut(n).map(exp_shifted_row).collect();
-                                match &products {
-                                    Products::F32 { vi, .. } => matmul(
-                                        MatMut::from_row_major_slice_mut(&mut o, m, c),
-                                        Accum::Replace,
-                                        MatRef::from_row_major_slice(l, m, n),
-                                        vi.transpose(),
-                                        1.0f32,
-                                        Par::Seq,
-                                    ),
-                                    Products::Bf16(ops) => ops.attend(m, l, &mut o),
-                                }
+                                let inv = match &products {
+                                    Products::F32 { vi, .. } => {
+                                        let inv: Vec<f32> =
+                                            l.chunks_mut(n).map(exp_shifted_row).collect();
+                                        matmul(
+                                            MatMut::from_row_major_slice_mut(&mut o, m, c),
+                                            Accum::Replace,
+                                            MatRef::from_row_major_slice(l, m, n),
+                                            vi.transpose(),
+                                            1.0f32,
+                                            Par::Seq,
+                                        );
+                                        inv
+                                    }
+                                    Products::Bf16(ops) => ops.softmax_attend(m, l, &mut o),
+                                };
                                 o.chunks_mut(c)
                                     .zip(&inv)
                                     .for_each(|(r, &s)| r.iter_mut().for_each(|x| *x *= s));
@@ -372,16 +376,54 @@ impl Bf16Operands {
         };
     }
 
-    /// `o (m × C) = s (m × N) · Vᵀ`.
-    fn attend(&self, m: usize, s: &[f32], o: &mut [f32]) {
-        let (n, c) = (self.vt.k(), self.vt.n());
-        assert!(s.len() >= m * n && o.len() >= m * c);
-        // SAFETY: as in `logits`; s is m × N and o m × C (asserted).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            tessera_conv::bf16::mm_bf16(m, s.as_ptr(), n, &self.vt, 0, c, o.as_mut_ptr(), c)
-        };
+    /// The softmax numerators of `logits` (`m × N`, only read) rounded to bf16, then
+    /// `o (m × C) = numerators · Vᵀ`; returns each row's `1/Σ`.
+    fn softmax_attend(&self, m: usize, logits: &[f32], o: &mut [f32]) -> Vec<f32> {
+        let (n, kp, c) = (self.vt.k(), self.vt.padded_k(), self.vt.n());
+        assert!(logits.len() >= m * n && o.len() >= m * c);
+        NUMERATORS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < m * kp {
+                buf.resize(m * kp, 0);
+            }
+            let s = &mut buf[..m * kp];
+            let inv = logits
+                .chunks(n)
+                .take(m)
+                .zip(s.chunks_mut(kp))
+                .map(|(r, out)| {
+                    // The pair's second half when N is odd.
+                    out[n..].fill(0);
+                    // SAFETY: built only where the CPU has bf16 products (`attention_at`),
+                    // which includes AVX-512F; `out` holds N values.
+                    #[cfg(target_arch = "x86_64")]
+                    return unsafe { exp_shifted_row_bf16(r, out) };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("bf16 products are only built on x86-64")
+                })
+                .collect();
+            // SAFETY: as in `logits`; `s` is m rows of the padded N, o m × C (asserted).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                tessera_conv::bf16::mm_bf16_rounded(
+                    m,
+                    s.as_ptr(),
+                    kp,
+                    &self.vt,
+                    0,
+                    c,
+                    o.as_mut_ptr(),
+                    c,
+                )
+            };
+            inv
+        })
     }
+}
+
+thread_local! {
+    /// Per-thread softmax numerators of a fused-attention block in bf16 (`FUSED_ROWS × N`).
+    static NUMERATORS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `e^(x − max)` of a row in place; returns `1 / Σ` (the softmax's normalisation, applied by
@@ -490,10 +532,51 @@ unsafe fn exp_shifted_row_avx2(r: &mut [f32]) -> f32 {
     1.0 / (tail.iter().sum::<f32>() + lanes.iter().sum::<f32>())
 }
 
+/// `e^x` of sixteen lanes with `x ≤ 0` (the shifted logits), AVX-512F: clamp at −87 (NaN
+/// stays NaN: `max_ps` returns its second operand when one is NaN), `n = round(x·log₂e)`,
+/// `x − n·ln 2` in two parts, the degree-6 polynomial, then `scalef` by `2^n` (exactly the
+/// product with `2^n` put in the exponent bits, in one instruction). A macro so that it is
+/// inlined into each caller with that caller's target features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! exp16_avx512 {
+    ($x:expr) => {{
+        use std::arch::x86_64::*;
+        let set = |v: f32| _mm512_set1_ps(v);
+        let x = _mm512_max_ps(set(EXP_MIN), $x);
+        let rnd = set(EXP_ROUND);
+        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), rnd), rnd);
+        let rr = _mm512_fmadd_ps(n, set(-LN2_LO), _mm512_fmadd_ps(n, set(-LN2_HI), x));
+        let mut p = set(EXP_POLY[0]);
+        for &k in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, rr, set(k));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, rr), rr, rr), set(1.0));
+        _mm512_scalef_ps(e, n)
+    }};
+}
+
+/// The maximum of a row (NaNs passed over, as the portable comparison), sixteen lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max_avx512(r: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let full = r.len() / 16 * 16;
+    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in r[..full].chunks_exact(16) {
+        // max_ps(v, l) is `v > l ? v : l`, the portable comparison (a NaN is passed over).
+        vmax = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), vmax);
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), vmax);
+    r[full..]
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
 /// [`exp_shifted_row_portable`] sixteen lanes wide with fused multiply-adds (AVX-512F, which
-/// includes them): the same scheme — clamp, `n = round(x·log₂e)`, `x − n·ln 2` in two parts,
-/// the degree-6 polynomial, `2^n` in the exponent bits — with each multiply-add rounded once,
-/// so about a third fewer operations (the exponential was a third of the attention's time). Not
+/// includes them): the same scheme ([`exp16_avx512`]) with each multiply-add rounded once, so
+/// about a third fewer operations (the exponential was a third of the attention's time). Not
 /// the portable loop's bits: within 2 ulp of it per element (tested), the sum in 16 lanes.
 ///
 /// # Safety
@@ -502,45 +585,63 @@ unsafe fn exp_shifted_row_avx2(r: &mut [f32]) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_shifted_row_avx512(r: &mut [f32]) -> f32 {
     use std::arch::x86_64::*;
+    let m = row_max_avx512(r);
     let full = r.len() / 16 * 16;
     let (body, tail) = r.split_at_mut(full);
-    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-    for c in body.chunks_exact(16) {
-        // max_ps(v, l) is `v > l ? v : l`, the portable comparison (a NaN is passed over).
-        vmax = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), vmax);
-    }
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), vmax);
-    let m = tail
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-    let set = |v: f32| _mm512_set1_ps(v);
-    let (vm, lo, rnd) = (set(m), set(EXP_MIN), set(EXP_ROUND));
-    let (log2e, hi, lo2) = (set(std::f32::consts::LOG2_E), set(-LN2_HI), set(-LN2_LO));
+    let vm = _mm512_set1_ps(m);
     let mut sums = _mm512_setzero_ps();
     for c in body.chunks_exact_mut(16) {
-        let x = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vm);
-        // `x < −87 ? −87 : x` (NaN stays NaN).
-        let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo);
-        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, log2e, rnd), rnd);
-        let rr = _mm512_fmadd_ps(n, lo2, _mm512_fmadd_ps(n, hi, x));
-        let mut p = set(EXP_POLY[0]);
-        for &k in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, rr, set(k));
-        }
-        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, rr), rr, rr), set(1.0));
-        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvttps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        let y = _mm512_mul_ps(e, _mm512_castsi512_ps(pow2));
+        let y = exp16_avx512!(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vm));
         _mm512_storeu_ps(c.as_mut_ptr(), y);
         sums = _mm512_add_ps(sums, y);
     }
     tail.iter_mut().for_each(|v| *v = exp_nonpositive(*v - m));
+    let mut lanes = [0f32; 16];
     _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
     1.0 / (tail.iter().sum::<f32>() + lanes.iter().sum::<f32>())
+}
+
+/// [`exp_shifted_row_avx512`] for the bf16 product: the same exponentials, written rounded to
+/// bf16 into `out` (`r` is only read) instead of back as f32 — what the product would round
+/// them to, in the same instruction, so no f32 row is written and read again; `1/Σ` of the
+/// unrounded values, as before. `out` must hold `r.len()` values.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn exp_shifted_row_bf16(r: &[f32], out: &mut [u16]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= r.len());
+    let m = row_max_avx512(r);
+    let vm = _mm512_set1_ps(m);
+    let mut sums = _mm512_setzero_ps();
+    let round_store = |y: __m512, dst: *mut u16| {
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(y));
+        _mm256_storeu_si256(dst as *mut __m256i, h);
+    };
+    let full = r.len() / 16 * 16;
+    for (i, c) in r[..full].chunks_exact(16).enumerate() {
+        let y = exp16_avx512!(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vm));
+        round_store(y, out.as_mut_ptr().add(16 * i));
+        sums = _mm512_add_ps(sums, y);
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+    let mut sum = lanes.iter().sum::<f32>();
+    let left = r.len() - full;
+    if left > 0 {
+        // The tail as the f32 path computes it, rounded by the same instruction.
+        let mut t = [0f32; 16];
+        for (d, &v) in t.iter_mut().zip(&r[full..]) {
+            *d = exp_nonpositive(v - m);
+        }
+        sum += t[..left].iter().sum::<f32>();
+        let mut h = [0u16; 16];
+        round_store(_mm512_loadu_ps(t.as_ptr()), h.as_mut_ptr());
+        out[full..r.len()].copy_from_slice(&h[..left]);
+    }
+    1.0 / sum
 }
 
 /// Position attention block on `C` channels: 1×1 convolutions (with bias) make `P` (query),
@@ -813,6 +914,28 @@ mod tests {
                         assert!(ulps(x, y) <= 2, "{what} at {i}: {x} vs {y}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The bf16 product's exponentials are the f32 ones rounded by the instruction the
+    /// product used to round them with: the same bits, and the same `1/Σ`.
+    #[test]
+    fn the_bf16_exponential_is_the_f32_one_rounded() {
+        #[cfg(target_arch = "x86_64")]
+        if tessera_conv::bf16::supported() {
+            for (what, r) in exp_rows() {
+                let mut f = r.clone();
+                // SAFETY: AVX-512F and AVX512-BF16 are present (checked above).
+                let (sf, want, sb, got) = unsafe {
+                    let sf = exp_shifted_row_avx512(&mut f);
+                    let mut want = vec![0u16; r.len()];
+                    tessera_conv::bf16::round_row(&f, &mut want);
+                    let mut got = vec![0u16; r.len()];
+                    (sf, want, exp_shifted_row_bf16(&r, &mut got), got)
+                };
+                assert_eq!(sf.to_bits(), sb.to_bits(), "{what}: 1/sum {sf} vs {sb}");
+                assert_eq!(want, got, "{what}");
             }
         }
     }
