@@ -52,7 +52,7 @@ pub mod nhwc;
 pub mod nhwc_train;
 pub mod panel;
 pub use nhwc::{max_pool, Nhwc, NhwcView, PackedConv};
-pub use nhwc_train::{add_relu, conv2d_nhwc, to_nchw, to_nhwc};
+pub use nhwc_train::{add_relu, conv2d_nhwc, conv2d_nhwc_packed, pack_conv2d, to_nchw, to_nhwc};
 
 /// Convolution hyper-parameters (square kernels' stride/padding/dilation, as candle's `conv2d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

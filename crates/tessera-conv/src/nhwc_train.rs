@@ -47,6 +47,55 @@ pub fn conv2d_nhwc(
         .apply_op3(&w.contiguous()?, &b, NhwcConv { p, relu })
 }
 
+/// [`conv2d_nhwc`] with weights packed once by the caller (`conv`, e.g. kept by a loaded model
+/// so that the packing and Winograd's weight transform are not redone on every call): CPU f32
+/// inference only — not differentiable, and an error for other devices or dtypes. The same
+/// arithmetic as [`conv2d_nhwc`] with the same packing.
+pub fn conv2d_nhwc_packed(x: &Tensor, conv: &PackedConv, relu: bool) -> Result<Tensor> {
+    if !is_cpu_f32(&[x]) {
+        candle_core::bail!(
+            "packed conv: needs an f32 tensor on the CPU, got {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        );
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Prepacked { conv, relu })
+}
+
+/// The packing [`conv2d_nhwc`] does on every call, done once: an OIHW weight, an optional
+/// bias (zeros when absent, as there), Winograd's transform where it applies. For
+/// [`conv2d_nhwc_packed`].
+pub fn pack_conv2d(w: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<PackedConv> {
+    let dims = w.dims4()?;
+    let wt = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let b = match bias {
+        Some(b) => b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        None => vec![0f32; dims.0],
+    };
+    Ok(PackedConv::new(&wt, dims, Some(&b), p)?.with_winograd())
+}
+
+struct Prepacked<'a> {
+    conv: &'a PackedConv,
+    relu: bool,
+}
+
+impl CustomOp1 for Prepacked<'_> {
+    fn name(&self) -> &'static str {
+        "tessera-conv2d-nhwc-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = dims4(l, "input")?;
+        let data = contiguous(s, l, "input")?;
+        let mut y = self
+            .conv
+            .forward_view(NhwcView { n, h, w, c, data }, None, self.relu)?;
+        let shape = Shape::from((y.n, y.h, y.w, y.c));
+        Ok((CpuStorage::F32(std::mem::take(&mut y.data)), shape))
+    }
+}
+
 /// `relu(a + b)` (the residual join of a ResNet block), parallel on the CPU, differentiable.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[a, b]) || a.shape() != b.shape() {

@@ -19,6 +19,29 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
+/// [`with_f32_slice`] for several f32 tensors at once, in the order given: each borrowed in
+/// place when it is a contiguous CPU tensor, copied to one otherwise.
+pub fn with_f32_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let cpu = candle_core::Device::Cpu;
+    let ts = ts
+        .iter()
+        .map(|t| t.to_device(&cpu)?.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(
+            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(c), Some((a, b))) => Ok(&c.as_slice::<f32>()?[a..b]),
+                _ => Err(candle_core::Error::Msg(
+                    "with_f32_slices: a contiguous CPU tensor was not contiguous on the CPU".into(),
+                )),
+            },
+        )
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(f(&slices))
+}
+
 /// [`with_f32_slice`] for f16 tensors.
 pub fn with_f16_slice<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
     {

@@ -5,7 +5,8 @@ use crate::pam::{PamConfig, PositionAttention};
 use crate::params::{Init, Source};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use tessera_conv::{conv2d, ConvParams};
+use std::sync::{Arc, OnceLock};
+use tessera_conv::{conv2d, ConvParams, PackedConv};
 use tessera_core::{Error, Result};
 
 /// How the per-scale outputs become the block's output.
@@ -151,6 +152,37 @@ pub struct Mfcsam {
     convs: Vec<Tensor>,
     fca: Vec<FcaWeight>,
     pam: Vec<PositionAttention>,
+    /// Per convolution, its weights packed on first use — only for a loaded model, whose
+    /// tensors never change (`Var`s do, under the optimiser).
+    packed: Option<Vec<PackOnce>>,
+}
+
+/// A convolution's packed weights (and Winograd transform), built on first use and shared by
+/// clones: the transform was most of the time of X3's 3×3 convolution at 14 × 14.
+#[derive(Debug, Clone, Default)]
+struct PackOnce(Arc<OnceLock<PackedConv>>);
+
+impl PackOnce {
+    /// `conv2d(x, w)` with the weights packed once; `None` when `x` cannot take the packed
+    /// path (off the CPU, not f32, or tracked by autograd).
+    fn conv(&self, x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Option<Tensor>> {
+        use tessera_conv::{conv2d_nhwc_packed, pack_conv2d, to_nchw, to_nhwc};
+        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || x.track_op() {
+            return Ok(None);
+        }
+        let packed = match self.0.get() {
+            Some(c) => c,
+            None => {
+                let c = pack_conv2d(w, None, p)?;
+                self.0.get_or_init(|| c)
+            }
+        };
+        Ok(Some(to_nchw(&conv2d_nhwc_packed(
+            &to_nhwc(x)?,
+            packed,
+            false,
+        )?)?))
+    }
 }
 
 impl Mfcsam {
@@ -187,6 +219,10 @@ impl Mfcsam {
                 &src.pp(&format!("pam{tag}")),
             )?);
         }
+        // One cell per convolution (`vec![x; n]` would clone one shared cell).
+        let packed = src
+            .is_frozen()
+            .then(|| convs.iter().map(|_| PackOnce::default()).collect());
         Ok(Self {
             prefix: src.full(""),
             channels,
@@ -194,6 +230,7 @@ impl Mfcsam {
             convs,
             fca,
             pam,
+            packed,
         })
     }
 
@@ -221,7 +258,11 @@ impl Mfcsam {
                 groups: self.cfg.groups[i],
                 ..ConvParams::default()
             };
-            let fi = conv2d(x, w, None, p, false)?;
+            let once = self.packed.as_ref().map(|v| &v[i]);
+            let fi = match once.map(|o| o.conv(x, w, p)).transpose()?.flatten() {
+                Some(fi) => fi,
+                None => conv2d(x, w, None, p, false)?,
+            };
             let (fca, pam) = self.attention(i);
             let ai = fca.forward(&fi)?;
             let res = match self.cfg.residual {
@@ -231,25 +272,20 @@ impl Mfcsam {
             e.push(pam.forward_with_residual(&ai, res)?);
             f.push(fi);
         }
-        let mut parts = match self.cfg.fusion {
-            Fusion::Concat => e,
-            Fusion::ScaleSoftmax => {
-                if s == 1 {
-                    // A softmax over one scale is 1 everywhere.
-                    f
-                } else {
-                    let w = candle_nn::ops::softmax(&Tensor::stack(&e, 1)?, 1)?;
-                    f.iter()
-                        .enumerate()
-                        .map(|(i, fi)| Ok(fi.mul(&w.narrow(1, i, 1)?.squeeze(1)?)?))
-                        .collect::<Result<Vec<_>>>()?
-                }
+        let order = self.cfg.order;
+        match self.cfg.fusion {
+            Fusion::Concat => concat_scales(e, order),
+            // A softmax over one scale is 1 everywhere.
+            Fusion::ScaleSoftmax if s == 1 => concat_scales(f, order),
+            Fusion::ScaleSoftmax
+                if f.iter().chain(&e).all(|t| {
+                    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op()
+                }) =>
+            {
+                scale_softmax_fused(&f, &e, order)
             }
-        };
-        if self.cfg.order == ScaleOrder::Descending {
-            parts.reverse();
+            Fusion::ScaleSoftmax => scale_softmax_ops(&f, &e, order),
         }
-        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// The configuration.
@@ -318,8 +354,86 @@ impl Mfcsam {
             convs: self.convs.iter().map(|t| t.detach()).collect(),
             fca: self.fca.iter().map(|f| f.detached()).collect(),
             pam: self.pam.iter().map(|p| p.detached()).collect(),
+            packed: self.packed.clone(),
         }
     }
+}
+
+/// The scales' outputs concatenated along channels in `order`.
+fn concat_scales(mut parts: Vec<Tensor>, order: ScaleOrder) -> Result<Tensor> {
+    if order == ScaleOrder::Descending {
+        parts.reverse();
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// Scale-softmax fusion as candle ops (differentiable; any device): `concat(F_i ·
+/// softmax_i(E_i))` in `order`.
+fn scale_softmax_ops(f: &[Tensor], e: &[Tensor], order: ScaleOrder) -> Result<Tensor> {
+    let w = candle_nn::ops::softmax(&Tensor::stack(e, 1)?, 1)?;
+    let parts = f
+        .iter()
+        .enumerate()
+        .map(|(i, fi)| Ok(fi.mul(&w.narrow(1, i, 1)?.squeeze(1)?)?))
+        .collect::<Result<Vec<_>>>()?;
+    concat_scales(parts, order)
+}
+
+/// Scale-softmax fusion for inference (CPU f32, nothing tracked): `concat_p(F_i ·
+/// softmax_i(E_i))` in the output order, in two parallel passes (the softmax weights per
+/// position, then the products straight into their place in the output) instead of candle's
+/// stack, max, subtract, exp, sum over a middle dimension (one thread), divide, `S` products
+/// and a concatenation ([`scale_softmax_ops`]). The same operations in the same order — `exp`
+/// from std as candle's, the sum from 0 in scale order — so the same values for finite
+/// inputs (tested).
+fn scale_softmax_fused(f: &[Tensor], e: &[Tensor], order: ScaleOrder) -> Result<Tensor> {
+    use rayon::prelude::*;
+    /// Positions per parallel job.
+    const CHUNK: usize = 4096;
+    let s = f.len();
+    let (b, c, h, w) = f[0].dims4()?;
+    let per = c * h * w;
+    let refs: Vec<&Tensor> = f.iter().chain(e).collect();
+    let out = tessera_core::tensor::with_f32_slices(&refs, |sl| {
+        let (fs, es) = sl.split_at(s);
+        let mut wts = vec![0f32; b * per * s];
+        wts.par_chunks_mut(CHUNK * s)
+            .enumerate()
+            .for_each(|(ci, wc)| {
+                let mut num = vec![0f32; s];
+                for (t, wp) in wc.chunks_exact_mut(s).enumerate() {
+                    let g = ci * CHUNK + t;
+                    let mut m = es[0][g];
+                    for ek in &es[1..] {
+                        if ek[g] > m {
+                            m = ek[g];
+                        }
+                    }
+                    let mut den = 0f32;
+                    for (nk, ek) in num.iter_mut().zip(es) {
+                        *nk = (ek[g] - m).exp();
+                        den += *nk;
+                    }
+                    for (wk, nk) in wp.iter_mut().zip(&num) {
+                        *wk = nk / den;
+                    }
+                }
+            });
+        let mut out = vec![0f32; b * s * per];
+        out.par_chunks_mut(per).enumerate().for_each(|(idx, o)| {
+            let (img, part) = (idx / s, idx % s);
+            let i = match order {
+                ScaleOrder::Ascending => part,
+                ScaleOrder::Descending => s - 1 - part,
+            };
+            let base = img * per;
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = fs[i][base + j] * wts[(base + j) * s + i];
+            }
+        });
+        out
+    })?;
+    Ok(Tensor::from_vec(out, (b, s * c, h, w), f[0].device())?)
 }
 
 crate::params::block_constructors!(
@@ -328,3 +442,37 @@ crate::params::block_constructors!(
     "with parameters `conv{i}.weight`, `fca*`, `pam*`",
     "`{prefix}.conv0.weight`, …"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused inference fusion gives candle's composition's values exactly, for two and
+    /// three scales, both orders, a batch of two and sizes across the parallel chunks.
+    #[test]
+    fn fused_scale_softmax_equals_the_candle_ops() {
+        let mut rng = tessera_core::test_util::Lcg(5);
+        let dev = candle_core::Device::Cpu;
+        let mut t = |shape: (usize, usize, usize, usize), scale: f32| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            let d: Vec<f32> = (0..n).map(|_| rng.signed() * scale).collect();
+            Tensor::from_vec(d, shape, &dev).unwrap()
+        };
+        for (s, shape) in [(2, (2, 16, 9, 7)), (3, (1, 32, 40, 41)), (2, (1, 3, 1, 1))] {
+            let f: Vec<Tensor> = (0..s).map(|_| t(shape, 3.0)).collect();
+            let e: Vec<Tensor> = (0..s).map(|_| t(shape, 30.0)).collect();
+            for order in [ScaleOrder::Ascending, ScaleOrder::Descending] {
+                let want = scale_softmax_ops(&f, &e, order).unwrap();
+                let got = scale_softmax_fused(&f, &e, order).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let (g, w): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{s} scales, {order:?}, at {i}");
+                }
+            }
+        }
+    }
+}

@@ -426,6 +426,36 @@ thread_local! {
     static NUMERATORS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `α · leaky_relu(a) + r` (or `α · a + r` without a slope) in one parallel pass, for
+/// inference on the CPU: candle's `leaky_relu` is five element-wise ops and the scaling and
+/// the residual two more, each a pass over the map. The same operations in the same order —
+/// `max(a, 0) + (min(a, 0) · slope + 0)`, then `· α`, then `+ r`, with candle's comparisons —
+/// so the same values (tested).
+fn act_scale_add(a: &Tensor, slope: Option<f64>, alpha: f32, r: &Tensor) -> Result<Tensor> {
+    let dims = a.dims().to_vec();
+    let out = tessera_core::tensor::with_f32_slices(&[a, r], |sl| {
+        let (a, r) = (sl[0], sl[1]);
+        let mut out = vec![0f32; a.len()];
+        let act = |x: f32| match slope {
+            Some(s) => {
+                let pos = if x < 0.0 { 0.0 } else { x };
+                let neg = if x > 0.0 { 0.0 } else { x };
+                pos + (neg * s as f32 + 0.0)
+            }
+            None => x,
+        };
+        out.par_chunks_mut(1 << 14)
+            .zip(a.par_chunks(1 << 14).zip(r.par_chunks(1 << 14)))
+            .for_each(|(o, (a, r))| {
+                for ((o, &x), &r) in o.iter_mut().zip(a).zip(r) {
+                    *o = act(x) * alpha + r;
+                }
+            });
+        out
+    })?;
+    Ok(Tensor::from_vec(out, dims, a.device())?)
+}
+
 /// `e^(x − max)` of a row in place; returns `1 / Σ` (the softmax's normalisation, applied by
 /// the caller to the much smaller product with `V`). On x86-64 with AVX2 (runtime detection)
 /// eight lanes at a time with the same operations in the same order, so the result is the same
@@ -702,6 +732,15 @@ impl PositionAttention {
 
     /// The attended values before scaling, `act(V · Sᵀ)`, `B × C × H × W`.
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.attention_out(x)?;
+        Ok(match self.cfg.leaky_slope {
+            Some(s) => candle_nn::ops::leaky_relu(&out, s)?,
+            None => out,
+        })
+    }
+
+    /// `V · Sᵀ` before the activation, `B × C × H × W`.
+    fn attention_out(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.channels {
             return Err(Error::Config(format!(
@@ -717,11 +756,7 @@ impl PositionAttention {
             Ok(y.reshape((b, co, n))?)
         };
         let (q, k, v) = (proj(&self.query)?, proj(&self.key)?, proj(&self.value)?);
-        let out = attention_at(&q, &k, &v, self.cfg.chunk, self.bf16)?.reshape((b, c, h, w))?;
-        Ok(match self.cfg.leaky_slope {
-            Some(s) => candle_nn::ops::leaky_relu(&out, s)?,
-            None => out,
-        })
+        Ok(attention_at(&q, &k, &v, self.cfg.chunk, self.bf16)?.reshape((b, c, h, w))?)
     }
 
     /// `α · attend(x) + residual` (the residual has `x`'s shape).
@@ -733,7 +768,19 @@ impl PositionAttention {
                 x.dims()
             )));
         }
-        Ok(self.attend(x)?.broadcast_mul(&self.alpha)?.add(residual)?)
+        let out = self.attention_out(x)?;
+        let plain = [&out, residual, &self.alpha]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+        if plain {
+            let alpha = self.alpha.flatten_all()?.to_vec1::<f32>()?[0];
+            return act_scale_add(&out, self.cfg.leaky_slope, alpha, residual);
+        }
+        let act = match self.cfg.leaky_slope {
+            Some(s) => candle_nn::ops::leaky_relu(&out, s)?,
+            None => out,
+        };
+        Ok(act.broadcast_mul(&self.alpha)?.add(residual)?)
     }
 
     /// `α · attend(x) + x` (DANet's form).
@@ -823,6 +870,37 @@ mod tests {
         eprintln!("bf16 attention: max abs difference {err:.2e} from f32");
         assert!(err > 0.0, "the bf16 products did not run");
         assert!(err < 2e-2, "bf16 attention off by {err} (V within ±1)");
+    }
+
+    /// The fused activation, scaling and residual give candle's ops' values exactly.
+    #[test]
+    fn fused_tail_equals_the_candle_ops() {
+        let mut rng = tessera_core::test_util::Lcg(9);
+        let dev = candle_core::Device::Cpu;
+        let n = 2 * 8 * 70 * 71; // across the parallel chunks
+        let mut a: Vec<f32> = (0..n).map(|_| rng.signed() * 5.0).collect();
+        a[..4].copy_from_slice(&[0.0, -0.0, 1e-30, -1e-30]);
+        let r: Vec<f32> = (0..n).map(|_| rng.signed()).collect();
+        let a = Tensor::from_vec(a, (2, 8, 70, 71), &dev).unwrap();
+        let r = Tensor::from_vec(r, (2, 8, 70, 71), &dev).unwrap();
+        for slope in [Some(0.01), Some(0.2), None] {
+            for alpha in [0.0f32, -3.7e-4, 1.25] {
+                let at = Tensor::new(&[alpha], &dev).unwrap();
+                let act = match slope {
+                    Some(s) => candle_nn::ops::leaky_relu(&a, s).unwrap(),
+                    None => a.clone(),
+                };
+                let want = act.broadcast_mul(&at).unwrap().add(&r).unwrap();
+                let got = act_scale_add(&a, slope, alpha, &r).unwrap();
+                let (g, w): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                for (i, (x, y)) in g.iter().zip(&w).enumerate() {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{slope:?} α {alpha} at {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -101,6 +101,12 @@ impl<'a> Source<'a> {
     }
 
     /// The device parameters live on.
+    /// Whether the parameters are plain tensors ([`Source::from_tensors`]: a loaded model,
+    /// never changed in place) rather than `Var`s that an optimiser updates.
+    pub(crate) fn is_frozen(&self) -> bool {
+        matches!(&*self.backing, Backing::Tensors { .. })
+    }
+
     pub(crate) fn device(&self) -> Device {
         match &*self.backing {
             Backing::Vars(vb) => vb.device().clone(),
