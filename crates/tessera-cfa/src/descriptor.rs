@@ -1,6 +1,6 @@
 //! The patch descriptor: embedded features, CoordConv coordinates, the 1×1 convolution.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use tessera_core::tensor::with_f32_slice;
 use tessera_core::{FeatureMaps, Result};
@@ -34,10 +34,7 @@ pub fn coords(h: usize, w: usize, dev: &Device) -> Result<Tensor> {
 /// took 8 % of `tessera test` with CFA); otherwise candle ops, differentiable.
 pub fn rows_with_coords(x: &Tensor, coords: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    let direct = [x, coords]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-    if direct && coords.dims() == [h * w, 2] {
+    if tessera_core::tensor::untracked_cpu_f32(&[x, coords]) && coords.dims() == [h * w, 2] {
         return rows_direct(x, coords);
     }
     let rows = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;

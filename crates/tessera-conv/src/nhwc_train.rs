@@ -72,7 +72,7 @@ pub fn pack_conv2d(w: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<P
         Some(b) => b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
         None => vec![0f32; dims.0],
     };
-    Ok(PackedConv::new(&wt, dims, Some(&b), p)?.with_winograd())
+    pack(&wt, dims, &b, p)
 }
 
 struct Prepacked<'a> {
@@ -86,14 +86,33 @@ impl CustomOp1 for Prepacked<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, h, w, c) = dims4(l, "input")?;
-        let data = contiguous(s, l, "input")?;
-        let mut y = self
-            .conv
-            .forward_view(NhwcView { n, h, w, c, data }, None, self.relu)?;
-        let shape = Shape::from((y.n, y.h, y.w, y.c));
-        Ok((CpuStorage::F32(std::mem::take(&mut y.data)), shape))
+        forward_packed(self.conv, s, l, self.relu)
     }
+}
+
+/// The packing of an OIHW weight and its bias for the NHWC ops ([`conv2d_nhwc`] per call,
+/// [`pack_conv2d`] once): one place, so both give the same values.
+fn pack(
+    w: &[f32],
+    dims: (usize, usize, usize, usize),
+    b: &[f32],
+    p: ConvParams,
+) -> Result<PackedConv> {
+    Ok(PackedConv::new(w, dims, Some(b), p)?.with_winograd())
+}
+
+/// `conv` applied to the NHWC input in `s` (the forward of both NHWC convolution ops).
+fn forward_packed(
+    conv: &PackedConv,
+    s: &CpuStorage,
+    l: &Layout,
+    relu: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, h, w, c) = dims4(l, "input")?;
+    let data = contiguous(s, l, "input")?;
+    let mut y = conv.forward_view(NhwcView { n, h, w, c, data }, None, relu)?;
+    let shape = Shape::from((y.n, y.h, y.w, y.c));
+    Ok((CpuStorage::F32(std::mem::take(&mut y.data)), shape))
 }
 
 /// `relu(a + b)` (the residual join of a ResNet block), parallel on the CPU, differentiable.
@@ -281,27 +300,9 @@ impl CustomOp3 for NhwcConv {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, h, w, c) = dims4(xl, "input")?;
         let wd = dims4(wl, "weight")?;
-        let (x, wt, b) = (
-            contiguous(xs, xl, "input")?,
-            contiguous(ws, wl, "weight")?,
-            contiguous(bs, bl, "bias")?,
-        );
-        let packed = PackedConv::new(wt, wd, Some(b), self.p)?.with_winograd();
-        let mut y = packed.forward_view(
-            NhwcView {
-                n,
-                h,
-                w,
-                c,
-                data: x,
-            },
-            None,
-            self.relu,
-        )?;
-        let shape = Shape::from((y.n, y.h, y.w, y.c));
-        Ok((CpuStorage::F32(std::mem::take(&mut y.data)), shape))
+        let (wt, b) = (contiguous(ws, wl, "weight")?, contiguous(bs, bl, "bias")?);
+        forward_packed(&pack(wt, wd, b, self.p)?, xs, xl, self.relu)
     }
 
     fn bwd(

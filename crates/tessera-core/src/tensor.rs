@@ -7,16 +7,14 @@ use candle_core::Tensor;
 /// contiguous CPU tensor (no copy of large distance blocks), copied otherwise (other devices,
 /// strided views).
 pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
-        }
-    }
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    Ok(f(&v))
+    with_f32_slices(&[t], |s| f(s[0]))
+}
+
+/// Whether every tensor is f32 on the CPU and not tracked by autograd: the condition for an
+/// inference kernel that reads the data in place and builds no graph.
+pub fn untracked_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op())
 }
 
 /// [`with_f32_slice`] for several f32 tensors at once, in the order given: each borrowed in

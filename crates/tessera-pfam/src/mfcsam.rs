@@ -167,7 +167,7 @@ impl PackOnce {
     /// path (off the CPU, not f32, or tracked by autograd).
     fn conv(&self, x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Option<Tensor>> {
         use tessera_conv::{conv2d_nhwc_packed, pack_conv2d, to_nchw, to_nhwc};
-        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || x.track_op() {
+        if !tessera_core::tensor::untracked_cpu_f32(&[x]) {
             return Ok(None);
         }
         let packed = match self.0.get() {
@@ -278,9 +278,9 @@ impl Mfcsam {
             // A softmax over one scale is 1 everywhere.
             Fusion::ScaleSoftmax if s == 1 => concat_scales(f, order),
             Fusion::ScaleSoftmax
-                if f.iter().chain(&e).all(|t| {
-                    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op()
-                }) =>
+                if tessera_core::tensor::untracked_cpu_f32(
+                    &f.iter().chain(&e).collect::<Vec<_>>(),
+                ) =>
             {
                 scale_softmax_fused(&f, &e, order)
             }

@@ -147,10 +147,7 @@ fn attention_at(
     bf16: bool,
 ) -> Result<Tensor> {
     check_qkv(q, k, v, chunk)?;
-    let fused = [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-    if fused {
+    if tessera_core::tensor::untracked_cpu_f32(&[q, k, v]) {
         return attention_fused(q, k, v, bf16 && tessera_conv::bf16::supported());
     }
     position_attention_chunked(q, k, v, chunk)
@@ -769,10 +766,7 @@ impl PositionAttention {
             )));
         }
         let out = self.attention_out(x)?;
-        let plain = [&out, residual, &self.alpha]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-        if plain {
+        if tessera_core::tensor::untracked_cpu_f32(&[&out, residual, &self.alpha]) {
             let alpha = self.alpha.flatten_all()?.to_vec1::<f32>()?[0];
             return act_scale_add(&out, self.cfg.leaky_slope, alpha, residual);
         }
